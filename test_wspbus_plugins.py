@@ -1,0 +1,842 @@
+"""Tests for wspbus_plugins: the bus, every plugin, and the demo.
+
+Unit tests run in-process; what depends on the operating system (signals,
+fork, execv, setuid, inotify, PID-file locks, systemd's socket) runs in
+real child processes, each bounded by TIMEOUT and killed in a finally.
+Run one area with ``-k``, e.g. ``.venv/bin/python -m pytest -k PIDFile``.
+"""
+
+import atexit
+import ast
+import ctypes
+import io
+import logging
+import os
+import pty
+import random
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import tracemalloc
+import zipfile
+
+import pytest
+
+import wspbus_plugins as wp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TIMEOUT = 30  # One generous bound for anything we wait for.
+with open(wp.__file__) as _f:
+    SOURCE = _f.read()
+IS_ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0
+
+needs_fork = pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
+needs_root = pytest.mark.skipif(not IS_ROOT, reason='needs root')
+linux_only = pytest.mark.skipif(not sys.platform.startswith('linux'),
+                                reason='Linux only (inotify, /proc)')
+
+
+# -- Helpers ------------------------------------------------------------------
+
+class HardExit(Exception):
+    """Raised by the fake os._exit, so the test process survives."""
+
+    def __init__(self, status):
+        super().__init__(status)
+        self.status = status
+
+
+class Recorder:
+    """Records listener calls and log lines."""
+
+    def __init__(self):
+        self.calls = []
+        self.logs = []
+        self.lock = threading.Lock()
+
+    def listener(self, name, result=None):
+        def record(*args, **kwargs):
+            with self.lock:
+                self.calls.append((name, args, kwargs) if args or kwargs
+                                  else name)
+            return result
+        record.__name__ = name
+        return record
+
+    def log(self, msg, level):
+        with self.lock:
+            self.logs.append((msg, level))
+
+    def messages(self, level=None):
+        return [m for m, lv in self.logs if level is None or lv == level]
+
+
+def wait_until(predicate, what, timeout=TIMEOUT):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError('timed out waiting for ' + what)
+        time.sleep(0.01)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # A zombie is dead for our purposes.
+        with open('/proc/%d/stat' % pid) as f:
+            return f.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return True
+
+
+def read_pid(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+@pytest.fixture
+def fake_exit(monkeypatch):
+    statuses = []
+
+    def _exit(status):
+        statuses.append(status)
+        raise HardExit(status)
+    monkeypatch.setattr(os, '_exit', _exit)
+    return statuses
+
+
+@pytest.fixture
+def bus(fake_exit):
+    """A fresh Bus whose log lines are recorded; exited afterwards."""
+    fresh = wp.Bus()
+    fresh.recorder = Recorder()
+    fresh.subscribe('log', fresh.recorder.log)
+    yield fresh
+    if fresh.state in (wp.states.STARTED, wp.states.STOPPED):
+        try:
+            fresh.exit()
+        except HardExit:
+            pass
+    atexit.unregister(fresh._clean_exit)
+
+
+@pytest.fixture
+def child(tmp_path):
+    """spawn(code, *args): run `code` in a child Python; killed at the end.
+
+    spawn.track(pid) adds a daemon's PID to kill as well.
+    """
+    procs, tracked = [], []
+
+    def spawn(code, *args, python_args=(), env=None, cwd=None, script=None,
+              stdin=subprocess.DEVNULL):
+        path = script or tmp_path / ('child%d.py' % len(procs))
+        path.write_text(textwrap.dedent(code))
+        environ = dict(os.environ, PYTHONPATH=HERE)
+        environ.update(env or {})
+        proc = subprocess.Popen(
+            [sys.executable, *python_args, str(path), *args], stdin=stdin,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            cwd=str(cwd or tmp_path), env=environ, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    spawn.track = tracked.append
+    spawn.procs = procs
+    try:
+        yield spawn
+    finally:
+        for pid in tracked + [p.pid for p in procs if p.poll() is None]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        for proc in procs:
+            try:
+                proc.communicate(timeout=TIMEOUT)
+            except (subprocess.TimeoutExpired, ValueError):
+                pass
+
+
+def finish(proc):
+    """Wait for `proc`; return (status, stdout, stderr)."""
+    out, err = proc.communicate(timeout=TIMEOUT)
+    return proc.returncode, out, err
+
+
+def lines_of(path):
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+# -- Module -------------------------------------------------------------------
+
+@pytest.mark.parametrize('name', wp.__all__)
+def test_module_every_public_name_is_documented(name):
+    obj = getattr(wp, name)
+    if name in ('bus', 'states'):
+        return  # Instances: documented by attribute docstrings and repr.
+    assert (obj.__doc__ or '').strip(), name
+
+
+def test_module_imports_only_the_standard_library():
+    tree = ast.parse(SOURCE)
+    stdlib = getattr(sys, 'stdlib_module_names', None)
+    if stdlib is None:
+        pytest.skip('sys.stdlib_module_names needs Python 3.10')
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            top = name.split('.')[0]
+            assert top in stdlib or top == '_systemrestart', name
+
+
+def test_module_import_pulls_in_no_heavy_module():
+    code = ('import sys; before = set(sys.modules); import wspbus_plugins; '
+            'print(sorted(set(sys.modules) - before))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True, cwd=HERE, timeout=TIMEOUT, check=True)
+    added = set(ast.literal_eval(out.stdout))
+    heavy = {'ctypes', 'subprocess', 'logging', 'argparse', 'pwd', 'grp',
+             'socket', 're', 'traceback', 'select', 'struct', 'typing'}
+    assert not added & heavy
+
+
+def test_module_version_and_all_follow_file_order():
+    assert re.match(r'^\d+\.\d+\.\d+$', wp.__version__)
+    positions = [re.search(r'^(class |def )?%s\b' % name, SOURCE, re.M).start()
+                 for name in wp.__all__]
+    assert positions == sorted(positions)
+
+
+# -- States and ChannelFailures -----------------------------------------------
+
+@pytest.mark.parametrize('name', ['STOPPED', 'STARTING', 'STARTED',
+                                  'STOPPING', 'EXITING'])
+def test_states_repr(name):
+    assert repr(getattr(wp.states, name)) == 'states.' + name
+    assert wp.Bus.states is wp.states
+
+
+def test_channelfailures_collects_and_joins():
+    failures = wp.ChannelFailures()
+    assert not failures
+    errors = [ValueError('a'), KeyError('b')]
+    for error in errors:
+        try:
+            raise error
+        except Exception:
+            failures.handle_exception()
+    assert failures
+    assert failures.get_instances() == errors
+    failures.get_instances().clear()  # A copy.
+    assert str(failures) == "ValueError('a')\nKeyError('b')"
+    assert repr(failures) == str(failures)
+
+
+# -- Bus ----------------------------------------------------------------------
+
+def test_bus_builtin_channels_and_initial_state(bus):
+    assert set(bus.listeners) == {'start', 'stop', 'exit', 'graceful',
+                                  'log', 'main'}
+    assert bus.state is wp.states.STOPPED
+    assert bus.execv is False
+    assert wp.bus.state is wp.states.STOPPED
+
+
+def test_bus_priorities_and_subscription_order(bus):
+    rec = Recorder()
+    late = rec.listener('late')
+    late.priority = 90
+    bus.subscribe('x', late)
+    for name in ('a', 'b', 'c'):
+        bus.subscribe('x', rec.listener(name))
+    bus.subscribe('x', rec.listener('first'), priority=10)
+    bus.subscribe('x', rec.listener('d'))
+    bus.publish('x')
+    assert rec.calls == ['first', 'a', 'b', 'c', 'd', 'late']
+
+
+def test_bus_explicit_priority_beats_attribute(bus):
+    rec = Recorder()
+    one, two = rec.listener('one'), rec.listener('two')
+    one.priority = 1
+    bus.subscribe('x', one, priority=99)
+    bus.subscribe('x', two)
+    bus.publish('x')
+    assert rec.calls == ['two', 'one']
+    assert bus._priorities[('x', one)] == 99
+
+
+def test_bus_resubscribe_updates_priority_only(bus):
+    rec = Recorder()
+    one, two = rec.listener('one'), rec.listener('two')
+    bus.subscribe('x', one)
+    bus.subscribe('x', two)
+    bus.subscribe('x', one, priority=60)
+    bus.publish('x')
+    assert rec.calls == ['two', 'one']
+    assert len(bus.listeners['x']) == 2
+
+
+def test_bus_decorator_subscribe_returns_the_function(bus):
+    @bus.subscribe('x', priority=5)
+    def listener():
+        return 'done'
+    assert listener() == 'done'
+    assert bus.publish('x') == ['done']
+    assert bus._priorities[('x', listener)] == 5
+
+
+def test_bus_unsubscribe(bus):
+    rec = Recorder()
+    one = rec.listener('one')
+    bus.subscribe('x', one)
+    bus.unsubscribe('x', one)
+    bus.unsubscribe('x', one)          # Twice: ignored.
+    bus.unsubscribe('nowhere', one)    # Unknown channel: ignored.
+    assert bus.publish('x') == []
+    assert ('x', one) not in bus._priorities
+
+
+def test_bus_publish_returns_results_and_passes_arguments(bus):
+    bus.subscribe('x', lambda a, b=0: a + b)
+    bus.subscribe('x', lambda a, b=0: a * b)
+    assert bus.publish('x', 3, b=4) == [7, 12]
+    assert bus.publish('no such channel', 1) == []
+
+
+def test_bus_publish_runs_every_listener_and_raises_failures(bus):
+    rec = Recorder()
+
+    def broken():
+        raise ValueError('boom')
+    bus.subscribe('x', rec.listener('before'), priority=1)
+    bus.subscribe('x', broken, priority=2)
+    bus.subscribe('x', rec.listener('after'), priority=3)
+    with pytest.raises(wp.ChannelFailures) as info:
+        bus.publish('x')
+    assert rec.calls == ['before', 'after']
+    [error] = info.value.get_instances()
+    assert isinstance(error, ValueError) and str(error) == 'boom'
+    [(msg, level)] = [r for r in bus.recorder.logs if 'Error in' in r[0]]
+    assert level == 40
+    assert msg.startswith("Error in 'x' listener %r" % (broken,))
+    assert 'Traceback' in msg and 'ValueError: boom' in msg
+
+
+def test_bus_keyboardinterrupt_propagates_at_once(bus):
+    rec = Recorder()
+
+    def interrupt():
+        raise KeyboardInterrupt
+    bus.subscribe('x', interrupt, priority=1)
+    bus.subscribe('x', rec.listener('later'), priority=2)
+    with pytest.raises(KeyboardInterrupt):
+        bus.publish('x')
+    assert rec.calls == []
+
+
+@pytest.mark.parametrize('code, failed_before, expected', [
+    (0, True, 1), (None, True, 1), (3, True, 3), (0, False, 0),
+])
+def test_bus_systemexit_code_forced_after_failure(bus, code, failed_before,
+                                                  expected):
+    def broken():
+        raise ValueError
+
+    def leave():
+        raise SystemExit(code)
+    if failed_before:
+        bus.subscribe('x', broken, priority=1)
+    bus.subscribe('x', leave, priority=2)
+    with pytest.raises(SystemExit) as info:
+        bus.publish('x')
+    assert (info.value.code or 0) == expected
+
+
+def test_bus_state_transitions_and_log_messages(bus):
+    seen = []
+    for channel in ('start', 'stop', 'exit'):
+        bus.subscribe(channel, lambda c=channel: seen.append((c, bus.state)))
+    bus.start()
+    assert bus.state is wp.states.STARTED
+    bus.stop()
+    assert bus.state is wp.states.STOPPED
+    bus.start()
+    bus.exit()
+    assert bus.state is wp.states.EXITING
+    assert seen == [('start', wp.states.STARTING),
+                    ('stop', wp.states.STOPPING),
+                    ('start', wp.states.STARTING),
+                    ('stop', wp.states.STOPPING),
+                    ('exit', wp.states.EXITING)]
+    assert bus.recorder.messages() == [
+        'Bus STARTING', 'Bus STARTED', 'Bus STOPPING', 'Bus STOPPED',
+        'Bus STARTING', 'Bus STARTED', 'Bus STOPPING', 'Bus STOPPED',
+        'Bus EXITING', 'Bus EXITED']
+
+
+def test_bus_started_channel_only_after_every_start_listener(bus):
+    rec = Recorder()
+    bus.subscribe('start', rec.listener('start'), priority=1000)
+    bus.subscribe('started', lambda: rec.calls.append(bus.state))
+    bus.start()
+    assert rec.calls == ['start', wp.states.STARTED]
+
+
+def test_bus_start_failure_exits_and_ends_process_on_main_thread(
+        bus, fake_exit):
+    rec = Recorder()
+
+    def broken():
+        raise ValueError('no socket')
+    bus.subscribe('start', broken)
+    bus.subscribe('started', rec.listener('started'))
+    bus.subscribe('stop', rec.listener('stop'))
+    bus.subscribe('exit', rec.listener('exit'))
+    with pytest.raises(HardExit):
+        bus.start()
+    assert fake_exit == [70]
+    assert rec.calls == ['stop', 'exit']
+    assert bus.state is wp.states.EXITING
+    assert 'Shutting down due to error in start listener:' in \
+        bus.recorder.messages(40)[1]
+
+
+def test_bus_start_failure_off_main_thread_keeps_host_alive(bus, fake_exit):
+    def broken():
+        raise ValueError('no socket')
+    bus.subscribe('start', broken)
+    errors = []
+
+    def run():
+        try:
+            bus.start()
+        except Exception as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert fake_exit == []
+    [error] = errors
+    assert isinstance(error, wp.ChannelFailures)
+    assert bus.state is wp.states.EXITING
+    [critical] = bus.recorder.messages(50)
+    assert 'failed to start' in critical and 'host process goes on' in \
+        critical
+
+
+def test_bus_exit_listener_failure_ends_process_with_70(bus, fake_exit):
+    def broken():
+        raise ValueError
+    bus.subscribe('exit', broken)
+    bus.start()
+    with pytest.raises(HardExit):
+        bus.exit()
+    assert fake_exit == [70]
+    assert any('status 70' in m for m in bus.recorder.messages(50))
+
+
+def test_bus_exit_runs_once_from_listener_thread_and_signal(bus):
+    rec = Recorder()
+    bus.subscribe('stop', rec.listener('stop'))
+
+    def exit_again():
+        rec.calls.append('exit')
+        bus.exit()                      # From a listener.
+        os.kill(os.getpid(), signal.SIGUSR2)  # From a signal handler.
+        thread = threading.Thread(target=bus.exit)  # From another thread.
+        thread.start()
+        thread.join(TIMEOUT)
+    previous = signal.signal(signal.SIGUSR2, lambda *a: bus.exit())
+    try:
+        bus.subscribe('exit', exit_again)
+        bus.start()
+        bus.exit()
+        bus.exit()
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert rec.calls == ['stop', 'exit']
+    assert bus.recorder.messages().count('Bus EXITING') == 1
+
+
+def test_bus_exit_from_many_threads_at_once_runs_listeners_once(bus):
+    rec = Recorder()
+    bus.subscribe('exit', rec.listener('exit'))
+    bus.subscribe('stop', lambda: time.sleep(0.05))
+    bus.start()
+    threads = [threading.Thread(target=bus.exit) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert rec.calls == ['exit']
+
+
+def test_bus_restart_sets_execv_and_exits(bus):
+    bus.start()
+    bus.restart()
+    assert bus.execv is True
+    assert bus.state is wp.states.EXITING
+
+
+def test_bus_restart_is_ignored_while_exiting(bus):
+    bus.subscribe('exit', bus.restart)
+    bus.start()
+    bus.exit()
+    assert bus.execv is False
+    assert 'Restart ignored: the bus is already exiting.' in \
+        bus.recorder.messages()
+
+
+def test_bus_graceful_calls_during_graceful_merge_into_one_more(bus):
+    running, runs = [], []
+
+    def listener():
+        assert not running, 'graceful listeners overlapped'
+        running.append(1)
+        runs.append(1)
+        if len(runs) == 1:
+            bus.graceful()
+            bus.graceful()
+        running.pop()
+    bus.subscribe('graceful', listener)
+    bus.graceful()
+    assert len(runs) == 2
+    assert bus.recorder.messages().count('Bus graceful') == 2
+
+
+def test_bus_wait_on_several_states_wakes_at_once(bus):
+    ticks = []
+    bus.subscribe('tick', lambda: ticks.append(1))
+    timer = threading.Timer(0.1, bus.start)
+    timer.start()
+    # A 60 s interval: only the condition variable can wake it in time.
+    bus.wait([wp.states.STARTED, wp.states.EXITING], interval=60,
+             channel='tick')
+    timer.join(TIMEOUT)
+    assert bus.state in (wp.states.STARTED,)
+    assert ticks == []
+
+
+def test_bus_wait_publishes_channel_every_interval(bus):
+    ticks = []
+    bus.subscribe('tick', lambda: ticks.append(1))
+    bus.subscribe('tick', lambda: len(ticks) >= 3 and bus.start())
+    bus.wait(wp.states.STARTED, interval=0.01, channel='tick')
+    assert len(ticks) >= 3
+
+
+def test_bus_start_with_callback(bus):
+    called = []
+    thread = bus.start_with_callback(
+        lambda *a, **k: called.append((bus.state, a, k)), args=(1, 2),
+        kwargs={'k': 3})
+    thread.join(TIMEOUT)
+    assert called == [(wp.states.STARTED, (1, 2), {'k': 3})]
+    assert thread.name.startswith('Bus Callback ')
+
+
+def test_bus_start_with_callback_skips_call_on_failed_start(bus):
+    called = []
+
+    def broken():
+        raise ValueError
+    bus.subscribe('start', broken)
+    with pytest.raises(HardExit):
+        bus.start_with_callback(called.append, args=(1,))
+    for thread in threading.enumerate():
+        if thread.name.startswith('Bus Callback'):
+            thread.join(TIMEOUT)
+    assert called == []
+
+
+def test_bus_block_returns_after_exit_listeners_and_threads(bus):
+    order = []
+
+    def slow_exit():
+        time.sleep(0.2)
+        order.append('exit listener done')
+
+    def worker():
+        bus.wait(wp.states.EXITING)
+        time.sleep(0.4)
+        order.append('worker done')
+    bus.subscribe('exit', slow_exit)
+    bus.start()
+    threading.Thread(target=worker, name='worker').start()
+    threading.Timer(0.05, bus.exit).start()
+    bus.block(interval=0.01)
+    order.append('block returned')
+    assert order == ['exit listener done', 'worker done', 'block returned']
+    assert 'Waiting for thread worker.' in bus.recorder.messages()
+
+
+def test_bus_block_exits_on_keyboardinterrupt(bus):
+    def interrupt():
+        raise KeyboardInterrupt
+    bus.subscribe('main', interrupt)
+    bus.start()
+    bus.block(interval=0.01)
+    assert bus.state is wp.states.EXITING
+    assert 'Keyboard Interrupt: shutting down bus' in bus.recorder.messages()
+
+
+def test_bus_block_exits_and_reraises_systemexit(bus):
+    def leave():
+        raise SystemExit(4)
+    bus.subscribe('main', leave)
+    bus.start()
+    with pytest.raises(SystemExit):
+        bus.block(interval=0.01)
+    assert bus.state is wp.states.EXITING
+    assert 'SystemExit raised: shutting down bus' in bus.recorder.messages()
+
+
+def test_bus_block_reexecutes_after_restart(bus, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bus, '_do_execv', lambda: calls.append('execv'))
+    bus.start()
+    threading.Timer(0.05, bus.restart).start()
+    bus.block(interval=0.01)
+    assert calls == ['execv']
+
+
+def test_bus_failing_log_listener_goes_to_stderr(bus, capsys):
+    def broken(msg, level):
+        raise RuntimeError('disk full')
+    bus.subscribe('log', broken)
+    bus.log('hello')
+    err = capsys.readouterr().err
+    assert 'a log listener failed' in err and 'hello' in err
+
+
+def test_bus_log_traceback_appends_the_exception(bus):
+    try:
+        raise KeyError('lost')
+    except KeyError:
+        bus.log('oops', level=40, traceback=True)
+    [msg] = bus.recorder.messages(40)
+    assert msg.startswith('oops\nTraceback') and "KeyError: 'lost'" in msg
+
+
+def test_bus_concurrent_publish_subscribe_unsubscribe(bus):
+    steady_calls = []
+    errors = []
+    stop = threading.Event()
+    bus.subscribe('x', lambda n: steady_calls.append(n))
+
+    def publisher(base):
+        n = base
+        try:
+            while not stop.is_set():
+                bus.publish('x', n)
+                n += 1
+        except Exception as exc:
+            errors.append(exc)
+        published.append((base, n))
+
+    def churner():
+        try:
+            while not stop.is_set():
+                funcs = [lambda n: None for _ in range(5)]
+                for func in funcs:
+                    bus.subscribe('x', func, priority=random.random() * 100)
+                for func in funcs:
+                    bus.unsubscribe('x', func)
+        except Exception as exc:
+            errors.append(exc)
+    published = []
+    threads = [threading.Thread(target=publisher, args=(i * 10 ** 9,))
+               for i in range(3)]
+    threads += [threading.Thread(target=churner) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    stop.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    assert errors == []
+    expected = sum(end - base for base, end in published)
+    assert len(steady_calls) == expected > 0
+
+
+def test_bus_atexit_warning_and_exit_when_left_running(child):
+    proc = child('''
+        import wspbus_plugins as wp
+        bus = wp.Bus()
+        bus.subscribe('exit', lambda: print('exit ran', flush=True))
+        bus.start()
+    ''')
+    status, out, err = finish(proc)
+    assert status == 0
+    assert 'exit ran' in out
+    assert 'RuntimeWarning: The main thread is exiting, but the Bus is in ' \
+        'the states.STARTED state' in err
+
+
+def test_bus_block_in_child_exits_promptly_on_exit_from_thread(child):
+    proc = child('''
+        import threading, wspbus_plugins as wp
+        bus = wp.Bus()
+        bus.subscribe('exit', lambda: print('exit ran', flush=True))
+        bus.start()
+        threading.Timer(0.1, bus.exit).start()
+        bus.block(interval=60)   # Only a prompt wake-up ends this in time.
+        print('block returned', flush=True)
+    ''')
+    status, out, err = finish(proc)
+    assert (status, out) == (0, 'exit ran\nblock returned\n'), err
+
+
+# -- Bus: re-execution ---------------------------------------------------------
+
+RESTART_CHILD = '''
+    import json, os, sys, threading
+    import wspbus_plugins as wp
+    log = os.environ['RESTART_LOG']
+    leak = os.environ.get('LEAK_FD')
+    leaked = bool(leak) and os.path.exists('/proc/self/fd/' + leak)
+    with open(log, 'a') as f:
+        f.write(json.dumps([os.getpid(), sys.argv[1:], sys.flags.dev_mode,
+                            sys.flags.optimize, os.getcwd(), leaked]) + '\\n')
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr))
+    with open(log) as f:
+        runs = len(f.readlines())
+    if runs == 1:
+        leak = os.open(os.devnull, os.O_RDONLY)
+        os.set_inheritable(leak, True)
+        os.environ['LEAK_FD'] = str(leak)
+        os.chdir('/')  # restart() must go back to the start-up directory.
+        bus.subscribe('started', bus.restart)
+    else:
+        bus.subscribe('started', bus.exit)
+    bus.start()
+    bus.block()
+'''
+
+
+@pytest.mark.parametrize('how', ['module', 'script'])
+def test_bus_restart_reexecutes_same_command(child, tmp_path, how):
+    log = tmp_path / 'restarts.log'
+    package = tmp_path / 'pkg'
+    package.mkdir()
+    (package / '__init__.py').write_text('')
+    (package / 'app.py').write_text(textwrap.dedent(RESTART_CHILD))
+    target = ['-m', 'pkg.app'] if how == 'module' else ['pkg/app.py']
+    proc = subprocess.Popen(
+        [sys.executable, '-X', 'dev', '-O'] + target + ['a', 'b c'],
+        cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=HERE, RESTART_LOG=str(log)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    child.procs.append(proc)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    import json
+    runs = [json.loads(line) for line in lines_of(log)]
+    assert len(runs) == 2, err
+    first, second = runs
+    assert first[0] == second[0]                    # Same PID: execv.
+    assert second[1] == ['a', 'b c']                # Same arguments.
+    assert second[2] is True and second[3] == 1     # Same -X dev and -O.
+    assert second[4] == str(tmp_path)               # Start-up directory.
+    assert second[5] is False                       # Inherited fd closed.
+    assert 'Re-spawning' in err
+
+
+def test_bus_restart_of_dash_c_fails_clearly(tmp_path):
+    code = textwrap.dedent('''
+        import wspbus_plugins as wp
+        bus = wp.Bus()
+        bus.subscribe('started', bus.restart)
+        bus.start()
+        bus.block()
+    ''')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path),
+                          env=dict(os.environ, PYTHONPATH=HERE),
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode != 0
+    assert "RuntimeError: Cannot reconstruct command from '-c'" in proc.stderr
+
+
+@pytest.mark.parametrize('orig_argv, expected', [
+    (['py', '-X', 'dev', '-m', 'pkg.app', 'a'],
+     ['-X', 'dev', '-m', 'pkg.app', 'a']),
+    (['py', '-OO', 'app.py', '-c'], ['-OO', 'app.py', '-c']),
+    (['py', '-Wdefault', 'app.py'], ['-Wdefault', 'app.py']),
+])
+def test_bus_get_true_argv_from_orig_argv(monkeypatch, orig_argv, expected):
+    monkeypatch.setattr(sys, 'orig_argv', orig_argv, raising=False)
+    assert wp.Bus._get_true_argv() == [sys.executable] + expected
+
+
+@pytest.mark.parametrize('orig_argv', [['py', '-c', 'x'], ['py', '-Ec', 'x'],
+                                       ['py'], ['py', '-'], ['py', '-i']])
+def test_bus_get_true_argv_refuses_code_it_cannot_rerun(monkeypatch,
+                                                       orig_argv):
+    monkeypatch.setattr(sys, 'orig_argv', orig_argv, raising=False)
+    with pytest.raises(RuntimeError, match='Cannot reconstruct command'):
+        wp.Bus._get_true_argv()
+
+
+def test_bus_get_true_argv_fallback_without_orig_argv(monkeypatch):
+    monkeypatch.delattr(sys, 'orig_argv', raising=False)
+    monkeypatch.setattr(sys, 'argv', ['/srv/app.py', 'x'])
+    main = type(sys)('__main__')
+    main.__spec__ = None
+    monkeypatch.setitem(sys.modules, '__main__', main)
+    argv = wp.Bus._get_true_argv()
+    assert argv[0] == sys.executable and argv[-2:] == ['/srv/app.py', 'x']
+    main.__spec__ = type('Spec', (), {'name': 'pkg.__main__'})()
+    assert wp.Bus._get_true_argv()[-3:] == ['-m', 'pkg', 'x']
+    main.__spec__ = None
+    monkeypatch.setattr(sys, 'argv', ['-c'])
+    with pytest.raises(RuntimeError, match="'-c'"):
+        wp.Bus._get_true_argv()
+
+
+def test_bus_extend_pythonpath(monkeypatch):
+    monkeypatch.setattr(sys, 'path', [''] + sys.path[1:])
+    env = {'PYTHONPATH': '/lib'}
+    wp.Bus._extend_pythonpath(env)
+    assert env['PYTHONPATH'] == '.' + os.pathsep + '/lib'
+    wp.Bus._extend_pythonpath(env)
+    assert env['PYTHONPATH'] == '.' + os.pathsep + '/lib'
+    monkeypatch.setattr(sys, 'path', ['/app'] + sys.path[1:])
+    env = {}
+    wp.Bus._extend_pythonpath(env)
+    assert env == {}
+
+
+def test_bus_set_cloexec_marks_descriptors_but_kept_ones(bus):
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(2)]
+    try:
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        bus._keep_fds.add(fds[1])
+        bus._set_cloexec()
+        assert not os.get_inheritable(fds[0])
+        assert os.get_inheritable(fds[1])
+    finally:
+        for fd in fds:
+            os.close(fd)

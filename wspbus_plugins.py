@@ -1,0 +1,2277 @@
+# Copyright (c) 2026, the wspbus_plugins authors
+# All rights reserved.
+#
+# Redistribution and use in source and binary forms, with or without
+# modification, are permitted provided that the following conditions are met:
+#
+# 1. Redistributions of source code must retain the above copyright notice,
+#    this list of conditions and the following disclaimer.
+# 2. Redistributions in binary form must reproduce the above copyright notice,
+#    this list of conditions and the following disclaimer in the documentation
+#    and/or other materials provided with the distribution.
+# 3. Neither the name of the copyright holder nor the names of its
+#    contributors may be used to endorse or promote products derived from
+#    this software without specific prior written permission.
+#
+# THIS SOFTWARE IS PROVIDED BY THE COPYRIGHT HOLDERS AND CONTRIBUTORS "AS IS"
+# AND ANY EXPRESS OR IMPLIED WARRANTIES, INCLUDING, BUT NOT LIMITED TO, THE
+# IMPLIED WARRANTIES OF MERCHANTABILITY AND FITNESS FOR A PARTICULAR PURPOSE
+# ARE DISCLAIMED. IN NO EVENT SHALL THE COPYRIGHT HOLDER OR CONTRIBUTORS BE
+# LIABLE FOR ANY DIRECT, INDIRECT, INCIDENTAL, SPECIAL, EXEMPLARY, OR
+# CONSEQUENTIAL DAMAGES (INCLUDING, BUT NOT LIMITED TO, PROCUREMENT OF
+# SUBSTITUTE GOODS OR SERVICES; LOSS OF USE, DATA, OR PROFITS; OR BUSINESS
+# INTERRUPTION) HOWEVER CAUSED AND ON ANY THEORY OF LIABILITY, WHETHER IN
+# CONTRACT, STRICT LIABILITY, OR TORT (INCLUDING NEGLIGENCE OR OTHERWISE)
+# ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF ADVISED OF THE
+# POSSIBILITY OF SUCH DAMAGE.
+
+"""A process bus and its plugins: the life cycle of a Python service.
+
+The bus is a publish/subscribe hub with a small state machine.  Listeners
+subscribe to channels (``start``, ``stop``, ``exit``, ``graceful``, ``log``,
+``main`` and any you invent); the bus publishes to them as the process moves
+through its states, so each part of a service (a server, a worker pool, a
+PID file) only says what to do when, and never who calls it::
+
+    import wspbus_plugins as wspbus
+
+    bus = wspbus.Bus()
+    wspbus.SignalHandler(bus).subscribe()       # SIGTERM exits, SIGHUP ...
+    wspbus.PIDFile(bus, '/tmp/app.pid').subscribe()
+
+    @bus.subscribe('start')
+    def open_sockets():
+        print('serving')
+
+    bus.subscribe('stop', lambda: print('closing'))
+    bus.start()
+    bus.block()                                 # until SIGTERM or exit()
+
+The states, and the calls that move between them::
+
+                  start()                      stop()
+      STOPPED ------------> STARTING --> STARTED ----> STOPPING --> STOPPED
+         |                                  |                         |
+         |                  exit() = stop() then EXITING               |
+         +----------------------------------+-------------------------+
+                                            v
+                                         EXITING  (block() returns;
+                                                   restart() re-executes)
+
+This file is a drop-in for ``cherrypy.process.wspbus`` and
+``cherrypy.process.plugins`` with fixes and additions; see README.md.
+"""
+
+import atexit
+import errno
+import os
+import signal as _signal
+import sys
+import threading
+import time
+import warnings
+
+__version__ = '0.1.0'
+
+__all__ = [
+    'states', 'ChannelFailures', 'Bus', 'bus',
+    'SimplePlugin', 'SignalHandler', 'ConsoleCtrlHandler', 'DropPrivileges',
+    'Daemonizer', 'PIDFile', 'PerpetualTimer', 'BackgroundTask', 'Monitor',
+    'Autoreloader', 'ThreadManager', 'SystemdNotifier', 'LoggingBridge',
+    'main',
+]
+
+
+# -- Platform -----------------------------------------------------------------
+# Every difference between platforms is decided here.  Code reads these
+# globals when it runs, so a test can simulate a platform with monkeypatch.
+
+_WINDOWS = sys.platform == 'win32'
+_JYTHON = sys.platform.startswith('java')
+_LINUX = sys.platform.startswith('linux')
+_HAVE_FORK = hasattr(os, 'fork')
+
+try:
+    import fcntl
+except ImportError:  # Windows: PID files fall back to exclusive creation.
+    fcntl = None
+
+_EX_SOFTWARE = 70  # sysexits.h: internal software error.
+_DEBUG, _INFO, _WARNING, _ERROR, _CRITICAL = 10, 20, 30, 40, 50
+
+try:
+    _STARTUP_DIR = os.getcwd()
+except OSError:  # The working directory was deleted before we started.
+    _STARTUP_DIR = None
+
+try:
+    _MAX_FILES = os.sysconf('SC_OPEN_MAX')
+except (AttributeError, ValueError, OSError):
+    _MAX_FILES = 1024
+
+# Environment variables that carry state across restart()'s re-exec.
+_DAEMON_ENV = 'WSPBUS_DAEMON_PID'
+_PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
+
+
+def _import_optional(name):
+    """Return module `name`, or None where this platform lacks it."""
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _pid_alive(pid):
+    """Tell whether process `pid` exists (a zombie counts as alive)."""
+    if _WINDOWS:
+        # os.kill(pid, 0) would terminate the process on Windows.
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        handle = kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED
+        if not handle:
+            return False
+        kernel32.CloseHandle(handle)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # Alive, but owned by another user.
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _open_fds(limit):
+    """List this process's open descriptors below `limit`, cheaply.
+
+    Listing /proc/self/fd (Linux) or /dev/fd (macOS, BSD) avoids looping
+    over a huge SC_OPEN_MAX (CherryPy issue #2075).
+    """
+    for listing in ('/proc/self/fd', '/dev/fd'):
+        try:
+            return [int(fd) for fd in os.listdir(listing) if int(fd) < limit]
+        except (OSError, ValueError):
+            continue
+    return range(limit)
+
+
+def _hard_exit(status):
+    """Flush what the user would lose, then end the process at once."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(status)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# -- States -------------------------------------------------------------------
+
+class _State:
+    """One state of the bus; compared by identity."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __repr__(self):
+        return 'states.%s' % self.name
+
+
+class _States:
+    """The namespace of bus states: ``states.STOPPED`` and friends."""
+
+    def __init__(self, *names):
+        for name in names:
+            setattr(self, name, _State(name))
+
+
+states = _States('STOPPED', 'STARTING', 'STARTED', 'STOPPING', 'EXITING')
+
+
+# -- Errors -------------------------------------------------------------------
+
+class ChannelFailures(Exception):
+    """The exceptions raised by the listeners of one publish.
+
+    Truthy when it holds any; ``str()`` joins their reprs, one a line.
+    """
+
+    delimiter = '\n'
+    """The text between two exceptions in ``str()``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._exceptions = []
+
+    def handle_exception(self):
+        """Record the exception being handled right now."""
+        self._exceptions.append(sys.exc_info()[1])
+
+    def get_instances(self):
+        """Return a copy of the recorded exceptions, in raising order."""
+        return self._exceptions[:]
+
+    def __str__(self):
+        return self.delimiter.join(map(repr, self._exceptions))
+
+    __repr__ = __str__
+
+    def __bool__(self):
+        return bool(self._exceptions)
+
+
+# -- Bus ----------------------------------------------------------------------
+
+_BUILTIN_CHANNELS = ('start', 'stop', 'exit', 'graceful', 'log', 'main')
+
+
+class Bus:
+    """A publish/subscribe hub that drives a process through its states.
+
+    Channels: ``start``, ``stop``, ``exit``, ``graceful``, ``log`` and
+    ``main`` exist from the start; any other name becomes a channel when
+    something subscribes to it.  ``started`` (+) is published once every
+    ``start`` listener has succeeded.  Listeners run in priority order
+    (lower first, default 50), equal priorities in subscription order.
+
+    Every method may be called from any thread, and from a signal handler:
+    the one lock is re-entrant and never held while a listener runs.
+    ``listeners`` maps each channel to its set of callbacks; treat it as
+    read-only and change it through subscribe() and unsubscribe().
+    """
+
+    states = states
+    max_cloexec_files = _MAX_FILES
+    """restart() marks descriptors below this close-on-exec; 0 skips it."""
+
+    def __init__(self):
+        self.execv = False
+        """True once restart() was asked for: block() then re-executes."""
+        self.listeners = {channel: set() for channel in _BUILTIN_CHANNELS}
+        self._priorities = {}
+        self._order = {}          # (channel, callback) -> subscription count
+        self._sorted = {}         # channel -> tuple of callbacks, cached
+        self._count = 0
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._state = states.STOPPED
+        self._exit_phase = None   # None, 'running' or 'done'
+        self._graceful_phase = None  # None, 'running' or 'again'
+        self._atexit_registered = False
+        self._keep_fds = set()    # descriptors restart() must not close
+
+    def __repr__(self):
+        return '<%s %r>' % (type(self).__name__, self._state)
+
+    @property
+    def state(self):
+        """The current state; setting it wakes every wait()."""
+        return self._state
+
+    @state.setter
+    def state(self, value):
+        with self._changed:
+            self._state = value
+            self._changed.notify_all()
+
+    def subscribe(self, channel, callback=None, priority=None):
+        """Add `callback` to `channel`; lower `priority` runs first.
+
+        Without `callback`, return a decorator.  The priority comes from
+        the argument, else the callback's ``priority`` attribute, else 50.
+        Subscribing again only updates the priority.  Returns `callback`.
+        """
+        if callback is None:
+            return lambda func: self.subscribe(channel, func, priority)
+        if priority is None:
+            priority = getattr(callback, 'priority', 50)
+        with self._lock:
+            self.listeners.setdefault(channel, set()).add(callback)
+            key = (channel, callback)
+            self._priorities[key] = priority
+            if key not in self._order:
+                self._count += 1
+                self._order[key] = self._count
+            self._sorted.pop(channel, None)
+        return callback
+
+    def unsubscribe(self, channel, callback):
+        """Remove `callback` from `channel`; unknown ones are ignored."""
+        with self._lock:
+            listeners = self.listeners.get(channel)
+            if listeners and callback in listeners:
+                listeners.discard(callback)
+                del self._priorities[(channel, callback)]
+                del self._order[(channel, callback)]
+                self._sorted.pop(channel, None)
+
+    def _listeners_of(self, channel):
+        """Return (and cache) the channel's callbacks in running order."""
+        with self._lock:
+            callbacks = sorted(
+                self.listeners.get(channel, ()),
+                key=lambda cb: (self._priorities[(channel, cb)],
+                                self._order[(channel, cb)]))
+            self._sorted[channel] = result = tuple(callbacks)
+            return result
+
+    def publish(self, channel, *args, **kwargs):
+        """Call every listener of `channel`; return their results.
+
+        Every listener runs even if an earlier one fails; the failures are
+        logged and raised together as ChannelFailures.  KeyboardInterrupt
+        propagates at once, and so does SystemExit, its code made non-zero
+        when an earlier listener had failed.  The listeners called are those
+        subscribed when the publish began.
+        """
+        listeners = self._sorted.get(channel)
+        if listeners is None:
+            listeners = self._listeners_of(channel)
+        output = []
+        failures = None
+        for listener in listeners:
+            try:
+                output.append(listener(*args, **kwargs))
+            except KeyboardInterrupt:
+                raise
+            except SystemExit as exc:
+                if failures and exc.code in (None, 0):
+                    exc.code = 1
+                raise
+            except Exception:
+                if failures is None:
+                    failures = ChannelFailures()
+                failures.handle_exception()
+                if channel != 'log':  # A failing logger must not recurse.
+                    self.log('Error in %r listener %r' % (channel, listener),
+                             level=_ERROR, traceback=True)
+        if failures:
+            raise failures
+        return output
+
+    def start(self):
+        """Move to STARTING, publish ``start``, then move to STARTED.
+
+        If a listener fails, log it, exit() the bus and re-raise; on the
+        main thread exit() then ends the process with status 70.
+        """
+        with self._lock:
+            self._exit_phase = None  # A new life: exit() may run again.
+            self.execv = False
+            if not self._atexit_registered:
+                atexit.register(self._clean_exit)
+                self._atexit_registered = True
+        self.state = states.STARTING
+        self.log('Bus STARTING')
+        try:
+            self.publish('start')
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception:
+            self.log('Shutting down due to error in start listener:',
+                     level=_ERROR, traceback=True)
+            error = sys.exc_info()[1]
+            self.exit()
+            raise error
+        self.state = states.STARTED
+        self.log('Bus STARTED')
+        try:
+            self.publish('started')
+        except ChannelFailures:
+            pass  # Logged by publish; the service is running regardless.
+
+    def stop(self):
+        """Move to STOPPING, publish ``stop``, then move to STOPPED."""
+        self.state = states.STOPPING
+        self.log('Bus STOPPING')
+        self.publish('stop')
+        self.state = states.STOPPED
+        self.log('Bus STOPPED')
+
+    def graceful(self):
+        """Publish ``graceful`` (reload without stopping the process).
+
+        Calls made while one is running (a signal storm, say) are merged
+        into one more run after it, so ``graceful`` listeners never overlap.
+        """
+        with self._lock:
+            if self._graceful_phase is not None:
+                self._graceful_phase = 'again'
+                return
+            self._graceful_phase = 'running'
+        try:
+            while True:
+                self.log('Bus graceful')
+                self.publish('graceful')
+                with self._lock:
+                    if self._graceful_phase == 'running':
+                        break
+                    self._graceful_phase = 'running'
+        finally:
+            with self._lock:
+                self._graceful_phase = None
+
+    def exit(self):
+        """Stop, move to EXITING and publish ``exit``, once.
+
+        A second call while an exit is under way or done returns at once.
+        If the ``stop`` or ``exit`` listeners fail, the process ends with
+        status 70.  Called while STARTING (a start listener failed), it ends
+        the process with status 70 after exiting, when on the main thread;
+        elsewhere it logs the failure loudly and returns.
+        """
+        if self._begin_exit():
+            self._run_exit()
+
+    def _begin_exit(self):
+        with self._lock:
+            if self._exit_phase is not None:
+                return False
+            self._exit_phase = 'running'
+            return True
+
+    def _run_exit(self):
+        exitstate = self._state
+        try:
+            self.stop()
+            self.state = states.EXITING
+            self.log('Bus EXITING')
+            self.publish('exit')
+            self.log('Bus EXITED')
+        except Exception:
+            self.log('Exiting with status %d: the stop or exit listeners '
+                     'failed (see above).' % _EX_SOFTWARE, level=_CRITICAL)
+            _hard_exit(_EX_SOFTWARE)
+        finally:
+            with self._changed:
+                self._exit_phase = 'done'
+                self._changed.notify_all()
+        if exitstate is states.STARTING:
+            if threading.current_thread() is threading.main_thread():
+                # A start listener failed: ending the process is the only
+                # way to leave no half-started service behind.
+                _hard_exit(_EX_SOFTWARE)
+            self.log('The bus failed to start on thread %r and has exited; '
+                     'the host process goes on.'
+                     % threading.current_thread().name, level=_CRITICAL)
+
+    def restart(self):
+        """Exit, then re-execute the process from block() on the main thread.
+
+        Ignored (with a log line) when an exit is already under way.
+        """
+        with self._lock:
+            begun = self._begin_exit()
+            if begun:
+                self.execv = True
+        if begun:
+            self._run_exit()
+        else:
+            self.log('Restart ignored: the bus is already exiting.')
+
+    def block(self, interval=0.1):
+        """Wait for EXITING, then for every non-daemon thread; re-exec.
+
+        Call it from the main thread.  KeyboardInterrupt or SystemExit while
+        waiting exits the bus.  Returns only after the ``exit`` listeners
+        have finished, whichever thread ran them (CherryPy issue #1942).
+        ``main`` is published every `interval` seconds while waiting.
+        """
+        try:
+            self.wait(states.EXITING, interval=interval, channel='main')
+        except (KeyboardInterrupt, IOError):
+            self.log('Keyboard Interrupt: shutting down bus')
+            self.exit()
+        except SystemExit:
+            self.log('SystemExit raised: shutting down bus')
+            self.exit()
+            raise
+        with self._changed:
+            self._changed.wait_for(lambda: self._exit_phase == 'done')
+        self.log('Waiting for child threads to terminate...')
+        current = threading.current_thread()
+        for thread in threading.enumerate():
+            if (thread is not current and not thread.daemon
+                    and thread is not threading.main_thread()):
+                self.log('Waiting for thread %s.' % thread.name)
+                thread.join()
+        if self.execv:
+            self._do_execv()
+
+    def wait(self, state, interval=0.1, channel=None):
+        """Block until the bus is in `state` (or any of a sequence of them).
+
+        Returns as soon as the state is reached; meanwhile publishes
+        `channel` every `interval` seconds.
+        """
+        if isinstance(state, (tuple, list, set, frozenset)):
+            wanted = frozenset(state)
+        else:
+            wanted = (state,)
+        next_tick = time.monotonic() + interval
+        while True:
+            with self._changed:
+                while self._state not in wanted:
+                    remaining = next_tick - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._changed.wait(remaining)
+                else:
+                    return
+            self.publish(channel)
+            next_tick = time.monotonic() + interval
+
+    def start_with_callback(self, func, args=None, kwargs=None):
+        """Start the bus and call ``func(*args, **kwargs)`` once STARTED.
+
+        The call runs in a new thread, which is returned; it is skipped if
+        the start fails.
+        """
+        args = () if args is None else tuple(args)
+        kwargs = {} if kwargs is None else kwargs
+
+        def when_started():
+            self.wait((states.STARTED, states.EXITING))
+            if self._state is states.STARTED:
+                func(*args, **kwargs)
+
+        thread = threading.Thread(target=when_started)
+        thread.name = 'Bus Callback ' + thread.name
+        thread.start()
+        self.start()
+        return thread
+
+    def log(self, msg='', level=_INFO, traceback=False):
+        """Publish `msg` on ``log`` with a `level` number (logging's).
+
+        With `traceback`, the exception being handled is appended.  A log
+        listener that fails is reported on stderr, never raised.
+        """
+        if traceback:
+            import traceback as _traceback
+            msg += '\n' + ''.join(_traceback.format_exception(*sys.exc_info()))
+        try:
+            self.publish('log', msg, level)
+        except ChannelFailures as failures:
+            try:
+                sys.stderr.write('wspbus: a log listener failed (%s) on: %s\n'
+                                 % (failures, msg))
+            except Exception:
+                pass
+
+    def _clean_exit(self):
+        """At interpreter exit, exit a bus that was left running."""
+        if self._exit_phase is None and self._state is not states.EXITING:
+            warnings.warn(
+                'The main thread is exiting, but the Bus is in the %r state; '
+                'shutting it down automatically now. You must either call '
+                'bus.block() after start(), or call bus.exit() before the '
+                'main thread exits.' % self._state, RuntimeWarning)
+            self.exit()
+
+    # -- Re-execution (restart) --
+
+    def _do_execv(self):
+        """Replace the process with a fresh run of the same command."""
+        try:
+            args = self._get_true_argv()
+        except NotImplementedError:
+            args = ([sys.executable] + self._get_interpreter_argv()
+                    + sys.argv)
+        self.log('Re-spawning %s' % ' '.join(args))
+        self._extend_pythonpath(os.environ)
+        if _JYTHON:
+            from _systemrestart import SystemRestart
+            raise SystemRestart
+        if _WINDOWS:
+            args = ['"%s"' % arg for arg in args]
+        if _STARTUP_DIR is not None:
+            os.chdir(_STARTUP_DIR)
+        if self.max_cloexec_files:
+            self._set_cloexec()
+        os.execv(sys.executable, args)
+
+    @staticmethod
+    def _get_interpreter_argv():
+        """Return the interpreter options (-X, -W, -O ...) of this run."""
+        if getattr(sys, 'frozen', False):
+            return []
+        import subprocess
+        return subprocess._args_from_interpreter_flags()
+
+    @staticmethod
+    def _get_true_argv():
+        """Return the command line that started this process.
+
+        Uses ``sys.orig_argv`` (Python 3.10+), else rebuilds it from the
+        interpreter flags, ``__main__.__spec__`` (for ``-m``) and
+        ``sys.argv``.  The first item is always ``sys.executable``.  Raises
+        RuntimeError for ``-c``, stdin and interactive sessions, whose code
+        cannot be run again.
+        """
+        if getattr(sys, 'frozen', False):
+            return [sys.executable] + sys.argv[1:]
+        orig_argv = getattr(sys, 'orig_argv', None)
+        if orig_argv:
+            _check_rerunnable(orig_argv[1:])
+            return [sys.executable] + list(orig_argv[1:])
+        main_spec = getattr(sys.modules.get('__main__'), '__spec__', None)
+        flags = Bus._get_interpreter_argv()
+        if main_spec is not None and main_spec.name:
+            module = main_spec.name
+            if module.endswith('.__main__'):
+                module = module[:-len('.__main__')]
+            return [sys.executable] + flags + ['-m', module] + sys.argv[1:]
+        if not sys.argv or sys.argv[0] in ('', '-', '-c'):
+            _check_rerunnable(sys.argv[:1] or [''])
+        return [sys.executable] + flags + sys.argv
+
+    @staticmethod
+    def _extend_pythonpath(env):
+        """Put '.' on PYTHONPATH when sys.path[0] is '' (as tornado does).
+
+        An empty first path entry means the current directory; the re-run
+        starts in the start-up directory and must find the same modules.
+        """
+        prefix = '.' + os.pathsep
+        existing = env.get('PYTHONPATH', '')
+        if sys.path and sys.path[0] == '' and not existing.startswith(prefix):
+            env['PYTHONPATH'] = prefix + existing
+
+    def _set_cloexec(self):
+        """Mark every descriptor above stderr close-on-exec."""
+        for fd in _open_fds(self.max_cloexec_files):
+            if fd > 2 and fd not in self._keep_fds:
+                try:
+                    os.set_inheritable(fd, False)
+                except OSError:
+                    pass  # Closed meanwhile (the listing's own descriptor).
+
+
+def _check_rerunnable(interpreter_args):
+    """Raise RuntimeError unless these interpreter arguments name a program.
+
+    `interpreter_args` is the command line after the executable.  Code from
+    ``-c``, stdin (``-``) or the interactive prompt cannot be run again.
+    """
+    args = list(interpreter_args)
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == '--check-hash-based-pycs':
+            i += 2
+            continue
+        if arg == '--':
+            i += 1
+            break
+        if arg == '-' or not arg.startswith('-'):
+            break
+        letters = '' if arg.startswith('--') else arg[1:]
+        for pos, letter in enumerate(letters):
+            if letter == 'c':
+                raise _not_rerunnable("'-c'")
+            if letter == 'm':
+                return
+            if letter in 'WX':  # The value follows, here or in the next arg.
+                i += pos == len(letters) - 1
+                break
+        i += 1
+    if i >= len(args) or args[i] in ('', '-'):
+        raise _not_rerunnable('stdin or an interactive prompt')
+
+
+def _not_rerunnable(source):
+    return RuntimeError(
+        'Cannot reconstruct command from %s: code given that way cannot be '
+        'run again. Start the program from a script or with python -m so '
+        'that restart() can re-execute it.' % source)
+
+
+bus = Bus()
+"""The process-wide bus, for programs that need only one."""
+
+
+# -- SimplePlugin -------------------------------------------------------------
+
+class SimplePlugin:
+    """A plugin whose methods named like a channel listen on that channel.
+
+    subscribe() attaches every method named like a channel in
+    ``bus.listeners`` (``start``, ``stop``, ``exit`` ...), with the method's
+    ``priority`` attribute if it has one; unsubscribe() detaches them.
+    """
+
+    def __init__(self, bus):
+        self.bus = bus
+        """The bus this plugin serves."""
+
+    def __repr__(self):
+        return '%s(%r)' % (type(self).__name__, self.bus)
+
+    def subscribe(self):
+        """Register this plugin's channel methods with the bus."""
+        for channel in list(self.bus.listeners):
+            method = getattr(self, channel, None)
+            if method is not None:
+                self.bus.subscribe(channel, method)
+
+    def unsubscribe(self):
+        """Unregister this plugin's channel methods from the bus."""
+        for channel in list(self.bus.listeners):
+            method = getattr(self, channel, None)
+            if method is not None:
+                self.bus.unsubscribe(channel, method)
+
+
+# -- SignalHandler ------------------------------------------------------------
+
+class SignalHandler:
+    """Turn OS signals into bus channels named after them (``SIGTERM`` ...).
+
+    ``handlers`` maps a signal name or number to the listener subscribed for
+    it by subscribe(): SIGTERM exits the bus, SIGHUP calls handle_SIGHUP()
+    and SIGUSR1 runs graceful() (on ``java`` platforms SIGUSR2, plus SIGINT
+    through _jython_SIGINT_handler()).  Change ``handlers`` before
+    subscribe(), or call set_handler(), to choose another behaviour; under a
+    supervisor that uses SIGHUP for reloads, set ``handlers['SIGHUP'] =
+    bus.graceful``.  Signals this platform lacks are skipped.  Handlers can
+    only be set on the main thread; elsewhere subscribe() logs and returns.
+    """
+
+    signals = {sig.value: sig.name for sig in _signal.Signals
+               if sig.name.startswith('SIG')}
+    """Signal number -> canonical name (SIGIO, not its alias SIGPOLL)."""
+
+    def __init__(self, bus):
+        self.bus = bus
+        self.handlers = {
+            'SIGTERM': self.bus.exit,
+            'SIGHUP': self.handle_SIGHUP,
+            'SIGUSR1': self.bus.graceful,
+        }
+        """Signal name (or number) -> listener, read by subscribe()."""
+        if _JYTHON:
+            del self.handlers['SIGUSR1']
+            self.handlers['SIGUSR2'] = self.bus.graceful
+            self.bus.log('SIGUSR1 cannot be set on the JVM platform. '
+                         'Using SIGUSR2 instead.')
+            self.handlers['SIGINT'] = self._jython_SIGINT_handler
+        self._previous_handlers = {}
+        self._original_pid = os.getpid()
+
+    def __repr__(self):
+        return 'SignalHandler(%s)' % ', '.join(map(str, self.handlers))
+
+    def _jython_SIGINT_handler(self, signum=None, frame=None):
+        # The JVM has no KeyboardInterrupt: exit the bus on SIGINT instead.
+        self.bus.log('Keyboard Interrupt: shutting down bus')
+        self.bus.exit()
+
+    def _is_daemonized(self):
+        """Tell whether this process was daemonized (forked, no terminal).
+
+        A daemon re-executed by restart() keeps the answer through the
+        WSPBUS_DAEMON_PID environment variable that Daemonizer sets.
+        """
+        pid = os.getpid()
+        forked = (self._original_pid != pid
+                  or os.environ.get(_DAEMON_ENV) == str(pid))
+        return forked and not _isatty(sys.stdin)
+
+    def subscribe(self):
+        """Install a handler for each signal in ``handlers``."""
+        if threading.current_thread() is not threading.main_thread():
+            self.bus.log('Signal handlers can only be set on the main '
+                         'thread; %r did nothing.' % self, level=_WARNING)
+            return
+        for sig, listener in self.handlers.items():
+            if isinstance(sig, str) and not hasattr(_signal, sig):
+                continue  # This platform lacks it (Windows: SIGHUP ...).
+            try:
+                self.set_handler(sig, listener)
+            except ValueError as exc:
+                self.bus.log('Could not handle %s: %s' % (sig, exc),
+                             level=_WARNING)
+
+    def unsubscribe(self):
+        """Restore the handlers that were installed before ours."""
+        for signum, handler in self._previous_handlers.items():
+            signame = self.signals[signum]
+            if handler is None:
+                self.bus.log('Restoring %s handler to SIG_DFL.' % signame)
+                handler = _signal.SIG_DFL
+            else:
+                self.bus.log('Restoring %s handler %r.' % (signame, handler))
+            try:
+                our_handler = _signal.signal(signum, handler)
+                if our_handler is None:
+                    self.bus.log('Restored old %s handler %r, but our '
+                                 'handler was not registered.'
+                                 % (signame, handler), level=_WARNING)
+            except ValueError:
+                self.bus.log('Unable to restore %s handler %r.'
+                             % (signame, handler), level=_ERROR,
+                             traceback=True)
+        self._previous_handlers.clear()
+
+    def set_handler(self, signal, listener=None):
+        """Handle `signal` (a name or number) by publishing its name.
+
+        With `listener`, subscribe it to that channel.  Raises ValueError
+        for a signal this platform does not know.  An alias (SIGPOLL)
+        publishes and subscribes under the canonical name (SIGIO).
+        """
+        if isinstance(signal, str):
+            signum = getattr(_signal, signal, None)
+            if (not signal.startswith('SIG') or signal.startswith('SIG_')
+                    or not isinstance(signum, int)):
+                raise ValueError('No such signal: %r' % signal)
+        else:
+            signum = signal
+        try:
+            signame = self.signals[signum]
+        except (KeyError, TypeError):
+            raise ValueError('No such signal: %r' % signal) from None
+        previous = _signal.signal(signum, self._handle_signal)
+        self._previous_handlers.setdefault(signum, previous)
+        if listener is not None:
+            self.bus.log('Listening for %s.' % signame)
+            self.bus.subscribe(signame, listener)
+
+    def _handle_signal(self, signum=None, frame=None):
+        """Publish the signal's name; runs on the main thread."""
+        signame = self.signals[signum]
+        self.bus.log('Caught signal %s.' % signame)
+        try:
+            self.bus.publish(signame)
+        except ChannelFailures:
+            pass  # Logged by publish; never raise into interrupted code.
+
+    def handle_SIGHUP(self):
+        """Restart when daemonized, else exit.
+
+        A terminal hangs up (SIGHUP) when its user closes it, so a process
+        attached to one exits; a daemon has no terminal, and SIGHUP is the
+        conventional request to reload, so it restarts.
+        """
+        if self._is_daemonized():
+            self.bus.log('SIGHUP caught while daemonized. Restarting.')
+            self.bus.restart()
+        else:
+            self.bus.log('SIGHUP caught but not daemonized. Exiting.')
+            self.bus.exit()
+
+
+def _isatty(stream):
+    try:
+        return os.isatty(stream.fileno())
+    except (AttributeError, ValueError, OSError):
+        return False  # Closed or replaced by something without a descriptor.
+
+
+# -- ConsoleCtrlHandler -------------------------------------------------------
+
+_CONSOLE_EVENTS = {0: 'CTRL_C_EVENT', 1: 'CTRL_BREAK_EVENT',
+                   2: 'CTRL_CLOSE_EVENT', 5: 'CTRL_LOGOFF_EVENT',
+                   6: 'CTRL_SHUTDOWN_EVENT'}
+
+
+class ConsoleCtrlHandler(SimplePlugin):
+    """Exit the bus on Windows console events, through ctypes.
+
+    Channels: ``start`` sets the handler, ``stop`` removes it.  Ctrl+C,
+    Ctrl+Break, close, logoff and shutdown each log and exit the bus.
+    Elsewhere subscribe() logs that there is nothing to do.
+    """
+
+    def __init__(self, bus):
+        super().__init__(bus)
+        self.is_set = False
+        """True while the handler is registered with Windows."""
+        self._callback = None  # Kept alive: Windows calls into it.
+
+    def subscribe(self):
+        """Subscribe on Windows; elsewhere log that it does nothing."""
+        if not _WINDOWS:
+            self.bus.log('ConsoleCtrlHandler does nothing on %r.'
+                         % sys.platform, level=_DEBUG)
+            return
+        super().subscribe()
+
+    def _set_console_handler(self, add):
+        import ctypes
+        kernel32 = ctypes.windll.kernel32
+        if self._callback is None:
+            prototype = getattr(ctypes, 'WINFUNCTYPE', ctypes.CFUNCTYPE)
+            self._callback = prototype(ctypes.c_int, ctypes.c_uint)(
+                self.handle)
+        if kernel32.SetConsoleCtrlHandler(self._callback, int(add)):
+            return 0
+        return ctypes.get_last_error() or kernel32.GetLastError()
+
+    def start(self):
+        """Register the console handler."""
+        if self.is_set:
+            self.bus.log('Handler for console events already set.')
+            return
+        error = self._set_console_handler(True)
+        if error:
+            self.bus.log('Could not SetConsoleCtrlHandler (error %r)' % error,
+                         level=_ERROR)
+        else:
+            self.bus.log('Set handler for console events.')
+            self.is_set = True
+
+    def stop(self):
+        """Unregister the console handler."""
+        if not self.is_set:
+            self.bus.log('Handler for console events already off.')
+            return
+        error = self._set_console_handler(False)
+        if error:
+            self.bus.log('Could not remove SetConsoleCtrlHandler (error %r)'
+                         % error, level=_ERROR)
+        else:
+            self.bus.log('Removed handler for console events.')
+            self.is_set = False
+
+    def handle(self, event):
+        """Exit the bus on a known event; return 1 if handled, else 0."""
+        if event not in _CONSOLE_EVENTS:
+            return 0
+        self.bus.log('Console event %s: shutting down bus'
+                     % _CONSOLE_EVENTS[event])
+        self.stop()  # First, so a second Ctrl+C does not re-enter.
+        self.bus.exit()
+        return 1
+
+
+# -- DropPrivileges -----------------------------------------------------------
+
+class DropPrivileges(SimplePlugin):
+    """Give up root: switch group, clear supplementary groups, switch user.
+
+    Channel: ``start`` (priority 77, after PIDFile and Daemonizer, so the
+    PID file and low ports are taken as root).  `uid` and `gid` are numbers
+    or names, resolved at once: an unknown name raises ValueError here.
+    `umask` (an int such as 0o022) is applied at start too.  Where the
+    ``pwd``/``grp`` modules are missing, uid/gid are ignored with a warning.
+    """
+
+    def __init__(self, bus, umask=None, uid=None, gid=None):
+        super().__init__(bus)
+        self.finalized = False
+        """True after start() ran once; a second start changes nothing."""
+        self.uid = uid
+        self.gid = gid
+        self.umask = umask
+
+    def __repr__(self):
+        return 'DropPrivileges(uid=%r, gid=%r, umask=%r)' % (
+            self._uid, self._gid, self._umask)
+
+    @property
+    def uid(self):
+        """The user id to switch to, or None."""
+        return self._uid
+
+    @uid.setter
+    def uid(self, value):
+        self._uid = self._resolve(value, 'pwd', 'getpwnam', 'user', 'uid')
+
+    @property
+    def gid(self):
+        """The group id to switch to, or None."""
+        return self._gid
+
+    @gid.setter
+    def gid(self, value):
+        self._gid = self._resolve(value, 'grp', 'getgrnam', 'group', 'gid')
+
+    def _resolve(self, value, module_name, lookup, kind, attr):
+        if value is None:
+            return None
+        module = _import_optional(module_name)
+        if module is None:
+            self.bus.log('%s module not available; ignoring %s.'
+                         % (module_name, attr), level=_WARNING)
+            return None
+        if isinstance(value, str):
+            try:
+                return getattr(module, lookup)(value)[2]
+            except KeyError:
+                raise ValueError('No such %s: %r' % (kind, value)) from None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError('Invalid %s: %r (a name or a number >= 0)'
+                             % (attr, value))
+        return value
+
+    @property
+    def umask(self):
+        """The umask to set at start, or None."""
+        return self._umask
+
+    @umask.setter
+    def umask(self, value):
+        if value is not None:
+            if not hasattr(os, 'umask'):
+                self.bus.log('umask function not available; ignoring umask.',
+                             level=_WARNING)
+                value = None
+            elif (not isinstance(value, int) or isinstance(value, bool)
+                  or not 0 <= value <= 0o777):
+                raise ValueError('Invalid umask: %r (an int from 0 to 0o777)'
+                                 % (value,))
+        self._umask = value
+
+    def _current_ids(self):
+        pwd, grp = _import_optional('pwd'), _import_optional('grp')
+        name = pwd.getpwuid(os.getuid())[0] if pwd else None
+        group = grp.getgrgid(os.getgid())[0] if grp else None
+        return name, group
+
+    def start(self):
+        """Switch group, supplementary groups, user and umask, once."""
+        if self.finalized:
+            if not (self.uid is None and self.gid is None):
+                self.bus.log('Already running as uid: %r gid: %r'
+                             % self._current_ids())
+            if self.umask is not None:
+                self.bus.log('umask already set to: %03o' % self.umask)
+            return
+        if self.uid is None and self.gid is None:
+            if _import_optional('pwd') or _import_optional('grp'):
+                self.bus.log('uid/gid not set', level=_WARNING)
+        else:
+            self.bus.log('Started as uid: %r gid: %r' % self._current_ids())
+            if self.gid is not None:
+                os.setgid(self.gid)
+            if os.getuid() == 0:
+                os.setgroups([])  # Root's groups must not outlive root.
+            if self.uid is not None:
+                os.setuid(self.uid)
+            self.bus.log('Running as uid: %r gid: %r' % self._current_ids())
+        if self.umask is None:
+            self.bus.log('umask not set', level=_WARNING)
+        else:
+            old_umask = os.umask(self.umask)
+            self.bus.log('umask old: %03o, new: %03o'
+                         % (old_umask, self.umask))
+        self.finalized = True
+    start.priority = 77
+
+
+# -- Daemonizer ---------------------------------------------------------------
+
+class Daemonizer(SimplePlugin):
+    """Detach the process from its terminal: double fork, new session.
+
+    Channel: ``start`` (priority 65, before PIDFile, so the file holds the
+    daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy) and
+    its stdin/stdout/stderr the files named.
+
+    With `wait_ready` (the default) the process you launched waits until the
+    daemon's bus is STARTED, then exits 0; if a start listener fails or the
+    daemon dies first, it prints the daemon's error on its own stderr and
+    exits 1, and after `ready_timeout` seconds it sends the daemon SIGTERM
+    and exits 1.  So ``app && next-step`` and systemd ``Type=forking`` only
+    go on when the service runs.  ``wait_ready=False`` exits at once.
+    """
+
+    def __init__(self, bus, stdin='/dev/null', stdout='/dev/null',
+                 stderr='/dev/null', umask=0, wait_ready=True,
+                 ready_timeout=30):
+        super().__init__(bus)
+        if not _HAVE_FORK:
+            raise RuntimeError('Daemonizer needs os.fork(), which %r lacks.'
+                               % sys.platform)
+        if not _is_number(ready_timeout) or ready_timeout <= 0:
+            raise ValueError('Invalid ready_timeout: %r (seconds > 0)'
+                             % (ready_timeout,))
+        for path in (stdout, stderr):
+            _check_parent_dir(path, 'Daemonizer output')
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.umask = umask
+        self.wait_ready = wait_ready
+        self.ready_timeout = ready_timeout
+        self.finalized = False
+        """True once this process is the daemon."""
+        self._report_fd = None
+        self._first_error = None
+
+    def __repr__(self):
+        return 'Daemonizer(stdout=%r, stderr=%r, wait_ready=%r)' % (
+            self.stdout, self.stderr, self.wait_ready)
+
+    def start(self):
+        """Become a daemon, unless this process already is one."""
+        if self.finalized or os.environ.get(_DAEMON_ENV) == str(os.getpid()):
+            self.bus.log('Already daemonized.')
+            self.finalized = True
+            return
+        if threading.active_count() != 1:
+            self.bus.log('There are %r active threads. Daemonizing now may '
+                         'cause strange failures.' % threading.enumerate(),
+                         level=_WARNING)
+        if self.wait_ready:
+            read_fd, self._report_fd = os.pipe()
+            launcher = _Launcher(read_fd, self._report_fd, self.ready_timeout)
+            _detach(self.bus.log, launcher.wait)
+            os.close(read_fd)
+            self._watch_start()
+        else:
+            _detach(self.bus.log, _exit_parent)
+        _redirect_stdio(self.stdin, self.stdout, self.stderr, self.umask)
+        os.environ[_DAEMON_ENV] = str(os.getpid())
+        self.bus.log('Daemonized to PID: %s' % os.getpid())
+        self.finalized = True
+    start.priority = 65
+
+    @staticmethod
+    def daemonize(stdin='/dev/null', stdout='/dev/null', stderr='/dev/null',
+                  logger=lambda msg: None):
+        """Double fork, start a session, umask 0 and redirect stdio.
+
+        The original process exits 0 at once (no readiness handshake).
+        """
+        _detach(logger, _exit_parent)
+        _redirect_stdio(stdin, stdout, stderr, 0)
+        logger('Daemonized to PID: %s' % os.getpid())
+
+    # The daemon's side of the readiness handshake.
+
+    def _watch_start(self):
+        os.write(self._report_fd, b'PID %d\n' % os.getpid())
+        self.bus.subscribe('log', self._remember_error)
+        self.bus.subscribe('started', self._report_ready)
+        self.bus.subscribe('exit', self._report_failure)
+
+    def _remember_error(self, msg, level):
+        if level >= _ERROR and self._first_error is None:
+            self._first_error = msg
+
+    def _report_ready(self):
+        self._report(b'READY\n')
+
+    def _report_failure(self):
+        error = self._first_error or 'The daemon exited before it was ready.'
+        self._report(b'ERROR\n' + error.encode('utf-8', 'replace'))
+
+    def _report(self, message):
+        fd, self._report_fd = self._report_fd, None
+        for channel, listener in (('log', self._remember_error),
+                                  ('started', self._report_ready),
+                                  ('exit', self._report_failure)):
+            self.bus.unsubscribe(channel, listener)
+        if fd is None:
+            return
+        try:
+            os.write(fd, message)
+        except OSError:
+            pass  # The launcher gave up (ready_timeout); nothing to tell.
+        finally:
+            os.close(fd)
+
+
+def _exit_parent(fork_number, child_pid):
+    os._exit(0)
+
+
+def _detach(logger, on_parent):
+    """Fork twice around setsid(); parents call on_parent(n, child_pid)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    for number, msg in ((1, 'Forking once.'), (2, 'Forking twice.')):
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            sys.exit('%s: fork #%d failed: (%d) %s\n'
+                     % (sys.argv[0], number, exc.errno, exc.strerror))
+        if pid > 0:
+            logger(msg)
+            if number == 1:
+                on_parent(number, pid)
+            os._exit(0)
+        if number == 1:
+            os.setsid()
+
+
+def _redirect_stdio(stdin, stdout, stderr, umask):
+    os.umask(umask)
+    for path, mode, stream in ((stdin, 'r', sys.stdin),
+                               (stdout, 'a+', sys.stdout),
+                               (stderr, 'a+', sys.stderr)):
+        with open(path, mode) as target:
+            os.dup2(target.fileno(), stream.fileno())
+
+
+class _Launcher:
+    """The launched process's side of Daemonizer's readiness handshake.
+
+    The daemon writes ``PID n``, then ``READY`` or ``ERROR`` and the text of
+    its first error, on a pipe; wait() reads it and ends this process.
+    """
+
+    def __init__(self, read_fd, write_fd, timeout):
+        self.read_fd = read_fd
+        self.write_fd = write_fd
+        self.timeout = timeout
+
+    def wait(self, fork_number, child_pid):
+        import select
+        os.close(self.write_fd)  # Else we would never see the daemon's EOF.
+        deadline = time.monotonic() + self.timeout
+        data = b''
+        while b'READY\n' not in data:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self._give_up(data)
+            if select.select([self.read_fd], [], [], remaining)[0]:
+                chunk = os.read(self.read_fd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        try:
+            os.waitpid(child_pid, 0)  # Reap the first child.
+        except OSError:
+            pass
+        if b'READY\n' in data:
+            _hard_exit(0)
+        text = data.partition(b'ERROR\n')[2].decode('utf-8', 'replace')
+        self._fail('Daemon %s failed to start:\n%s'
+                   % (self._pid(data), text.rstrip()
+                      or 'it exited before it was ready.'))
+
+    @staticmethod
+    def _pid(data):
+        first = data.split(b'\n', 1)[0]
+        return first[4:].decode() if first.startswith(b'PID ') else '?'
+
+    def _give_up(self, data):
+        pid = self._pid(data)
+        if pid != '?':
+            try:
+                os.kill(int(pid), _signal.SIGTERM)
+            except OSError:
+                pass
+        self._fail('Daemon %s was not ready after %r seconds; sent it '
+                   'SIGTERM and gave up.' % (pid, self.timeout))
+
+    @staticmethod
+    def _fail(message):
+        try:
+            sys.stderr.write(message + '\n')
+        finally:
+            _hard_exit(1)
+
+
+def _check_parent_dir(path, what):
+    """Raise ValueError unless `path`'s directory exists and is writable."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError('%s directory %r does not exist (for %r).'
+                         % (what, directory, path))
+    if not os.access(directory, os.W_OK):
+        raise ValueError('%s directory %r is not writable (for %r).'
+                         % (what, directory, path))
+
+
+# -- PIDFile ------------------------------------------------------------------
+
+class PIDFile(SimplePlugin):
+    """Write the process's PID to a file while it runs, safely.
+
+    Channels: ``start`` (priority 70) writes ``"<pid>\\n"`` (mode 0644),
+    ``exit`` removes the file.  On Unix the file is locked (``flock``) for
+    the process's life, so a second instance fails its start with a message
+    naming the file and the running PID; a file left by a dead process is
+    replaced with a warning; a symlink at the path is refused; at exit the
+    file is removed only if it still holds our PID.  restart() keeps the
+    file and its lock through the re-exec.  Without ``fcntl`` exclusive
+    creation and a liveness check stand in for the lock.  A missing or
+    unwritable directory raises ValueError here.
+    """
+
+    def __init__(self, bus, pidfile):
+        super().__init__(bus)
+        _check_parent_dir(pidfile, 'PID file')
+        self.pidfile = pidfile
+        """The path as given."""
+        self.finalized = False
+        """True once the file is written."""
+        self._path = os.path.abspath(pidfile)
+        self._fd = None
+
+    def __repr__(self):
+        return 'PIDFile(%r)' % self.pidfile
+
+    def start(self):
+        """Claim the file and write our PID, or raise naming the holder."""
+        pid = os.getpid()
+        if self.finalized:
+            self.bus.log('PID %r already written to %r.' % (pid, self.pidfile))
+            return
+        self._fd = self._adopt_inherited() or self._claim()
+        self.finalized = True
+        self.bus.log('PID %r written to %r.' % (pid, self.pidfile))
+    start.priority = 70
+
+    def exit(self):
+        """Remove the file if it still holds our PID; keep it on restart."""
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        if self.bus.execv:  # restart(): hand the locked file to the re-exec.
+            os.set_inheritable(fd, True)
+            os.environ[_PIDFILE_ENV] = '%d %s' % (fd, self._path)
+            self.bus._keep_fds.add(fd)
+            return
+        try:
+            if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
+                os.remove(self._path)
+                self.bus.log('PID file removed: %r.' % self.pidfile)
+            else:
+                self.bus.log('PID file %r no longer holds PID %r; leaving it.'
+                             % (self.pidfile, os.getpid()), level=_WARNING)
+        except OSError as exc:
+            self.bus.log('Could not remove PID file %r: %s'
+                         % (self.pidfile, exc), level=_WARNING)
+        finally:
+            os.close(fd)  # Releases the lock, after the file is gone.
+            self.finalized = False
+
+    def _adopt_inherited(self):
+        """Take back the locked file a restart() handed over, if ours."""
+        fd_text, _, path = os.environ.get(_PIDFILE_ENV, '').partition(' ')
+        if path != self._path:
+            return None
+        del os.environ[_PIDFILE_ENV]
+        try:
+            fd = int(fd_text)
+            if _same_file(fd, path) and _read_pid(fd) == os.getpid():
+                os.set_inheritable(fd, False)
+                self.bus.log('PID file %r kept across the restart.'
+                             % self.pidfile)
+                return fd
+        except (ValueError, OSError):
+            pass
+        return None
+
+    def _claim(self):
+        if fcntl is None:
+            return self._claim_exclusive()
+        for _ in range(10):  # The file can be replaced while we lock it.
+            fd = _open_pidfile(self._path, os.O_RDWR | os.O_CREAT)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise self._held(_read_pid(fd)) from None
+                if not _same_file(fd, self._path):
+                    os.close(fd)
+                    continue
+                self._write(fd)
+                return fd
+            except BaseException:
+                if fd is not None:
+                    _close_quietly(fd)
+                raise
+        raise RuntimeError('PID file %r keeps being replaced; giving up.'
+                           % self.pidfile)
+
+    def _claim_exclusive(self):
+        for _ in range(10):
+            try:
+                fd = _open_pidfile(self._path, os.O_RDWR | os.O_CREAT
+                                   | os.O_EXCL)
+            except FileExistsError:
+                with open(self._path, 'rb') as existing:
+                    pid = _parse_pid(existing.read())
+                if pid is not None and pid != os.getpid() and _pid_alive(pid):
+                    raise self._held(pid) from None
+                self._warn_stale(pid)
+                _remove_quietly(self._path)
+                continue
+            try:
+                _write_pid(fd)
+            except BaseException:
+                _close_quietly(fd)
+                _remove_quietly(self._path)
+                raise
+            return fd
+        raise RuntimeError('PID file %r keeps being replaced; giving up.'
+                           % self.pidfile)
+
+    def _write(self, fd):
+        """Write our PID into the locked file `fd`; on failure remove it."""
+        self._warn_stale(_read_pid(fd))
+        try:
+            _write_pid(fd)
+        except OSError as exc:
+            _remove_quietly(self._path)  # We hold the lock: it is ours.
+            raise OSError(exc.errno, 'Could not write PID file %r: %s'
+                          % (self.pidfile, exc.strerror)) from None
+
+    def _warn_stale(self, old_pid):
+        if old_pid is not None and old_pid != os.getpid():
+            self.bus.log('Replacing stale PID file %r left by PID %r.'
+                         % (self.pidfile, old_pid), level=_WARNING)
+
+    def _held(self, pid):
+        return RuntimeError('PID file %r is held by running process %s; '
+                            'another instance is running.'
+                            % (self.pidfile, pid if pid else '(unknown)'))
+
+
+def _open_pidfile(path, flags):
+    flags |= getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
+    try:
+        return os.open(path, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP or os.path.islink(path):
+            raise RuntimeError('Refusing to use PID file %r: it is a '
+                               'symbolic link.' % path) from None
+        if exc.errno == errno.EISDIR:
+            raise RuntimeError('PID file %r is a directory.' % path) from None
+        raise
+
+
+def _read_pid(fd):
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _parse_pid(os.read(fd, 64))
+
+
+def _parse_pid(data):
+    try:
+        return int(data.strip() or b'x')
+    except ValueError:
+        return None
+
+
+def _write_pid(fd):
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    data = b'%d\n' % os.getpid()
+    if os.write(fd, data) != len(data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    os.fsync(fd)
+
+
+def _same_file(fd, path):
+    try:
+        found = os.stat(path, follow_symlinks=False)
+    except OSError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (found.st_dev, found.st_ino)
+
+
+def _close_quietly(fd):
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _remove_quietly(path):
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+# -- PerpetualTimer and BackgroundTask ----------------------------------------
+
+class PerpetualTimer(threading.Timer):
+    """A threading.Timer that calls its function every `interval` seconds.
+
+    Takes Timer's arguments plus `bus`.  The first exception from the
+    function is logged on the bus (raised, without one) and ends the timer;
+    cancel() ends it at once.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.bus = kwargs.pop('bus', None)
+        super().__init__(*args, **kwargs)
+
+    def run(self):
+        while not self.finished.wait(self.interval):
+            try:
+                self.function(*self.args, **self.kwargs)
+            except Exception:
+                if self.bus is None:
+                    raise
+                self.bus.log('Error in perpetual timer thread function %r.'
+                             % self.function, level=_ERROR, traceback=True)
+                return
+
+
+class BackgroundTask(threading.Thread):
+    """A daemon thread that calls ``function(*args, **kwargs)`` repeatedly.
+
+    It waits `interval` seconds before each call.  cancel() ends the thread
+    at once, even in the middle of a wait.  The first exception is logged on
+    `bus` (raised, without one) and ends the thread.  ``running`` is True
+    while the thread loops.  Subclasses may override _sleep() to wait on
+    something else.
+    """
+
+    def __init__(self, interval, function, args=[], kwargs={}, bus=None):
+        super().__init__()
+        self.interval = interval
+        self.function = function
+        self.args = args
+        self.kwargs = kwargs
+        self.running = False
+        self.bus = bus
+        self.daemon = True
+        self._cancelled = threading.Event()
+
+    def cancel(self):
+        """Stop the loop; the thread ends without waiting out its sleep."""
+        self.running = False
+        self._cancelled.set()
+
+    def _sleep(self):
+        """Wait one interval; return True if cancelled meanwhile."""
+        return self._cancelled.wait(self.interval)
+
+    def run(self):
+        self.running = not self._cancelled.is_set()
+        while self.running:
+            if self._sleep() or not self.running:
+                break
+            try:
+                self.function(*self.args, **self.kwargs)
+            except Exception:
+                self.running = False
+                if self.bus is None:
+                    raise
+                self.bus.log('Error in background task thread function %r.'
+                             % self.function, level=_ERROR, traceback=True)
+
+
+# -- Monitor ------------------------------------------------------------------
+
+class Monitor(SimplePlugin):
+    """Call `callback` every `frequency` seconds while the bus runs.
+
+    Channels: ``start`` (priority 70) starts a BackgroundTask named `name`
+    (default: the class name), ``stop`` cancels it, ``graceful`` restarts
+    it.  A `frequency` <= 0 disables the monitor; one that is not a number
+    raises ValueError.  Subclasses may override _new_thread().
+    """
+
+    def __init__(self, bus, callback, frequency=60, name=None):
+        super().__init__(bus)
+        if not callable(callback):
+            raise TypeError('Monitor callback must be callable, not %r'
+                            % (callback,))
+        if not _is_number(frequency):
+            raise ValueError('Invalid frequency: %r (seconds as a number; '
+                             '<= 0 disables)' % (frequency,))
+        self.callback = callback
+        self.frequency = frequency
+        self.thread = None
+        """The running BackgroundTask, or None."""
+        self.name = name
+
+    def __repr__(self):
+        return '%s(%r, frequency=%r)' % (type(self).__name__, self._name(),
+                                         self.frequency)
+
+    def _name(self):
+        return self.name or type(self).__name__
+
+    def _new_thread(self):
+        return BackgroundTask(self.frequency, self.callback, bus=self.bus)
+
+    def start(self):
+        """Start the monitor thread, unless disabled or running."""
+        if self.frequency <= 0:
+            return
+        if self.thread is None:
+            self.thread = self._new_thread()
+            self.thread.name = self._name()
+            self.thread.start()
+            self.bus.log('Started monitor thread %r.' % self._name())
+        else:
+            self.bus.log('Monitor thread %r already started.' % self._name())
+    start.priority = 70
+
+    def stop(self):
+        """Cancel the monitor thread; join it unless it is a daemon or us."""
+        thread, self.thread = self.thread, None
+        if thread is None:
+            self.bus.log('No thread running for %s.' % self._name())
+            return
+        thread.cancel()
+        if thread is not threading.current_thread():
+            if not thread.daemon:
+                self.bus.log('Joining %r' % thread.name)
+                thread.join()
+            self.bus.log('Stopped thread %r.' % thread.name)
+
+    def graceful(self):
+        """Restart the monitor thread."""
+        self.stop()
+        self.start()
+
+
+# -- Autoreloader -------------------------------------------------------------
+
+_UNSEEN = object()  # Autoreloader.mtimes default: not stat'ed yet.
+_DEBOUNCE = 0.02    # Seconds of quiet that end an editor's multi-step save.
+
+
+class Autoreloader(Monitor):
+    """Restart the process when a module file or a file in ``files`` changes.
+
+    Channels: as Monitor (``start`` at priority 70).  Watches the files of
+    the imported modules whose name matches the regex `match` (modules from
+    a zip archive watch the archive) plus the paths added to ``files``.  A
+    change is any move of a file's mtime (either way), size or inode, its
+    deletion, or its appearance.  On Linux an inotify watcher wakes the
+    thread within milliseconds of a save, renames included; elsewhere, with
+    ``use_inotify=False``, or if inotify fails, it polls every `frequency`
+    seconds.  New imports are picked up every `frequency` seconds.
+    ``mtimes`` maps each file to its last (mtime_ns, size, inode), or None.
+    """
+
+    def __init__(self, bus, frequency=1, match='.*', use_inotify=True):
+        self.files = set()
+        """Extra paths to watch; add to it at any time."""
+        self.mtimes = {}
+        self.match = match
+        self.use_inotify = use_inotify
+        """False forces polling."""
+        super().__init__(bus, self.run, frequency)
+
+    @property
+    def match(self):
+        """The regex a module name must match for its file to be watched."""
+        return self._match
+
+    @match.setter
+    def match(self, pattern):
+        import re
+        try:
+            self._match_re = re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ValueError('Invalid Autoreloader match regex %r: %s'
+                             % (pattern, exc)) from None
+        self._match = pattern
+        self._module_files = {}      # module name -> (module, file or None)
+        self._sysfiles = frozenset()
+
+    def start(self):
+        """Forget old signatures and start watching."""
+        if self.thread is None:
+            self.mtimes = {}
+        super().start()
+    start.priority = 70
+
+    def _new_thread(self):
+        watcher = self._open_watcher()
+        if watcher is None:
+            return super()._new_thread()
+        return _WatchTask(watcher, self.frequency, self.callback,
+                          bus=self.bus)
+
+    def _open_watcher(self):
+        if not self.use_inotify:
+            return None
+        try:
+            return _Inotify()
+        except (OSError, AttributeError, ImportError) as exc:
+            self.bus.log('Autoreloader polls every %r s: inotify is '
+                         'unavailable (%s).' % (self.frequency, exc))
+            return None
+
+    def sysfiles(self):
+        """Return the files of the imported modules that ``match`` names."""
+        self._scan_modules()
+        return set(self._sysfiles)
+
+    def _scan_modules(self):
+        # Each module is looked at once: later scans only compare identities.
+        cache = self._module_files
+        modules = sys.modules
+        grew = False
+        for name, module in list(modules.items()):
+            entry = cache.get(name)
+            if entry is None or entry[0] is not module:
+                filename = None
+                if self._match_re.match(name):
+                    filename = self._file_for_module(module)
+                    if filename and filename.endswith('.pyc'):
+                        filename = filename[:-1]
+                cache[name] = (module, filename)
+                grew = True
+        if len(cache) > len(modules):
+            for name in [name for name in cache if name not in modules]:
+                del cache[name]
+            grew = True
+        if grew:
+            self._sysfiles = frozenset(
+                filename for _, filename in cache.values() if filename)
+
+    @classmethod
+    def _file_for_module(cls, module):
+        """Return the file to watch for `module`, or None."""
+        return (cls._archive_for_zip_module(module)
+                or cls._file_for_file_module(module))
+
+    @staticmethod
+    def _archive_for_zip_module(module):
+        """Return the zip archive a module was imported from, or None."""
+        try:
+            return module.__loader__.archive
+        except Exception:  # Lazy modules may raise anything from getattr.
+            return None
+
+    @classmethod
+    def _file_for_file_module(cls, module):
+        """Return the module's absolute ``__file__``; None if it has none."""
+        try:
+            filename = module.__file__
+        except Exception:
+            return None
+        return filename and cls._make_absolute(filename)
+
+    @staticmethod
+    def _make_absolute(filename):
+        """Make `filename` absolute against the start-up directory."""
+        if os.path.isabs(filename) or _STARTUP_DIR is None:
+            return filename
+        return os.path.normpath(os.path.join(_STARTUP_DIR, filename))
+
+    def run(self):
+        """Check the watched files once; restart the bus if one changed."""
+        self._scan_modules()
+        watched = self._sysfiles.union(self.files)
+        watcher = getattr(self.thread, 'watcher', None)
+        if watcher is None or watcher.failed:
+            candidates = watched
+        else:
+            new = watched.difference(self.mtimes)
+            try:
+                watcher.add(new)
+            except OSError as exc:
+                self.bus.log('Autoreloader falls back to polling: %s' % exc,
+                             level=_WARNING)
+                watcher.failed = True
+                candidates = watched
+            else:
+                candidates = new.union(watcher.pop_changed(),
+                                       watcher.unwatched)
+        changed = self._first_change(candidates)
+        if changed is not None:
+            self.bus.log('Restarting because %s changed.' % changed)
+            thread = self.thread
+            if thread is not None:
+                thread.cancel()
+                self.bus.log('Stopped thread %r.' % thread.name)
+            self.bus.restart()
+
+    def _first_change(self, filenames):
+        # The hot loop of polling: keep it close to a bare os.stat loop.
+        mtimes = self.mtimes
+        stat = os.stat
+        for filename in filenames:
+            try:
+                st = stat(filename)
+                signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+            except OSError:
+                signature = None
+            old = mtimes.get(filename, _UNSEEN)
+            if old != signature:
+                if old is not _UNSEEN:
+                    return filename
+                mtimes[filename] = signature
+        return None
+
+
+class _WatchTask(BackgroundTask):
+    """A BackgroundTask whose sleep also ends when inotify has events."""
+
+    def __init__(self, watcher, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.watcher = watcher
+
+    def cancel(self):
+        super().cancel()
+        self.watcher.wake()
+
+    def _sleep(self):
+        if not self._cancelled.is_set():
+            self.watcher.wait(self.interval)
+        return self._cancelled.is_set()
+
+    def run(self):
+        try:
+            super().run()
+        finally:
+            self.watcher.close()
+
+
+# inotify(7) constants, from <sys/inotify.h>.
+_IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
+_IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
+_IN_DELETE_SELF, _IN_MOVE_SELF = 0x400, 0x800
+_IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR = 0x4000, 0x8000, 0x1000000
+_IN_WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM
+                  | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF
+                  | _IN_MOVE_SELF | _IN_ONLYDIR)
+_IN_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
+
+
+class _Inotify:
+    """Linux inotify through ctypes: which watched files may have changed.
+
+    Watches directories, not files, so that a save by rename (a new inode)
+    is seen.  Raises OSError when inotify is unavailable.
+    """
+
+    def __init__(self):
+        if not _LINUX:
+            raise OSError(errno.ENOSYS, 'inotify exists only on Linux')
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        init1 = libc.inotify_init1  # AttributeError: no such symbol.
+        self._add_watch = libc.inotify_add_watch
+        self._add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p,
+                                    ctypes.c_uint32)
+        fd = init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code), 'inotify_init1')
+        self._get_errno = ctypes.get_errno
+        self.fd = fd
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        self._lock = threading.Lock()
+        self._closed = False
+        self._dirs = {}           # watch descriptor -> directory
+        self._names = {}          # directory -> names watched in it
+        self.unwatched = set()    # files whose directory cannot be watched
+        self.failed = False       # set by the reloader: poll instead
+
+    def add(self, filenames):
+        """Watch these files' directories; OSError on the watch limit."""
+        for path in filenames:
+            directory, name = os.path.split(path)
+            names = self._names.get(directory)
+            if names is None:
+                wd = self._add_watch(self.fd, os.fsencode(directory or '.'),
+                                     _IN_WATCH_MASK)
+                if wd < 0:
+                    code = self._get_errno()
+                    if code == errno.ENOSPC:
+                        raise OSError(code, 'inotify watch limit reached '
+                                      '(fs.inotify.max_user_watches)')
+                    self.unwatched.add(path)  # Polled instead.
+                    continue
+                self._dirs[wd] = directory
+                names = self._names.setdefault(directory, set())
+            names.add(name)
+
+    def wait(self, timeout):
+        """Block until an event, a wake() or `timeout` seconds."""
+        import select
+        ready = select.select([self.fd, self._wake_r], [], [], timeout)[0]
+        if self._wake_r in ready:
+            os.read(self._wake_r, 512)
+
+    def wake(self):
+        """End a wait() now (from any thread)."""
+        with self._lock:
+            if not self._closed:
+                try:
+                    os.write(self._wake_w, b'x')
+                except OSError:
+                    pass  # Pipe full: a wake-up is pending anyway.
+
+    def pop_changed(self):
+        """Return the watched paths with events, once a save has settled."""
+        import select
+        changed = set()
+        self._drain(changed)
+        deadline = time.monotonic() + 0.5  # A file written without pause.
+        while changed and time.monotonic() < deadline:
+            if not select.select([self.fd], [], [], _DEBOUNCE)[0]:
+                break
+            self._drain(changed)
+        return changed
+
+    def _drain(self, changed):
+        import struct
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return
+            offset = 0
+            while offset < len(data):
+                wd, mask, _, length = struct.unpack_from('iIII', data, offset)
+                name = data[offset + 16:offset + 16 + length].rstrip(b'\0')
+                offset += 16 + length
+                self._note(wd, mask, os.fsdecode(name), changed)
+
+    def _note(self, wd, mask, name, changed):
+        if mask & _IN_Q_OVERFLOW:  # Events were lost: check everything.
+            for directory, names in self._names.items():
+                changed.update(os.path.join(directory, n) for n in names)
+            return
+        directory = self._dirs.get(wd)
+        if directory is None:
+            return
+        names = self._names[directory]
+        if mask & _IN_GONE:  # The directory itself was removed or moved.
+            changed.update(os.path.join(directory, n) for n in names)
+            if mask & _IN_IGNORED:
+                del self._dirs[wd]
+                self.unwatched.update(os.path.join(directory, n)
+                                      for n in names)
+                del self._names[directory]
+        elif name in names:
+            changed.add(os.path.join(directory, name))
+
+    def close(self):
+        """Release the descriptors; later wake() calls do nothing."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self.fd, self._wake_r, self._wake_w):
+                _close_quietly(fd)
+
+
+# -- ThreadManager ------------------------------------------------------------
+
+class ThreadManager(SimplePlugin):
+    """Number the threads that serve requests, and announce their life.
+
+    Channels: ``acquire_thread`` (call it from a thread that starts work;
+    the first time, ``start_thread`` is published with the thread's index),
+    ``release_thread`` (publishes ``stop_thread``), ``stop`` and
+    ``graceful`` (release every thread).  Indexes start at 1 and are unique
+    among the threads that hold one.  ``threads`` maps thread ident to index.
+    """
+
+    def __init__(self, bus):
+        self.threads = {}
+        super().__init__(bus)
+        self._lock = threading.RLock()  # A signal handler can reach stop().
+        for channel in ('acquire_thread', 'start_thread', 'release_thread',
+                        'stop_thread'):
+            self.bus.listeners.setdefault(channel, set())
+
+    def acquire_thread(self):
+        """Give the calling thread an index; publish ``start_thread``."""
+        ident = threading.get_ident()
+        with self._lock:
+            if ident in self.threads:
+                return
+            used = set(self.threads.values())
+            index = 1
+            while index in used:
+                index += 1
+            self.threads[ident] = index
+        self.bus.publish('start_thread', index)
+
+    def release_thread(self):
+        """Free the calling thread's index; publish ``stop_thread``."""
+        with self._lock:
+            index = self.threads.pop(threading.get_ident(), None)
+        if index is not None:
+            self.bus.publish('stop_thread', index)
+
+    def stop(self):
+        """Release every thread; ``stop_thread`` for each."""
+        with self._lock:
+            indexes = sorted(self.threads.values())
+            self.threads.clear()
+        for index in indexes:
+            self.bus.publish('stop_thread', index)
+
+    graceful = stop
+
+
+# -- SystemdNotifier ----------------------------------------------------------
+
+class SystemdNotifier(SimplePlugin):
+    """Tell systemd about the service's state (the sd_notify protocol).
+
+    With ``NOTIFY_SOCKET`` set (a path, or ``@name`` for the abstract
+    namespace) it sends ``READY=1`` and ``MAINPID`` on ``started`` (so never
+    after a failed start), ``RELOADING=1`` with ``MONOTONIC_USEC`` before
+    the ``graceful`` listeners (priority 0) and ``READY=1`` after them
+    (priority 100), ``STOPPING=1`` first thing on ``stop`` (priority 0), and
+    ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while started, if
+    ``WATCHDOG_PID`` is unset or names this process.  Each message carries a
+    ``STATUS=``.  Without ``NOTIFY_SOCKET`` subscribe() does nothing; a send
+    that fails is logged, never raised.
+    """
+
+    def __init__(self, bus):
+        super().__init__(bus)
+        self.socket_path = os.environ.get('NOTIFY_SOCKET') or None
+        """Where messages go, read from NOTIFY_SOCKET; None disables."""
+        self._watchdog = None
+
+    def __repr__(self):
+        return 'SystemdNotifier(%r)' % self.socket_path
+
+    def _listeners(self):
+        return (('started', self.started, None),
+                ('graceful', self._reloading, 0),
+                ('graceful', self._reloaded, 100),
+                ('stop', self.stop, 0))
+
+    def subscribe(self):
+        """Subscribe when NOTIFY_SOCKET is set."""
+        if self.socket_path:
+            for channel, listener, priority in self._listeners():
+                self.bus.subscribe(channel, listener, priority)
+
+    def unsubscribe(self):
+        for channel, listener, _ in self._listeners():
+            self.bus.unsubscribe(channel, listener)
+
+    def notify(self, *fields):
+        """Send one datagram of ``KEY=value`` fields; log failures."""
+        import socket
+        address = self.socket_path
+        if address.startswith('@'):
+            address = '\0' + address[1:]
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.sendto('\n'.join(fields).encode(), address)
+        except OSError as exc:
+            self.bus.log('Could not notify systemd at %r: %s'
+                         % (self.socket_path, exc), level=_WARNING)
+
+    def started(self):
+        """Send READY=1 with our PID, and start the watchdog pings."""
+        self.notify('READY=1', 'MAINPID=%d' % os.getpid(), 'STATUS=started')
+        interval = self._watchdog_interval()
+        if interval and self._watchdog is None:
+            self._watchdog = BackgroundTask(interval, self.notify,
+                                            ['WATCHDOG=1'], bus=self.bus)
+            self._watchdog.name = 'systemd watchdog'
+            self._watchdog.start()
+
+    def _watchdog_interval(self):
+        usec, pid = os.environ.get('WATCHDOG_USEC'), os.environ.get(
+            'WATCHDOG_PID')
+        if not usec or (pid and pid != str(os.getpid())):
+            return None
+        try:
+            return int(usec) / 2e6
+        except ValueError:
+            self.bus.log('Ignoring WATCHDOG_USEC=%r: not a number.' % usec,
+                         level=_WARNING)
+            return None
+
+    def _reloading(self):
+        self.notify('RELOADING=1',
+                    'MONOTONIC_USEC=%d' % (time.monotonic_ns() // 1000),
+                    'STATUS=reloading')
+
+    def _reloaded(self):
+        self.notify('READY=1', 'STATUS=started')
+
+    def stop(self):
+        """Send STOPPING=1 and stop the watchdog pings."""
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            watchdog.cancel()
+        self.notify('STOPPING=1', 'STATUS=stopping')
+
+
+# -- LoggingBridge ------------------------------------------------------------
+
+class LoggingBridge(SimplePlugin):
+    """Forward the bus's ``log`` channel to a logging.Logger.
+
+    Levels are logging's numbers, unchanged; traceback text added by
+    ``bus.log(..., traceback=True)`` is part of the message.  `logger`
+    defaults to ``logging.getLogger('wspbus')``.  Nothing a handler does
+    raises into the bus.
+    """
+
+    def __init__(self, bus, logger=None):
+        super().__init__(bus)
+        if logger is None:
+            import logging
+            logger = logging.getLogger('wspbus')
+        self.logger = logger
+        """Where records go."""
+
+    def __repr__(self):
+        return 'LoggingBridge(%r)' % self.logger.name
+
+    def log(self, msg, level):
+        """Log `msg` at `level`."""
+        try:
+            self.logger.log(level, msg)
+        except Exception:
+            pass  # The bus must outlive a broken handler.
+
+
+# -- Demo ---------------------------------------------------------------------
+
+def main(argv=None):
+    """Run the demo service of ``python -m wspbus_plugins``; return status.
+
+    Bad options print one line naming the value and exit 2 (SystemExit);
+    a failed start ends the process with status 70.
+    """
+    options = _parse_demo_options(argv)
+    demo = Bus()
+    LoggingBridge(demo, _demo_logger(options)).subscribe()
+    SignalHandler(demo).subscribe()
+    threads = ThreadManager(demo)
+    threads.subscribe()
+    if options.daemonize:
+        Daemonizer(demo).subscribe()
+    if options.pidfile:
+        PIDFile(demo, options.pidfile).subscribe()
+    if (options.user, options.group, options.umask) != (None, None, None):
+        DropPrivileges(demo, umask=options.umask, uid=options.user,
+                       gid=options.group).subscribe()
+    if options.autoreload or options.watch:
+        reloader = Autoreloader(demo)
+        reloader.files.update(os.path.abspath(path) for path in options.watch)
+        reloader.subscribe()
+    if options.systemd:
+        SystemdNotifier(demo).subscribe()
+    if options.heartbeat > 0:
+        def heartbeat():
+            demo.publish('acquire_thread')
+            demo.log('Heartbeat from PID %d (thread index %r).' % (
+                os.getpid(), threads.threads.get(threading.get_ident())))
+        Monitor(demo, heartbeat, options.heartbeat, name='heartbeat'
+                ).subscribe()
+    if options.duration is not None:
+        timer = threading.Timer(options.duration, demo.exit)
+        timer.daemon = True
+        demo.subscribe('started', timer.start)
+        demo.subscribe('exit', timer.cancel)
+    if not options.quiet:
+        sys.stderr.write(
+            'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or kill -TERM '
+            '%d; kill -USR1 %d reloads it.\n'
+            % (__version__, os.getpid(), os.getpid(), os.getpid()))
+    demo.start()
+    demo.block()
+    return 0
+
+
+def _demo_logger(options):
+    import logging
+    logger = logging.getLogger('wspbus.demo')
+    logger.propagate = False
+    if options.log_file:
+        handler = logging.FileHandler(options.log_file)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(
+        '%(asctime)s %(levelname)-7s %(message)s'))
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.WARNING if options.quiet else logging.INFO)
+    return logger
+
+
+def _parse_demo_options(argv):
+    import argparse
+
+    def option_type(check):
+        def convert(text):
+            try:
+                return check(text)
+            except (ValueError, KeyError) as exc:
+                raise argparse.ArgumentTypeError(exc.args[0]) from None
+        convert.__name__ = check.__name__
+        return convert
+
+    def seconds(text):
+        value = float(text) if text.replace('.', '', 1).isdigit() else -1
+        if value < 0:
+            raise ValueError('invalid number of seconds: %r (a number >= 0)'
+                             % text)
+        return value
+
+    def umask(text):
+        if not text or any(c not in '01234567' for c in text) \
+                or int(text, 8) > 0o777:
+            raise ValueError('invalid umask: %r (octal, like 022)' % text)
+        return int(text, 8)
+
+    def user(text):
+        DropPrivileges(Bus(), uid=text)  # ValueError names an unknown one.
+        return text
+
+    def group(text):
+        DropPrivileges(Bus(), gid=text)
+        return text
+
+    def writable_path(text):
+        _check_parent_dir(text, 'the')
+        return text
+
+    parser = argparse.ArgumentParser(
+        prog='python -m wspbus_plugins',
+        description='Run a small demo service on the process bus: it logs '
+        'every bus transition and a heartbeat, and handles SIGTERM/Ctrl+C '
+        '(exit), SIGHUP (exit, or restart when daemonized) and SIGUSR1 '
+        '(graceful reload).')
+    add = parser.add_argument
+    add('--daemonize', action='store_true',
+        help='detach into the background; the command returns once the '
+        'daemon has started (non-zero if it failed)')
+    add('--pidfile', metavar='PATH', type=option_type(writable_path),
+        help='write the PID here while running; refuse to start if another '
+        'running instance holds it')
+    add('--user', metavar='NAME', type=option_type(user),
+        help='switch to this user after start-up (needs root)')
+    add('--group', metavar='NAME', type=option_type(group),
+        help='switch to this group after start-up (needs root)')
+    add('--umask', metavar='022', type=option_type(umask),
+        help='set this umask (octal) after start-up')
+    add('--autoreload', action='store_true',
+        help='restart when an imported module or a --watch file changes')
+    add('--watch', metavar='FILE', action='append', default=[],
+        help='a file to watch (repeatable; implies --autoreload)')
+    add('--heartbeat', metavar='SECONDS', type=option_type(seconds),
+        default=5.0, help='log a heartbeat this often; 0 disables '
+        '(default: 5)')
+    add('--systemd', action='store_true',
+        help='report readiness, reloads and stopping to systemd '
+        '(NOTIFY_SOCKET), with watchdog pings')
+    add('--duration', metavar='SECONDS', type=option_type(seconds),
+        help='exit after this many seconds (for scripts and tests)')
+    add('--log-file', metavar='PATH', type=option_type(writable_path),
+        help='append the log here instead of stderr')
+    add('--quiet', action='store_true',
+        help='log warnings and errors only; no banner')
+    add('--version', action='version', version='%(prog)s ' + __version__)
+
+    def one_line_error(message):
+        parser.exit(2, '%s: error: %s\n' % (parser.prog, message))
+    parser.error = one_line_error
+    return parser.parse_args(argv)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
