@@ -840,3 +840,362 @@ def test_bus_set_cloexec_marks_descriptors_but_kept_ones(bus):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+# -- SimplePlugin -------------------------------------------------------------
+
+def test_simpleplugin_subscribes_methods_named_like_channels(bus):
+    calls = []
+
+    class Plugin(wp.SimplePlugin):
+        def start(self):
+            calls.append('start')
+        start.priority = 10
+
+        def graceful(self):
+            calls.append('graceful')
+
+        def not_a_channel(self):
+            calls.append('no')
+    plugin = Plugin(bus)
+    plugin.subscribe()
+    assert bus._priorities[('start', plugin.start)] == 10
+    bus.start()
+    bus.graceful()
+    plugin.unsubscribe()
+    bus.graceful()
+    assert calls == ['start', 'graceful']
+    assert repr(plugin) == 'Plugin(<Bus states.STARTED>)'
+
+
+# -- SignalHandler ------------------------------------------------------------
+
+def test_signalhandler_default_handlers(bus):
+    handler = wp.SignalHandler(bus)
+    assert handler.handlers == {'SIGTERM': bus.exit,
+                                'SIGHUP': handler.handle_SIGHUP,
+                                'SIGUSR1': bus.graceful}
+    assert handler.signals[signal.SIGTERM] == 'SIGTERM'
+    assert handler.signals[signal.SIGIO] == 'SIGIO'  # Not its alias SIGPOLL.
+
+
+def test_signalhandler_java_platform_uses_sigusr2_and_sigint(bus,
+                                                            monkeypatch):
+    monkeypatch.setattr(wp, '_JYTHON', True)
+    handler = wp.SignalHandler(bus)
+    assert set(handler.handlers) == {'SIGTERM', 'SIGHUP', 'SIGUSR2',
+                                     'SIGINT'}
+    assert handler.handlers['SIGINT'] == handler._jython_SIGINT_handler
+    assert 'Using SIGUSR2 instead' in bus.recorder.messages()[0]
+    bus.start()
+    handler._jython_SIGINT_handler()
+    assert bus.state is wp.states.EXITING
+
+
+@pytest.fixture
+def signal_handler(bus):
+    handler = wp.SignalHandler(bus)
+    yield handler
+    handler.unsubscribe()
+
+
+@pytest.mark.parametrize('sig', ['SIGUSR2', signal.SIGUSR2])
+def test_signalhandler_set_handler_by_name_and_number(signal_handler, sig):
+    got = []
+    signal_handler.set_handler(sig, lambda: got.append(1))
+    os.kill(os.getpid(), signal.SIGUSR2)
+    wait_until(lambda: got, 'the SIGUSR2 listener')
+    assert 'Caught signal SIGUSR2.' in signal_handler.bus.recorder.messages()
+
+
+def test_signalhandler_alias_name_reaches_its_listener(signal_handler):
+    got = []
+    signal_handler.set_handler('SIGPOLL', lambda: got.append(1))
+    os.kill(os.getpid(), signal.SIGIO)
+    wait_until(lambda: got, 'the SIGPOLL listener')
+
+
+@pytest.mark.parametrize('bad', ['SIGNOPE', 'SIG_DFL', 'signal', 12345, None])
+def test_signalhandler_unknown_signal_is_a_valueerror(signal_handler, bad):
+    with pytest.raises(ValueError, match=re.escape('No such signal: %r'
+                                                   % (bad,))):
+        signal_handler.set_handler(bad)
+
+
+def test_signalhandler_unsubscribe_restores_previous_handlers(bus):
+    def mine(signum, frame):
+        pass
+    previous = signal.signal(signal.SIGUSR1, mine)
+    try:
+        handler = wp.SignalHandler(bus)
+        handler.subscribe()
+        handler.subscribe()  # Twice: the previous handler is still mine.
+        assert signal.getsignal(signal.SIGUSR1) == handler._handle_signal
+        handler.unsubscribe()
+        assert signal.getsignal(signal.SIGUSR1) is mine
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+
+def test_signalhandler_outside_main_thread_does_nothing(bus):
+    handler = wp.SignalHandler(bus)
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=handler.subscribe)
+    thread.start()
+    thread.join(TIMEOUT)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert any('only be set on the main thread' in m
+               for m in bus.recorder.messages(30))
+
+
+def test_signalhandler_skips_signals_the_platform_lacks(bus, monkeypatch):
+    monkeypatch.delattr(signal, 'SIGHUP')
+    monkeypatch.delattr(signal, 'SIGUSR1')
+    handler = wp.SignalHandler(bus)
+    try:
+        handler.subscribe()
+        assert set(handler._previous_handlers) == {signal.SIGTERM}
+    finally:
+        handler.unsubscribe()
+
+
+SIGNAL_CHILD = '''
+    import os, sys, wspbus_plugins as wp
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr,
+                                                  flush=True))
+    wp.SignalHandler(bus).subscribe()
+    for channel in ('graceful', 'exit'):
+        bus.subscribe(channel, lambda c=channel: print(c, flush=True))
+    bus.subscribe('started', lambda: open(sys.argv[1], 'w').close())
+    bus.subscribe('graceful', lambda: open(sys.argv[1] + '.graceful',
+                                           'w').close())
+    bus.start()
+    bus.block()
+'''
+
+
+def start_signal_child(child, tmp_path, **kwargs):
+    ready = tmp_path / 'ready'
+    proc = child(SIGNAL_CHILD, str(ready), **kwargs)
+    wait_until(ready.exists, 'the child to start')
+    return proc
+
+
+def test_signalhandler_sigterm_exits_the_process(child, tmp_path):
+    proc = start_signal_child(child, tmp_path)
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, out) == (0, 'exit\n'), err
+    assert 'Caught signal SIGTERM.' in err
+
+
+def test_signalhandler_sigusr1_runs_graceful(child, tmp_path):
+    proc = start_signal_child(child, tmp_path)
+    os.kill(proc.pid, signal.SIGUSR1)
+    wait_until((tmp_path / 'ready.graceful').exists, 'graceful to run')
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, out) == (0, 'graceful\nexit\n'), err
+
+
+def test_signalhandler_sighup_exits_when_not_daemonized(child, tmp_path):
+    proc = start_signal_child(child, tmp_path)
+    os.kill(proc.pid, signal.SIGHUP)
+    status, out, err = finish(proc)
+    assert (status, out) == (0, 'exit\n'), err
+    assert 'SIGHUP caught but not daemonized. Exiting.' in err
+
+
+def test_signalhandler_sighup_exits_when_attached_to_a_terminal(child,
+                                                               tmp_path):
+    controller, terminal = pty.openpty()
+    try:
+        proc = start_signal_child(child, tmp_path, stdin=terminal)
+        os.kill(proc.pid, signal.SIGHUP)
+        status, out, err = finish(proc)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert (status, out) == (0, 'exit\n'), err
+    assert 'SIGHUP caught but not daemonized. Exiting.' in err
+
+
+DAEMON_CHILD = '''
+    import os, sys, time, wspbus_plugins as wp
+    pidfile, starts = sys.argv[1], sys.argv[2]
+    bus = wp.Bus()
+    log = open(sys.argv[3], 'a', buffering=1)
+    bus.subscribe('log', lambda msg, level: log.write(msg + '\\n'))
+    wp.SignalHandler(bus).subscribe()
+    wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3]).subscribe()
+    wp.PIDFile(bus, pidfile).subscribe()
+    def record():
+        with open(starts, 'a') as f:
+            f.write('%d %d %d %03o\\n' % (os.getpid(), os.getsid(0),
+                                          os.getpgid(0), os.umask(0)))
+    bus.subscribe('started', record)
+    bus.start()
+    bus.block()
+'''
+
+
+def start_daemon(child, tmp_path, code=DAEMON_CHILD, **kwargs):
+    paths = [tmp_path / name for name in ('app.pid', 'starts', 'daemon.log')]
+    proc = child(code, *map(str, paths), **kwargs)
+    status, out, err = finish(proc)
+    if paths[0].exists():
+        child.track(read_pid(paths[0]))
+    return (status, out, err) + tuple(paths)
+
+
+@needs_fork
+def test_signalhandler_sighup_restarts_a_daemon_in_place(child, tmp_path):
+    status, _, err, pidfile, starts, log = start_daemon(child, tmp_path)
+    assert status == 0, err
+    pid = read_pid(pidfile)
+    for count in (2, 3):  # Twice: a re-executed daemon is still a daemon.
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: len(lines_of(starts)) == count, 'a restart')
+    assert {line.split()[0] for line in lines_of(starts)} == {str(pid)}
+    assert read_pid(pidfile) == pid
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not pidfile.exists()
+    assert 'SIGHUP caught while daemonized. Restarting.' in log.read_text()
+
+
+# -- ConsoleCtrlHandler -------------------------------------------------------
+
+class FakeKernel32:
+    def __init__(self):
+        self.handlers = []
+
+    def SetConsoleCtrlHandler(self, callback, add):
+        if add:
+            self.handlers.append(callback)
+        else:
+            self.handlers.remove(callback)
+        return 1
+
+
+@pytest.fixture
+def windows_console(monkeypatch):
+    kernel32 = FakeKernel32()
+    monkeypatch.setattr(wp, '_WINDOWS', True)
+    monkeypatch.setattr(ctypes, 'windll',
+                        type('windll', (), {'kernel32': kernel32}),
+                        raising=False)
+    return kernel32
+
+
+@pytest.mark.parametrize('event', sorted(wp._CONSOLE_EVENTS))
+def test_consolectrlhandler_exits_the_bus_on_each_event(bus, windows_console,
+                                                       event):
+    handler = wp.ConsoleCtrlHandler(bus)
+    handler.subscribe()
+    bus.start()
+    [callback] = windows_console.handlers
+    assert callback(event) == 1          # Through the real ctypes callback.
+    assert bus.state is wp.states.EXITING
+    assert windows_console.handlers == []  # Unregistered first.
+    assert handler.is_set is False
+    assert ('Console event %s: shutting down bus' % wp._CONSOLE_EVENTS[event]
+            in bus.recorder.messages())
+
+
+def test_consolectrlhandler_ignores_unknown_events(bus, windows_console):
+    handler = wp.ConsoleCtrlHandler(bus)
+    handler.subscribe()
+    bus.start()
+    assert windows_console.handlers[0](3) == 0
+    assert bus.state is wp.states.STARTED
+
+
+def test_consolectrlhandler_is_a_logged_noop_elsewhere(bus):
+    wp.ConsoleCtrlHandler(bus).subscribe()
+    assert bus.listeners['start'] == set()
+    assert 'ConsoleCtrlHandler does nothing' in bus.recorder.messages()[0]
+
+
+# -- DropPrivileges -----------------------------------------------------------
+
+DROP_CHILD = '''
+    import json, os, sys, wspbus_plugins as wp
+    uid, gid, umask = json.loads(sys.argv[1])
+    bus = wp.Bus()
+    wp.DropPrivileges(bus, uid=uid, gid=gid, umask=umask).subscribe()
+    bus.start()
+    try:
+        os.setuid(0)
+        regained = True
+    except PermissionError:
+        regained = False
+    print(json.dumps([os.getuid(), os.getgid(), os.getgroups(),
+                      os.umask(0), regained]))
+    bus.exit()
+'''
+
+
+@needs_root
+@pytest.mark.parametrize('by', ['name', 'number'])
+def test_dropprivileges_switches_user_group_and_umask(child, by):
+    import grp
+    import json
+    import pwd
+    nobody = pwd.getpwnam('nobody')
+    group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
+    gid = grp.getgrnam(group).gr_gid
+    ids = ['nobody', group] if by == 'name' else [nobody.pw_uid, gid]
+    status, out, err = finish(child(DROP_CHILD, json.dumps(ids + [0o027])))
+    assert status == 0, err
+    assert json.loads(out) == [nobody.pw_uid, gid, [], 0o027, False]
+
+
+def _group_exists(name):
+    import grp
+    try:
+        grp.getgrnam(name)
+        return True
+    except KeyError:
+        return False
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'uid': 'no-such-user-x'}, "No such user: 'no-such-user-x'"),
+    ({'gid': 'no-such-group-x'}, "No such group: 'no-such-group-x'"),
+    ({'uid': -1}, 'Invalid uid: -1'),
+    ({'gid': 1.5}, 'Invalid gid: 1.5'),
+    ({'umask': 0o1000}, 'Invalid umask: 512'),
+    ({'umask': '022'}, "Invalid umask: '022'"),
+])
+def test_dropprivileges_bad_input_is_named_at_construction(bus, kwargs,
+                                                           message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wp.DropPrivileges(bus, **kwargs)
+
+
+def test_dropprivileges_without_pwd_and_grp_ignores_ids(bus, monkeypatch):
+    monkeypatch.setitem(sys.modules, 'pwd', None)
+    monkeypatch.setitem(sys.modules, 'grp', None)
+    plugin = wp.DropPrivileges(bus, uid='nobody', gid='nogroup')
+    assert (plugin.uid, plugin.gid) == (None, None)
+    assert bus.recorder.messages(30) == [
+        'pwd module not available; ignoring uid.',
+        'grp module not available; ignoring gid.']
+
+
+def test_dropprivileges_start_once_and_logs(bus):
+    plugin = wp.DropPrivileges(bus, umask=os.umask(0o022))
+    os.umask(0o022)
+    plugin.subscribe()
+    bus.start()
+    bus.stop()
+    bus.start()
+    assert plugin.finalized
+    messages = bus.recorder.messages()
+    assert 'uid/gid not set' in messages
+    assert 'umask old: 022, new: 022' in messages
+    assert 'umask already set to: 022' in messages
+    assert bus._priorities[('start', plugin.start)] == 77
