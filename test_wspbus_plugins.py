@@ -1199,3 +1199,357 @@ def test_dropprivileges_start_once_and_logs(bus):
     assert 'umask old: 022, new: 022' in messages
     assert 'umask already set to: 022' in messages
     assert bus._priorities[('start', plugin.start)] == 77
+
+
+# -- Daemonizer ---------------------------------------------------------------
+
+@needs_fork
+def test_daemonizer_detaches_and_pidfile_names_the_daemon(child, tmp_path):
+    status, out, err, pidfile, starts, log = start_daemon(child, tmp_path)
+    assert status == 0, err
+    # The launcher returned 0: the PID file is already there.
+    assert pidfile.read_text() == '%d\n' % read_pid(pidfile)
+    pid = read_pid(pidfile)
+    launcher = child.procs[0].pid
+    assert pid != launcher and pid_alive(pid)
+    [line] = lines_of(starts)
+    daemon, sid, pgid, umask = line.split()
+    assert int(daemon) == pid
+    assert int(sid) != pid                  # Not a session leader ...
+    assert int(sid) != os.getsid(0)         # ... in a session of its own.
+    assert int(pgid) == int(sid)
+    assert umask == '000'
+    assert os.readlink('/proc/%d/fd/1' % pid) == str(log)
+    assert os.readlink('/proc/%d/fd/0' % pid) == os.devnull
+    assert oct(os.stat(pidfile).st_mode & 0o777) == '0o644'
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not pidfile.exists()
+    assert 'Daemonized to PID: %d' % pid in log.read_text()
+
+
+FAILING_DAEMON = textwrap.dedent(DAEMON_CHILD).replace('bus.start()', '''
+def broken():
+    raise ValueError('cannot bind port 80')
+bus.subscribe('start', broken, priority=90)
+bus.start()''')
+
+
+@needs_fork
+def test_daemonizer_reports_a_failed_start_to_the_launcher(child, tmp_path):
+    status, out, err, pidfile, starts, log = start_daemon(
+        child, tmp_path, FAILING_DAEMON)
+    assert status == 1
+    assert 'failed to start' in err
+    assert "Error in 'start' listener" in err
+    assert 'ValueError: cannot bind port 80' in err
+    assert err.count('Traceback') == 1        # One readable block.
+    assert not pidfile.exists()
+    pid = int(re.search(r'Daemon (\d+)', err).group(1))
+    wait_until(lambda: not pid_alive(pid), 'the failed daemon to go')
+
+
+HANGING_DAEMON = textwrap.dedent(DAEMON_CHILD).replace(
+    "wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3])",
+    "wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3], "
+    "ready_timeout=0.5)").replace('bus.start()', '''
+bus.subscribe('start', lambda: time.sleep(60), priority=90)
+bus.start()''')
+
+
+@needs_fork
+def test_daemonizer_launcher_gives_up_after_ready_timeout(child, tmp_path):
+    status, out, err, pidfile, starts, log = start_daemon(
+        child, tmp_path, HANGING_DAEMON)
+    assert status == 1
+    assert 'was not ready after 0.5 seconds' in err
+    pid = int(re.search(r'Daemon (\d+)', err).group(1))
+    child.track(pid)
+    wait_until(lambda: not pid_alive(pid), 'the hung daemon to be stopped')
+    assert not pidfile.exists()
+
+
+@needs_fork
+def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
+    code = FAILING_DAEMON.replace("stderr=sys.argv[3])",
+                                  "stderr=sys.argv[3], wait_ready=False)")
+    status, out, err, pidfile, starts, log = start_daemon(child, tmp_path,
+                                                          code)
+    assert status == 0                      # CherryPy's fire-and-forget.
+    wait_until(lambda: 'Bus EXITED' in log.read_text(), 'the daemon to fail')
+
+
+def test_daemonizer_needs_fork(bus, monkeypatch):
+    monkeypatch.setattr(wp, '_HAVE_FORK', False)
+    with pytest.raises(RuntimeError, match='Daemonizer needs os.fork'):
+        wp.Daemonizer(bus)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'ready_timeout': 0}, 'Invalid ready_timeout: 0'),
+    ({'ready_timeout': 'soon'}, "Invalid ready_timeout: 'soon'"),
+    ({'stdout': '/no/such/dir/out.log'}, "'/no/such/dir' does not exist"),
+])
+def test_daemonizer_bad_input_is_named(bus, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wp.Daemonizer(bus, **kwargs)
+
+
+def test_daemonizer_fork_failure_is_a_clear_exit(bus, monkeypatch):
+    def fork():
+        raise OSError(11, 'Resource temporarily unavailable')
+    monkeypatch.setattr(os, 'fork', fork)
+    plugin = wp.Daemonizer(bus, wait_ready=False)
+    with pytest.raises(SystemExit) as info:
+        plugin.start()
+    assert 'fork #1 failed: (11) Resource temporarily unavailable' in \
+        str(info.value.code)
+
+
+def test_daemonizer_does_not_daemonize_twice(bus, monkeypatch):
+    monkeypatch.setenv(wp._DAEMON_ENV, str(os.getpid()))
+    plugin = wp.Daemonizer(bus)
+    plugin.start()          # Re-executed daemon: no fork.
+    assert plugin.finalized
+    assert bus.recorder.messages() == ['Already daemonized.']
+
+
+# -- PIDFile ------------------------------------------------------------------
+
+@pytest.fixture
+def pidfile_path(tmp_path):
+    return tmp_path / 'app.pid'
+
+
+def test_pidfile_written_and_removed(bus, pidfile_path):
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    plugin.subscribe()
+    bus.start()
+    assert pidfile_path.read_text() == '%d\n' % os.getpid()
+    assert oct(pidfile_path.stat().st_mode & 0o777) == '0o644'
+    bus.exit()
+    assert not pidfile_path.exists()
+    assert 'PID %r written to %r.' % (os.getpid(), str(pidfile_path)) in \
+        bus.recorder.messages()
+    assert 'PID file removed: %r.' % str(pidfile_path) in \
+        bus.recorder.messages()
+    assert repr(plugin) == 'PIDFile(%r)' % str(pidfile_path)
+
+
+def test_pidfile_second_holder_fails_naming_file_and_pid(bus, pidfile_path):
+    first = wp.PIDFile(bus, str(pidfile_path))
+    first.start()
+    other = wp.Bus()
+    try:
+        with pytest.raises(RuntimeError) as info:
+            wp.PIDFile(other, str(pidfile_path)).start()
+        assert str(info.value) == (
+            'PID file %r is held by running process %d; another instance '
+            'is running.' % (str(pidfile_path), os.getpid()))
+        assert pidfile_path.read_text() == '%d\n' % os.getpid()
+    finally:
+        first.exit()
+
+
+def test_pidfile_stale_file_is_replaced_with_warning(bus, pidfile_path):
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    pidfile_path.write_text('%d\n' % dead.pid)
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    plugin.start()
+    assert read_pid(pidfile_path) == os.getpid()
+    assert bus.recorder.messages(30) == [
+        'Replacing stale PID file %r left by PID %r.'
+        % (str(pidfile_path), dead.pid)]
+    plugin.exit()
+
+
+def test_pidfile_refuses_a_symlink(bus, tmp_path, pidfile_path):
+    target = tmp_path / 'precious'
+    target.write_text('keep me')
+    pidfile_path.symlink_to(target)
+    with pytest.raises(RuntimeError, match=re.escape(
+            'Refusing to use PID file %r: it is a symbolic link.'
+            % str(pidfile_path))):
+        wp.PIDFile(bus, str(pidfile_path)).start()
+    assert target.read_text() == 'keep me'
+
+
+def test_pidfile_refuses_a_directory(bus, pidfile_path):
+    pidfile_path.mkdir()
+    with pytest.raises(RuntimeError, match='is a directory'):
+        wp.PIDFile(bus, str(pidfile_path)).start()
+
+
+def test_pidfile_rewritten_by_someone_else_is_left_at_exit(bus,
+                                                          pidfile_path):
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    plugin.start()
+    pidfile_path.write_text('12345\n')
+    plugin.exit()
+    assert pidfile_path.read_text() == '12345\n'
+    assert 'no longer holds PID' in bus.recorder.messages(30)[0]
+
+
+def test_pidfile_exit_without_start_touches_nothing(bus, pidfile_path):
+    pidfile_path.write_text('12345\n')
+    wp.PIDFile(bus, str(pidfile_path)).exit()
+    assert pidfile_path.read_text() == '12345\n'
+
+
+@pytest.mark.parametrize('where, message', [
+    ('missing/app.pid', 'does not exist'),
+])
+def test_pidfile_bad_directory_fails_at_construction(bus, tmp_path, where,
+                                                     message):
+    with pytest.raises(ValueError, match=message) as info:
+        wp.PIDFile(bus, str(tmp_path / where))
+    assert str(tmp_path / 'missing') in str(info.value)
+
+
+@needs_root
+def test_pidfile_unwritable_directory_fails_at_construction(child):
+    import tempfile
+    base = tempfile.mkdtemp()
+    try:
+        os.chmod(base, 0o755)
+        locked = os.path.join(base, 'locked')
+        os.mkdir(locked, 0o555)
+        code = '''
+            import os, sys, wspbus_plugins as wp
+            os.setuid(65534)
+            for path in sys.argv[1:]:
+                try:
+                    wp.PIDFile(wp.Bus(), path)
+                except ValueError as exc:
+                    print(exc)
+        '''
+        hidden = os.path.join(base, 'hidden')
+        os.mkdir(hidden, 0o700)
+        status, out, err = finish(child(
+            code, os.path.join(locked, 'app.pid'),
+            os.path.join(hidden, 'sub', 'app.pid')))
+        assert "PID file directory %r is not writable" % locked in out, err
+        assert ("PID file directory %r cannot be reached"
+                % os.path.join(hidden, 'sub')) in out, err
+    finally:
+        import shutil
+        shutil.rmtree(base)
+
+
+def test_pidfile_write_failure_leaves_nothing(bus, pidfile_path,
+                                              monkeypatch):
+    def full(fd, data):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(os, 'write', full)
+    with pytest.raises(OSError, match='Could not write PID file') as info:
+        wp.PIDFile(bus, str(pidfile_path)).start()
+    assert info.value.errno == 28
+    monkeypatch.undo()
+    assert not pidfile_path.exists()
+
+
+def test_pidfile_without_fcntl_uses_exclusive_creation(bus, pidfile_path,
+                                                       monkeypatch):
+    monkeypatch.setattr(wp, 'fcntl', None)
+    alive = subprocess.Popen([sys.executable, '-c',
+                              'import time; time.sleep(60)'])
+    try:
+        pidfile_path.write_text('%d\n' % alive.pid)
+        with pytest.raises(RuntimeError, match='held by running process %d'
+                           % alive.pid):
+            wp.PIDFile(bus, str(pidfile_path)).start()
+        assert read_pid(pidfile_path) == alive.pid
+    finally:
+        alive.kill()
+        alive.wait()
+    pidfile_path.write_text('%d\n' % alive.pid)  # Now dead: stale.
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    plugin.start()
+    assert read_pid(pidfile_path) == os.getpid()
+    assert 'Replacing stale PID file' in bus.recorder.messages(30)[0]
+    plugin.exit()
+    assert not pidfile_path.exists()
+
+
+PIDFILE_RACE_CHILD = '''
+    import sys, wspbus_plugins as wp
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    bus.subscribe('log', lambda msg, level: level >= 40 and
+                  print(msg.splitlines()[-1], file=sys.stderr, flush=True))
+    wp.PIDFile(bus, sys.argv[1]).subscribe()
+    bus.subscribe('started', lambda: print('running', flush=True))
+    bus.start()
+    bus.block()
+'''
+
+
+@needs_fork
+def test_pidfile_two_instances_at_once_exactly_one_runs(child, tmp_path):
+    path = tmp_path / 'race.pid'
+    for attempt in range(10):
+        pair = [child(PIDFILE_RACE_CHILD, str(path)) for _ in range(2)]
+        wait_until(lambda: any(p.poll() is not None for p in pair),
+                   'one instance of the pair to give up')
+        [loser] = [p for p in pair if p.poll() is not None]
+        [winner] = [p for p in pair if p is not loser]
+        status, out, err = finish(loser)
+        assert status == 70, 'attempt %d: %s' % (attempt, err)
+        assert 'is held by running process %d' % winner.pid in err
+        wait_until(lambda: path.read_text() == '%d\n' % winner.pid,
+                   'the winner to write its PID')
+        assert winner.poll() is None
+        winner.send_signal(signal.SIGTERM)
+        assert finish(winner)[0] == 0
+        assert not path.exists()
+
+
+@needs_fork
+def test_pidfile_kill_9_leaves_a_file_the_next_start_replaces(child,
+                                                             tmp_path):
+    path = tmp_path / 'app.pid'
+    first = child(PIDFILE_RACE_CHILD, str(path))
+    wait_until(lambda: path.exists() and path.read_text(), 'the PID file')
+    first.kill()
+    first.wait(TIMEOUT)
+    assert read_pid(path) == first.pid
+    second = child(PIDFILE_RACE_CHILD, str(path))
+    wait_until(lambda: path.read_text() == '%d\n' % second.pid,
+               'the PID file to be replaced')
+    second.send_signal(signal.SIGTERM)
+    status, out, err = finish(second)
+    assert 'Replacing stale PID file' not in err  # A warning, not an error.
+    assert not path.exists()
+
+
+@needs_fork
+def test_pidfile_kept_locked_across_restart(child, tmp_path):
+    import fcntl
+    path = tmp_path / 'app.pid'
+    starts = tmp_path / 'starts'
+    code = '''
+        import os, sys, wspbus_plugins as wp
+        bus = wp.Bus()
+        wp.PIDFile(bus, sys.argv[1]).subscribe()
+        with open(sys.argv[2], 'a') as f:
+            f.write('%d\\n' % os.getpid())
+        with open(sys.argv[2]) as f:
+            runs = len(f.readlines())
+        bus.subscribe('started', bus.restart if runs == 1 else
+                      (lambda: open(sys.argv[2] + '.ok', 'w').close()))
+        bus.start()
+        bus.block()
+    '''
+    proc = child(code, str(path), str(starts))
+    wait_until((tmp_path / 'starts.ok').exists, 'the restarted run')
+    assert len(set(lines_of(starts))) == 1 and len(lines_of(starts)) == 2
+    assert read_pid(path) == proc.pid
+    with open(path) as f:
+        with pytest.raises(BlockingIOError):
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    proc.send_signal(signal.SIGTERM)
+    # No SignalHandler in this child: SIGTERM's default ends it at once.
+    proc.wait(TIMEOUT)
+    fds = os.listdir('/proc/self/fd')
+    assert fds  # The test process itself leaked nothing to check here.

@@ -1277,6 +1277,13 @@ class _Launcher:
 def _check_parent_dir(path, what):
     """Raise ValueError unless `path`'s directory exists and is writable."""
     directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.stat(directory)
+    except PermissionError:
+        raise ValueError('%s directory %r cannot be reached: permission '
+                         'denied (for %r).' % (what, directory, path)) from None
+    except OSError:
+        pass
     if not os.path.isdir(directory):
         raise ValueError('%s directory %r does not exist (for %r).'
                          % (what, directory, path))
@@ -1375,7 +1382,7 @@ class PIDFile(SimplePlugin):
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise self._held(_read_pid(fd)) from None
+                    raise self._held(_holder_pid(fd)) from None
                 if not _same_file(fd, self._path):
                     os.close(fd)
                     continue
@@ -1448,6 +1455,19 @@ def _open_pidfile(path, flags):
 def _read_pid(fd):
     os.lseek(fd, 0, os.SEEK_SET)
     return _parse_pid(os.read(fd, 64))
+
+
+def _holder_pid(fd):
+    """Read the PID of the process holding the lock on `fd`.
+
+    The holder writes it just after locking: give it a moment.
+    """
+    deadline = time.monotonic() + 1
+    pid = _read_pid(fd)
+    while pid is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+        pid = _read_pid(fd)
+    return pid
 
 
 def _parse_pid(data):
