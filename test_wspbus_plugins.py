@@ -1553,3 +1553,593 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
     proc.wait(TIMEOUT)
     fds = os.listdir('/proc/self/fd')
     assert fds  # The test process itself leaked nothing to check here.
+
+
+# -- PerpetualTimer and BackgroundTask ----------------------------------------
+
+def test_perpetualtimer_repeats_until_cancelled(bus):
+    calls = []
+    timer = wp.PerpetualTimer(0.01, calls.append, args=(1,), bus=bus)
+    timer.start()
+    wait_until(lambda: len(calls) >= 3, 'three calls')
+    timer.cancel()
+    timer.join(TIMEOUT)
+    assert not timer.is_alive()
+
+
+def test_perpetualtimer_logs_the_first_error_and_stops(bus):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise ValueError('tick failed')
+    timer = wp.PerpetualTimer(0.01, broken, bus=bus)
+    timer.start()
+    timer.join(TIMEOUT)
+    assert calls == [1]
+    [msg] = bus.recorder.messages(40)
+    assert msg.startswith('Error in perpetual timer thread function %r.'
+                          % broken)
+    assert 'ValueError: tick failed' in msg
+
+
+def test_backgroundtask_repeats_and_cancel_ends_it_at_once(bus):
+    calls = []
+    task = wp.BackgroundTask(0.01, calls.append, args=[1], bus=bus)
+    task.start()
+    wait_until(lambda: len(calls) >= 3, 'three calls')
+    slow = wp.BackgroundTask(60, calls.append, args=[2])
+    slow.start()
+    wait_until(lambda: slow.running, 'the task to run')
+    started = time.monotonic()
+    slow.cancel()
+    slow.join(TIMEOUT)
+    assert not slow.is_alive()
+    assert time.monotonic() - started < TIMEOUT / 2  # Not the 60 s interval.
+    task.cancel()
+    task.join(TIMEOUT)
+    assert 2 not in calls and task.daemon
+
+
+def test_backgroundtask_cancel_before_start_never_calls(bus):
+    calls = []
+    task = wp.BackgroundTask(0, calls.append, args=[1])
+    task.cancel()
+    task.start()
+    task.join(TIMEOUT)
+    assert calls == [] and task.running is False
+
+
+def test_backgroundtask_logs_the_first_error_and_stops(bus):
+    calls = []
+
+    def broken():
+        calls.append(1)
+        raise ValueError('task failed')
+    task = wp.BackgroundTask(0.01, broken, bus=bus)
+    task.start()
+    task.join(TIMEOUT)
+    assert calls == [1] and not task.running
+    [msg] = bus.recorder.messages(40)
+    assert msg.startswith('Error in background task thread function %r.'
+                          % broken)
+
+
+# -- Monitor ------------------------------------------------------------------
+
+def test_monitor_runs_while_started_and_restarts_on_graceful(bus):
+    calls = []
+    monitor = wp.Monitor(bus, lambda: calls.append(1), frequency=0.01,
+                         name='beat')
+    monitor.subscribe()
+    assert bus._priorities[('start', monitor.start)] == 70
+    bus.start()
+    first = monitor.thread
+    assert first.name == 'beat' and first.is_alive()
+    wait_until(lambda: len(calls) >= 2, 'two beats')
+    bus.graceful()
+    assert monitor.thread is not first and monitor.thread.is_alive()
+    first.join(TIMEOUT)
+    assert not first.is_alive()
+    bus.stop()
+    assert monitor.thread is None
+    messages = bus.recorder.messages()
+    assert "Started monitor thread 'beat'." in messages
+    assert "Stopped thread 'beat'." in messages
+    assert repr(monitor) == "Monitor('beat', frequency=0.01)"
+
+
+@pytest.mark.parametrize('frequency', [0, -1, -0.5])
+def test_monitor_frequency_zero_or_less_disables(bus, frequency):
+    monitor = wp.Monitor(bus, lambda: None, frequency=frequency)
+    monitor.subscribe()
+    bus.start()
+    assert monitor.thread is None
+
+
+@pytest.mark.parametrize('frequency', ['60', None, True, [1]])
+def test_monitor_non_numeric_frequency_is_named(bus, frequency):
+    with pytest.raises(ValueError, match=re.escape('Invalid frequency: %r'
+                                                   % (frequency,))):
+        wp.Monitor(bus, lambda: None, frequency=frequency)
+
+
+def test_monitor_callback_must_be_callable(bus):
+    with pytest.raises(TypeError, match="not 'nope'"):
+        wp.Monitor(bus, 'nope')
+
+
+def test_monitor_stop_from_its_own_thread_does_not_hang(bus):
+    class NonDaemonMonitor(wp.Monitor):
+        def _new_thread(self):
+            thread = super()._new_thread()
+            thread.daemon = False
+            return thread
+    stopped = threading.Event()
+
+    def callback():
+        monitor.stop()
+        stopped.set()
+    monitor = NonDaemonMonitor(bus, callback, frequency=0.01)
+    monitor.start()
+    thread = monitor.thread
+    assert stopped.wait(TIMEOUT)
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()  # Cancelled, not called again forever.
+
+
+# -- Autoreloader -------------------------------------------------------------
+
+@pytest.fixture
+def reloader(bus, monkeypatch):
+    restarts = []
+    monkeypatch.setattr(bus, 'restart', lambda: restarts.append(1))
+    plugin = wp.Autoreloader(bus, match=r'^test_wspbus_plugins$')
+    plugin.restarts = restarts
+    yield plugin
+    if plugin.thread is not None:
+        plugin.stop()
+
+
+def test_autoreloader_watches_matching_modules(reloader):
+    assert reloader.sysfiles() == {os.path.abspath(__file__)}
+    reloader.match = r'^wspbus_plugins$'
+    assert reloader.sysfiles() == {wp.__file__}
+    assert wp.Autoreloader(reloader.bus).match == '.*'
+
+
+@pytest.mark.parametrize('pattern', ['(', '[a-', 42])
+def test_autoreloader_invalid_match_is_named(bus, pattern):
+    with pytest.raises(ValueError, match=re.escape(
+            'Invalid Autoreloader match regex %r' % (pattern,))):
+        wp.Autoreloader(bus, match=pattern)
+
+
+def test_autoreloader_file_for_module_cases(monkeypatch, tmp_path):
+    archive = tmp_path / 'lib.zip'
+    with zipfile.ZipFile(archive, 'w') as zf:
+        zf.writestr('zipped_mod_x.py', 'X = 1\n')
+    monkeypatch.syspath_prepend(str(archive))
+    import zipped_mod_x
+    try:
+        assert wp.Autoreloader._file_for_module(zipped_mod_x) == \
+            str(archive)
+    finally:
+        del sys.modules['zipped_mod_x']
+    nothing = type(sys)('nothing')
+    nothing.__file__ = None
+    assert wp.Autoreloader._file_for_module(nothing) is None
+    assert wp.Autoreloader._file_for_module(type(sys)('bare')) is None
+    relative = type(sys)('relative')
+    relative.__file__ = os.path.join('sub', 'mod.py')
+    assert wp.Autoreloader._file_for_module(relative) == os.path.join(
+        wp._STARTUP_DIR, 'sub', 'mod.py')
+
+    class Lazy(type(sys)):
+        def __getattr__(self, name):
+            raise ImportError('lazy module exploded')
+    assert wp.Autoreloader._file_for_module(Lazy('lazy')) is None
+
+
+def edit(path):
+    path.write_text(path.read_text() + '# edited\n')
+
+
+def set_mtime_backwards(path):
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10 ** 10))
+
+
+def replace_by_rename(path):
+    temp = path.with_name(path.name + '.tmp')
+    temp.write_text(path.read_text())  # Same content, same size.
+    os.utime(temp, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    os.replace(temp, path)
+
+
+def delete(path):
+    path.unlink()
+
+
+CHANGES = [edit, set_mtime_backwards, replace_by_rename, delete]
+
+
+@pytest.mark.parametrize('change', CHANGES, ids=lambda f: f.__name__)
+def test_autoreloader_polling_sees_every_kind_of_change(reloader, tmp_path,
+                                                       change):
+    watched = tmp_path / 'settings.py'
+    watched.write_text('A = 1\n')
+    reloader.files.add(str(watched))
+    reloader.run()
+    reloader.run()
+    assert reloader.restarts == []
+    change(watched)
+    reloader.run()
+    assert reloader.restarts == [1]
+    assert 'Restarting because %s changed.' % watched in \
+        reloader.bus.recorder.messages()
+
+
+def test_autoreloader_a_new_file_appearing_counts(reloader, tmp_path):
+    later = tmp_path / 'later.cfg'
+    reloader.files.add(str(later))
+    reloader.run()
+    assert reloader.mtimes[str(later)] is None
+    later.write_text('x')
+    reloader.run()
+    assert reloader.restarts == [1]
+
+
+def start_reloader(reloader, frequency):
+    reloader.frequency = frequency
+    reloader.subscribe()
+    reloader.bus.start()
+    # The thread ran its first scan when the watched file has a signature.
+
+
+@linux_only
+def test_autoreloader_inotify_wakes_long_before_the_poll(reloader, tmp_path):
+    watched = tmp_path / 'settings.py'
+    watched.write_text('A = 1\n')
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 60)  # A poll would take a minute.
+    assert isinstance(reloader.thread, wp._WatchTask)
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    (tmp_path / 'unwatched.py').write_text('noise')  # Same directory.
+    time.sleep(0.2)
+    assert reloader.restarts == []
+    for _ in range(5):  # A burst of writes: one restart.
+        edit(watched)
+    wait_until(lambda: reloader.restarts, 'the restart')
+    time.sleep(0.2)
+    assert reloader.restarts == [1]
+
+
+def test_autoreloader_falls_back_to_polling_when_inotify_fails(
+        reloader, tmp_path, monkeypatch):
+    def no_inotify():
+        raise OSError(38, 'Function not implemented')
+    monkeypatch.setattr(wp, '_Inotify', no_inotify)
+    watched = tmp_path / 'settings.py'
+    watched.write_text('A = 1\n')
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 0.02)
+    assert type(reloader.thread) is wp.BackgroundTask
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    edit(watched)
+    wait_until(lambda: reloader.restarts, 'the polling restart')
+    assert any('inotify is unavailable' in m
+               for m in reloader.bus.recorder.messages())
+
+
+def test_autoreloader_falls_back_when_the_watch_limit_is_hit(
+        reloader, tmp_path, monkeypatch):
+    if not sys.platform.startswith('linux'):
+        pytest.skip('inotify')
+
+    def full(self, filenames):
+        raise OSError(28, 'inotify watch limit reached')
+    monkeypatch.setattr(wp._Inotify, 'add', full)
+    watched = tmp_path / 'settings.py'
+    watched.write_text('A = 1\n')
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 0.02)
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    edit(watched)
+    wait_until(lambda: reloader.restarts, 'the polling restart')
+    assert any('falls back to polling' in m
+               for m in reloader.bus.recorder.messages(30))
+
+
+def test_autoreloader_use_inotify_false_forces_polling(reloader):
+    reloader.use_inotify = False
+    start_reloader(reloader, 60)
+    assert type(reloader.thread) is wp.BackgroundTask
+
+
+def test_autoreloader_stop_ends_the_thread_at_once(reloader):
+    start_reloader(reloader, 60)
+    thread = reloader.thread
+    reloader.bus.stop()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+
+
+RELOAD_CHILD = '''
+    import os, sys, wspbus_plugins as wp
+    watched, starts, mode = sys.argv[1:4]
+    with open(starts, 'a') as f:
+        f.write('%d\\n' % os.getpid())
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr,
+                                                  flush=True))
+    reloader = wp.Autoreloader(bus, frequency=float(sys.argv[4]),
+                               use_inotify=(mode == 'inotify'))
+    reloader.files.add(watched)
+    reloader.subscribe()
+    wp.SignalHandler(bus).subscribe()
+    bus.subscribe('started', lambda: reloader.thread and
+                  open(starts + '.ready', 'w').close())
+    bus.start()
+    bus.block()
+'''
+
+
+def appear(path):
+    path.write_text('new')
+
+
+@pytest.mark.parametrize('mode', ['inotify', 'polling'])
+@pytest.mark.parametrize('change', CHANGES + [appear],
+                         ids=lambda f: f.__name__)
+def test_autoreloader_restarts_a_real_process(child, tmp_path, mode, change):
+    if mode == 'inotify' and not sys.platform.startswith('linux'):
+        pytest.skip('inotify')
+    watched = tmp_path / 'watched.cfg'
+    if change is not appear:
+        watched.write_text('A = 1\n')
+    starts = tmp_path / 'starts'
+    ready = tmp_path / 'starts.ready'
+    # inotify mode polls only once a minute: a restart proves the watcher.
+    frequency = '60' if mode == 'inotify' else '0.05'
+    proc = child(RELOAD_CHILD, str(watched), str(starts), mode, frequency)
+    wait_until(ready.exists, 'the child to start')
+    time.sleep(0.3)  # Let the first scan record the file.
+    ready.unlink()
+    change(watched)
+    wait_until(ready.exists, 'the restarted child')
+    assert lines_of(starts) == [str(proc.pid)] * 2
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert 'Restarting because %s changed.' % watched in err
+
+
+# -- ThreadManager ------------------------------------------------------------
+
+def test_threadmanager_indexes_and_channels(bus):
+    manager = wp.ThreadManager(bus)
+    manager.subscribe()
+    rec = Recorder()
+    bus.subscribe('start_thread', rec.listener('start'))
+    bus.subscribe('stop_thread', rec.listener('stop'))
+    barrier = threading.Barrier(4)
+    release = threading.Event()
+
+    def worker():
+        bus.publish('acquire_thread')
+        bus.publish('acquire_thread')  # Once per thread.
+        barrier.wait(TIMEOUT)
+        release.wait(TIMEOUT)
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    barrier.wait(TIMEOUT)
+    assert sorted(manager.threads.values()) == [1, 2, 3]
+    assert sorted(args[0] for _, args, _ in rec.calls) == [1, 2, 3]
+    release.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+    bus.start()
+    bus.stop()
+    assert manager.threads == {}
+    assert sorted(a[0] for n, a, _ in rec.calls if n == 'stop') == [1, 2, 3]
+
+
+def test_threadmanager_indexes_stay_unique_after_release(bus):
+    manager = wp.ThreadManager(bus)
+    manager.subscribe()
+    got = {}
+
+    def acquire(name, release=False):
+        bus.publish('acquire_thread')
+        got[name] = manager.threads[threading.get_ident()]
+        if release:
+            bus.publish('release_thread')
+    hold = threading.Event()
+
+    def holder():
+        acquire('b')
+        hold.wait(TIMEOUT)
+    t1 = threading.Thread(target=acquire, args=('a', True))
+    t1.start()
+    t1.join(TIMEOUT)
+    t2 = threading.Thread(target=holder)
+    t2.start()
+    wait_until(lambda: 'b' in got, 'b')
+    t3 = threading.Thread(target=lambda: (acquire('c'), hold.wait(TIMEOUT)))
+    t3.start()
+    wait_until(lambda: 'c' in got, 'c')
+    assert got['a'] == 1 and got['b'] == 1 and got['c'] == 2
+    hold.set()
+    t2.join(TIMEOUT)
+    t3.join(TIMEOUT)
+    bus.publish('graceful')
+    assert manager.threads == {}
+
+
+# -- SystemdNotifier ----------------------------------------------------------
+
+@pytest.fixture(params=['path', 'abstract'])
+def notify_socket(request, tmp_path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if request.param == 'path':
+        address = str(tmp_path / 'notify.sock')
+        sock.bind(address)
+    else:
+        address = '@wspbus-test-%d-%d' % (os.getpid(), id(sock))
+        sock.bind('\0' + address[1:])
+    sock.settimeout(TIMEOUT)
+    yield NotifySocket(sock, address)
+    sock.close()
+
+
+class NotifySocket:
+    def __init__(self, sock, address):
+        self.sock = sock
+        self.address = address
+
+
+def datagrams(notify, count):
+    return [notify.sock.recv(4096).decode() for _ in range(count)]
+
+
+SYSTEMD_CHILD = '''
+    import os, sys, wspbus_plugins as wp
+    bus = wp.Bus()
+    wp.SystemdNotifier(bus).subscribe()
+    bus.subscribe('graceful', lambda: print('graceful', flush=True))
+    if sys.argv[1] == 'fail':
+        def broken():
+            raise ValueError
+        bus.subscribe('start', broken)
+    bus.start()
+    if sys.argv[1] == 'watchdog':
+        import time
+        time.sleep(0.5)
+    else:
+        bus.graceful()
+    bus.exit()
+'''
+
+
+def test_systemdnotifier_sends_the_life_cycle_in_order(child,
+                                                      notify_socket):
+    proc = child(SYSTEMD_CHILD, 'ok',
+                 env={'NOTIFY_SOCKET': notify_socket.address})
+    got = datagrams(notify_socket, 4)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert got[0] == 'READY=1\nMAINPID=%d\nSTATUS=started' % proc.pid
+    assert re.fullmatch(r'RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=reloading',
+                        got[1])
+    usec = int(re.search(r'MONOTONIC_USEC=(\d+)', got[1]).group(1))
+    assert abs(usec - time.monotonic_ns() // 1000) < TIMEOUT * 10 ** 6
+    assert got[2:] == ['READY=1\nSTATUS=started',
+                       'STOPPING=1\nSTATUS=stopping']
+
+
+def test_systemdnotifier_watchdog_pings(child, notify_socket):
+    proc = child(SYSTEMD_CHILD, 'watchdog',
+                 env={'NOTIFY_SOCKET': notify_socket.address,
+                      'WATCHDOG_USEC': '100000'})
+    got = []
+    while not got or got[-1] != 'STOPPING=1\nSTATUS=stopping':
+        got += datagrams(notify_socket, 1)
+    finish(proc)
+    assert got.count('WATCHDOG=1') >= 2
+
+
+def test_systemdnotifier_no_pings_for_another_watchdog_pid(child,
+                                                          notify_socket):
+    proc = child(SYSTEMD_CHILD, 'watchdog',
+                 env={'NOTIFY_SOCKET': notify_socket.address,
+                      'WATCHDOG_USEC': '100000', 'WATCHDOG_PID': '1'})
+    got = datagrams(notify_socket, 2)
+    finish(proc)
+    assert [g.split('\n')[0] for g in got] == ['READY=1', 'STOPPING=1']
+
+
+def test_systemdnotifier_failed_start_sends_no_ready(child, notify_socket):
+    proc = child(SYSTEMD_CHILD, 'fail',
+                 env={'NOTIFY_SOCKET': notify_socket.address})
+    got = datagrams(notify_socket, 1)
+    status, out, err = finish(proc)
+    assert status == 70
+    assert got == ['STOPPING=1\nSTATUS=stopping']
+
+
+@needs_fork
+def test_systemdnotifier_reports_the_daemon_pid(child, tmp_path,
+                                                notify_socket):
+    code = textwrap.dedent(DAEMON_CHILD).replace(
+        'bus.start()', 'wp.SystemdNotifier(bus).subscribe()\nbus.start()')
+    status, out, err, pidfile, starts, log = start_daemon(
+        child, tmp_path, code, env={'NOTIFY_SOCKET': notify_socket.address})
+    assert status == 0, err
+    [ready] = datagrams(notify_socket, 1)
+    assert 'MAINPID=%d' % read_pid(pidfile) in ready
+    os.kill(read_pid(pidfile), signal.SIGTERM)
+
+
+def test_systemdnotifier_without_socket_is_a_silent_noop(bus, monkeypatch):
+    monkeypatch.delenv('NOTIFY_SOCKET', raising=False)
+    notifier = wp.SystemdNotifier(bus)
+    notifier.subscribe()
+    assert all(not bus.listeners[c] for c in ('start', 'stop', 'graceful'))
+    assert 'started' not in bus.listeners
+    assert bus.recorder.logs == []
+
+
+def test_systemdnotifier_failed_send_is_logged(bus, monkeypatch, tmp_path):
+    monkeypatch.setenv('NOTIFY_SOCKET', str(tmp_path / 'nobody-listens'))
+    wp.SystemdNotifier(bus).subscribe()
+    bus.start()
+    assert bus.state is wp.states.STARTED
+    [warning] = bus.recorder.messages(30)
+    assert warning.startswith('Could not notify systemd at %r'
+                              % str(tmp_path / 'nobody-listens'))
+
+
+# -- LoggingBridge ------------------------------------------------------------
+
+class ListHandler(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def test_loggingbridge_forwards_levels_and_tracebacks(bus):
+    logger = logging.getLogger('wspbus.test.%d' % id(bus))
+    logger.setLevel(logging.DEBUG)
+    handler = ListHandler()
+    logger.addHandler(handler)
+    wp.LoggingBridge(bus, logger).subscribe()
+    bus.log('plain')
+    bus.log('careful', level=30)
+    try:
+        raise ValueError('bad thing')
+    except ValueError:
+        bus.log('failed', level=40, traceback=True)
+    got = [(r.levelno, r.getMessage().split('\n')[0]) for r in
+           handler.records]
+    assert got == [(20, 'plain'), (30, 'careful'), (40, 'failed')]
+    assert 'ValueError: bad thing' in handler.records[-1].getMessage()
+
+
+def test_loggingbridge_default_logger_is_wspbus(bus):
+    assert wp.LoggingBridge(bus).logger is logging.getLogger('wspbus')
+
+
+def test_loggingbridge_broken_handler_does_not_break_the_bus(bus):
+    class Broken:
+        name = 'broken'
+
+        def log(self, level, msg):
+            raise RuntimeError('handler down')
+    wp.LoggingBridge(bus, Broken()).subscribe()
+    bus.start()
+    assert bus.state is wp.states.STARTED

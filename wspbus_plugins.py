@@ -1701,11 +1701,32 @@ class Autoreloader(Monitor):
     start.priority = 70
 
     def _new_thread(self):
+        # Watch, then take the baseline, before the thread runs: a change
+        # made during its first sleep must count too.
         watcher = self._open_watcher()
+        watched = self._watched_files()
+        if watcher is not None and not self._add_watches(watcher, watched):
+            watcher.close()
+            watcher = None
+        self._first_change(watched)
         if watcher is None:
             return super()._new_thread()
         return _WatchTask(watcher, self.frequency, self.callback,
                           bus=self.bus)
+
+    def _add_watches(self, watcher, filenames):
+        try:
+            watcher.add(filenames)
+            return True
+        except OSError as exc:
+            self.bus.log('Autoreloader falls back to polling: %s' % exc,
+                         level=_WARNING)
+            watcher.failed = True
+            return False
+
+    def _watched_files(self):
+        self._scan_modules()
+        return self._sysfiles.union(self.files)
 
     def _open_watcher(self):
         if not self.use_inotify:
@@ -1777,21 +1798,12 @@ class Autoreloader(Monitor):
 
     def run(self):
         """Check the watched files once; restart the bus if one changed."""
-        self._scan_modules()
-        watched = self._sysfiles.union(self.files)
+        watched = self._watched_files()
         watcher = getattr(self.thread, 'watcher', None)
-        if watcher is None or watcher.failed:
-            candidates = watched
-        else:
+        candidates = watched
+        if watcher is not None and not watcher.failed:
             new = watched.difference(self.mtimes)
-            try:
-                watcher.add(new)
-            except OSError as exc:
-                self.bus.log('Autoreloader falls back to polling: %s' % exc,
-                             level=_WARNING)
-                watcher.failed = True
-                candidates = watched
-            else:
+            if self._add_watches(watcher, new):
                 candidates = new.union(watcher.pop_changed(),
                                        watcher.unwatched)
         changed = self._first_change(candidates)
