@@ -418,6 +418,8 @@ def test_bus_start_failure_exits_and_ends_process_on_main_thread(
     assert bus.state is wp.states.EXITING
     assert 'Shutting down due to error in start listener:' in \
         bus.recorder.messages(40)[1]
+    assert bus.recorder.messages(50) == [
+        'Start failed (ValueError: no socket); exiting with status 70.']
 
 
 def test_bus_start_failure_off_main_thread_keeps_host_alive(bus, fake_exit):
@@ -439,8 +441,9 @@ def test_bus_start_failure_off_main_thread_keeps_host_alive(bus, fake_exit):
     assert isinstance(error, wp.ChannelFailures)
     assert bus.state is wp.states.EXITING
     [critical] = bus.recorder.messages(50)
-    assert 'failed to start' in critical and 'host process goes on' in \
-        critical
+    assert critical == ("The bus failed to start on thread %r (ValueError: "
+                        "no socket) and has exited; the host process goes "
+                        "on." % thread.name)
 
 
 def test_bus_exit_listener_failure_ends_process_with_70(bus, fake_exit):
@@ -2143,3 +2146,96 @@ def test_loggingbridge_broken_handler_does_not_break_the_bus(bus):
     wp.LoggingBridge(bus, Broken()).subscribe()
     bus.start()
     assert bus.state is wp.states.STARTED
+
+
+# -- Demo ---------------------------------------------------------------------
+
+def demo(*args, **kwargs):
+    return subprocess.run([sys.executable, '-m', 'wspbus_plugins', *args],
+                          capture_output=True, text=True, timeout=TIMEOUT,
+                          cwd=kwargs.get('cwd', HERE),
+                          stdin=subprocess.DEVNULL,
+                          env=dict(os.environ, PYTHONPATH=HERE))
+
+
+def test_demo_duration_logs_every_transition():
+    proc = demo('--duration', '0.5', '--heartbeat', '0.1')
+    assert proc.returncode == 0, proc.stderr
+    for text in ('demo, PID', 'Bus STARTING', "Started monitor thread "
+                 "'heartbeat'.", 'Bus STARTED', 'Heartbeat from PID',
+                 'Bus STOPPING', 'Bus STOPPED', 'Bus EXITING', 'Bus EXITED'):
+        assert text in proc.stderr
+    assert re.search(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO +Bus STARTED$',
+                     proc.stderr, re.M)
+
+
+def test_demo_quiet_and_version():
+    assert demo('--duration', '0', '--quiet').stderr == ''
+    assert demo('--version').stdout == 'python -m wspbus_plugins %s\n' % \
+        wp.__version__
+    assert '--daemonize' in demo('--help').stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--bogus'], 'unrecognized arguments: --bogus'),
+    (['--umask', '099'], "invalid umask: '099'"),
+    (['--duration', '-1'], "invalid number of seconds: '-1'"),
+    (['--heartbeat', 'often'], "invalid number of seconds: 'often'"),
+    (['--user', 'no-such-user-x'], "No such user: 'no-such-user-x'"),
+    (['--group', 'no-such-group-x'], "No such group: 'no-such-group-x'"),
+    (['--pidfile', '/no/such/dir/x.pid'], "'/no/such/dir' does not exist"),
+])
+def test_demo_bad_input_is_one_line_and_status_2(args, message):
+    proc = demo(*args)
+    assert proc.returncode == 2
+    assert proc.stderr.count('\n') == 1
+    assert proc.stderr.startswith('python -m wspbus_plugins: error: ')
+    assert message in proc.stderr
+
+
+@needs_fork
+def test_demo_daemonize_with_pidfile(child, tmp_path):
+    pidfile = tmp_path / 'demo.pid'
+    log = tmp_path / 'demo.log'
+    proc = demo('--daemonize', '--pidfile', str(pidfile), '--log-file',
+                str(log), cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    pid = read_pid(pidfile)
+    child.track(pid)
+    assert pid_alive(pid)
+    assert 'Daemonized to PID: %d' % pid in log.read_text()
+    held = demo('--pidfile', str(pidfile), '--duration', '1')
+    assert held.returncode == 70
+    assert 'is held by running process %d' % pid in held.stderr
+    last = held.stderr.rstrip().splitlines()[-1]
+    assert re.search(r"CRITICAL Start failed \(RuntimeError: PID file '.*' is "
+                     r"held by running process %d; another instance is "
+                     r"running.\); exiting with status 70.$" % pid, last)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to stop')
+    assert not pidfile.exists()
+
+
+def test_demo_autoreload_restarts_on_a_watched_change(child, tmp_path):
+    watched = tmp_path / 'config.ini'
+    watched.write_text('a = 1\n')
+    log = tmp_path / 'demo.log'
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'wspbus_plugins', '--autoreload', '--watch',
+         str(watched), '--log-file', str(log), '--heartbeat', '0'],
+        cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    child.procs.append(proc)
+    wait_until(lambda: log.exists() and 'Bus STARTED' in log.read_text(),
+               'the demo to start')
+    edit(watched)
+    wait_until(lambda: log.read_text().count('Bus STARTED') == 2,
+               'the demo to restart')
+    assert 'Restarting because %s changed.' % watched in log.read_text()
+    assert 'Re-spawning' in log.read_text()
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc)[0] == 0
+
+
+def test_demo_main_is_callable(capsys):
+    assert wp.main(['--duration', '0', '--heartbeat', '0', '--quiet']) == 0

@@ -378,6 +378,7 @@ class Bus:
             self.log('Shutting down due to error in start listener:',
                      level=_ERROR, traceback=True)
             error = sys.exc_info()[1]
+            self._start_error = error
             self.exit()
             raise error
         self.state = states.STARTED
@@ -454,13 +455,17 @@ class Bus:
                 self._exit_phase = 'done'
                 self._changed.notify_all()
         if exitstate is states.STARTING:
+            reason = _describe(getattr(self, '_start_error', None))
             if threading.current_thread() is threading.main_thread():
                 # A start listener failed: ending the process is the only
                 # way to leave no half-started service behind.
+                self.log('Start failed (%s); exiting with status %d.'
+                         % (reason, _EX_SOFTWARE), level=_CRITICAL)
                 _hard_exit(_EX_SOFTWARE)
-            self.log('The bus failed to start on thread %r and has exited; '
-                     'the host process goes on.'
-                     % threading.current_thread().name, level=_CRITICAL)
+            self.log('The bus failed to start on thread %r (%s) and has '
+                     'exited; the host process goes on.'
+                     % (threading.current_thread().name, reason),
+                     level=_CRITICAL)
 
     def restart(self):
         """Exit, then re-execute the process from block() on the main thread.
@@ -653,6 +658,15 @@ class Bus:
                     os.set_inheritable(fd, False)
                 except OSError:
                     pass  # Closed meanwhile (the listing's own descriptor).
+
+
+def _describe(error):
+    """Say in one line what went wrong: 'ValueError: bad port; ...'."""
+    if error is None:
+        return 'an exit while starting'
+    errors = (error.get_instances() if isinstance(error, ChannelFailures)
+              else [error])
+    return '; '.join('%s: %s' % (type(e).__name__, e) for e in errors)
 
 
 def _check_rerunnable(interpreter_args):
