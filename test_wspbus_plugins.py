@@ -2239,3 +2239,384 @@ def test_demo_autoreload_restarts_on_a_watched_change(child, tmp_path):
 
 def test_demo_main_is_callable(capsys):
     assert wp.main(['--duration', '0', '--heartbeat', '0', '--quiet']) == 0
+
+
+# -- README -------------------------------------------------------------------
+
+def readme_examples():
+    with open(os.path.join(HERE, 'README.md')) as f:
+        text = f.read()
+    return re.findall(r'^```python\n(.*?)^```', text, re.M | re.S)
+
+
+@pytest.mark.parametrize('code', readme_examples(),
+                         ids=lambda code: code.splitlines()[-1][:40])
+def test_readme_example_runs(child, tmp_path, code):
+    if 'DropPrivileges' in code and not IS_ROOT:
+        pytest.skip('needs root')
+    (tmp_path / 'settings.ini').write_text('[app]\n')
+    proc = child(code, env={'NOTIFY_SOCKET': ''})
+    try:
+        status, out, err = proc.wait(3), None, None
+    except subprocess.TimeoutExpired:  # A service that blocks: stop it.
+        os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    pidfile = tmp_path / 'app.pid'
+    if pidfile.exists():  # The daemon recipe: a daemon is running.
+        pid = read_pid(pidfile)
+        child.track(pid)
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(pid), 'the example daemon')
+        assert not pidfile.exists()
+    assert status == 0, err
+    assert 'Traceback' not in err
+
+
+# -- Reliability --------------------------------------------------------------
+# Short runs in `make test`; `make stress` sets WSPBUS_STRESS=1 and runs the
+# tests marked `stress` longer.
+
+STRESS = os.environ.get('WSPBUS_STRESS') == '1'
+
+
+def scaled(short, long):
+    return long if STRESS else short
+
+
+STORM_CHILD = '''
+    import os, sys, threading, time, wspbus_plugins as wp
+    out = open(sys.argv[1], 'a', buffering=1)
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    running = []
+    def graceful():
+        if running:
+            out.write('overlap\\n')
+        running.append(1)
+        time.sleep(0.001)
+        running.pop()
+        out.write('graceful\\n')
+    bus.subscribe('graceful', graceful)
+    bus.subscribe('exit', lambda: out.write('exit\\n'))
+    bus.subscribe('started', lambda: out.write('ready\\n'))
+    bus.start()
+    bus.block()
+'''
+
+
+@pytest.mark.stress
+@pytest.mark.parametrize('hup_share', [0.0, 0.1])
+def test_reliability_signal_storm_exits_exactly_once(child, tmp_path,
+                                                    hup_share):
+    for round_ in range(scaled(3, 30)):
+        record = tmp_path / ('storm%d' % round_)
+        proc = child(STORM_CHILD, str(record))
+        wait_until(lambda: 'ready' in lines_of(record), 'the child')
+        rng = random.Random(round_)
+        storm = [signal.SIGHUP if rng.random() < hup_share
+                 else signal.SIGUSR1 for _ in range(200)]
+        for sig in storm + [signal.SIGTERM]:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                break  # A SIGHUP (not daemonized) already ended it.
+            time.sleep(0.002)
+        status, out, err = finish(proc)
+        lines = lines_of(record)
+        assert status == 0, err
+        assert lines.count('exit') == 1
+        assert 'overlap' not in lines
+        assert 'Traceback' not in err and err == ''
+
+
+@pytest.mark.stress
+def test_reliability_concurrent_use_while_cycling_states(bus):
+    duration = scaled(2, 20)
+    errors, states_seen = [], set()
+    stop = threading.Event()
+    valid = {wp.states.STOPPED, wp.states.STARTING, wp.states.STARTED,
+             wp.states.STOPPING}
+
+    def hammer(seed):
+        rng = random.Random(seed)
+        mine = []
+        try:
+            while not stop.is_set():
+                action = rng.random()
+                if action < 0.4:
+                    bus.publish(rng.choice(['x', 'graceful', 'main']))
+                elif action < 0.7 or not mine:
+                    func = (lambda: None)
+                    mine.append(func)
+                    bus.subscribe(rng.choice(['x', 'stop', 'start']), func,
+                                  priority=rng.randint(0, 100))
+                else:
+                    func = mine.pop()
+                    for channel in ('x', 'stop', 'start'):
+                        bus.unsubscribe(channel, func)
+                states_seen.add(bus.state)
+        except Exception as exc:
+            errors.append(exc)
+
+    def cycle():
+        try:
+            while not stop.is_set():
+                bus.start()
+                bus.graceful()
+                bus.stop()
+        except Exception as exc:
+            errors.append(exc)
+    threads = [threading.Thread(target=hammer, args=(i,), daemon=True)
+               for i in range(8)]
+    threads.append(threading.Thread(target=cycle, daemon=True))
+    for thread in threads:
+        thread.start()
+    time.sleep(duration)
+    stop.set()
+    for thread in threads:
+        thread.join(TIMEOUT)
+        assert not thread.is_alive(), 'deadlock'
+    assert errors == []
+    assert states_seen <= valid and len(states_seen) >= 3
+
+
+class FakeRestart(Exception):
+    pass
+
+
+@pytest.mark.stress
+def test_reliability_randomised_state_machine(fake_exit):
+    for seed in range(scaled(1000, 10000)):
+        try:
+            run_random_sequence(seed)
+        except AssertionError as exc:
+            raise AssertionError('seed %d: %s' % (seed, exc)) from None
+
+
+def run_random_sequence(seed):
+    rng = random.Random(seed)
+    bus = wp.Bus()
+    calls = []                       # (channel, priority, order) per call
+    subscribed = []
+    order = iter(range(10 ** 9))
+    exits_this_life = {}             # exit listener -> runs this life
+    valid = {wp.states.STOPPED, wp.states.STARTING, wp.states.STARTED,
+             wp.states.STOPPING, wp.states.EXITING}
+
+    def make_listener(channel, priority, fails):
+        def listener():
+            calls.append((channel, priority, seq))
+            if channel == 'exit':
+                exits_this_life[seq] = exits_this_life.get(seq, 0) + 1
+            if fails:
+                raise ValueError('planned failure')
+        seq = next(order)
+        return listener
+    try:
+        for _ in range(rng.randint(5, 30)):
+            op = rng.choice(['start', 'stop', 'graceful', 'exit', 'restart',
+                             'subscribe', 'subscribe', 'unsubscribe'])
+            del calls[:]
+            if op == 'subscribe':
+                channel = rng.choice(['start', 'stop', 'exit', 'graceful'])
+                priority = rng.choice([10, 50, 50, 90])
+                fails = rng.random() < 0.05
+                func = make_listener(channel, priority, fails)
+                bus.subscribe(channel, func, priority=priority)
+                subscribed.append((channel, func))
+                continue
+            if op == 'unsubscribe':
+                if subscribed:
+                    bus.unsubscribe(*subscribed.pop(
+                        rng.randrange(len(subscribed))))
+                continue
+            if op == 'start':  # Every start() begins a new life.
+                exits_this_life.clear()
+            try:
+                getattr(bus, op)()
+            except wp.ChannelFailures:
+                pass  # graceful/stop listeners that fail are reported.
+            assert bus.state in valid
+            for channel in ('start', 'stop', 'exit', 'graceful'):
+                ran = [(p, s) for c, p, s in calls if c == channel]
+                assert ran == sorted(ran), 'out of order on %s' % channel
+            assert max(exits_this_life.values(), default=0) <= 1, \
+                'an exit listener ran twice'
+    except HardExit:
+        pass  # The process would end here (status 70): the sequence ends.
+    finally:
+        atexit.unregister(bus._clean_exit)
+
+
+@pytest.mark.parametrize('what', ['SystemExit', 'KeyboardInterrupt',
+                                  'ValueError'])
+def test_reliability_start_listener_raising_leaves_nothing(child, tmp_path,
+                                                           what):
+    pidfile = tmp_path / 'app.pid'
+    proc = child('''
+        import sys, wspbus_plugins as wp
+        bus = wp.Bus()
+        bus.subscribe('log', lambda msg, level: level >= 40 and
+                      print(msg.splitlines()[0], file=sys.stderr))
+        wp.PIDFile(bus, sys.argv[1]).subscribe()
+        def broken():
+            raise %s('planned')
+        bus.subscribe('start', broken, priority=80)  # After the PID file.
+        bus.start()
+        bus.block()
+    ''' % what, str(pidfile))
+    status, out, err = finish(proc)
+    assert status == 70
+    assert 'Start failed (%s: planned); exiting with status 70.' % what in err
+    assert not pidfile.exists()
+
+
+def test_reliability_stop_listener_failing_during_signal_exit(child,
+                                                             tmp_path):
+    ready = tmp_path / 'ready'
+    proc = child('''
+        import sys, wspbus_plugins as wp
+        bus = wp.Bus()
+        bus.subscribe('log', lambda msg, level: level >= 40 and
+                      print(msg.splitlines()[0], file=sys.stderr))
+        wp.SignalHandler(bus).subscribe()
+        wp.PIDFile(bus, sys.argv[1] + '.pid').subscribe()
+        def broken():
+            raise OSError('disk gone')
+        bus.subscribe('stop', broken)
+        bus.subscribe('started', lambda: open(sys.argv[1], 'w').close())
+        bus.start()
+        bus.block()
+    ''', str(ready))
+    wait_until(ready.exists, 'the child')
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 70
+    assert "Error in 'stop' listener" in err
+    assert 'Exiting with status 70: the stop or exit listeners failed' in err
+
+
+def test_reliability_failing_log_listener_does_not_stop_the_service(child):
+    proc = child('''
+        import wspbus_plugins as wp
+        bus = wp.Bus()
+        def broken(msg, level):
+            raise RuntimeError('log sink down')
+        bus.subscribe('log', broken)
+        bus.start()
+        bus.graceful()
+        bus.exit()
+        print('done')
+    ''')
+    status, out, err = finish(proc)
+    assert (status, out) == (0, 'done\n')
+    assert "a log listener failed (RuntimeError('log sink down'))" in err
+
+
+@needs_fork
+def test_reliability_kill_9_of_a_daemon_then_restart(child, tmp_path):
+    status, _, err, pidfile, starts, log = start_daemon(child, tmp_path)
+    assert status == 0, err
+    first = read_pid(pidfile)
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(first), 'the daemon to die')
+    assert read_pid(pidfile) == first           # Stale, left behind.
+    status, _, err, pidfile, starts, log = start_daemon(child, tmp_path)
+    assert status == 0, err
+    second = read_pid(pidfile)
+    assert second != first and pid_alive(second)
+    assert 'Replacing stale PID file' in log.read_text()
+    os.kill(second, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(second), 'the daemon to exit')
+
+
+@pytest.mark.stress
+def test_reliability_restarts_leak_no_descriptors(child, tmp_path):
+    record = tmp_path / 'fds'
+    restarts = scaled(20, 100)
+    proc = child('''
+        import os, sys, wspbus_plugins as wp
+        bus = wp.Bus()
+        wp.PIDFile(bus, sys.argv[1] + '.pid').subscribe()
+        reloader = wp.Autoreloader(bus, frequency=60)
+        reloader.subscribe()
+        bus.start()
+        with open(sys.argv[1], 'a') as f:
+            f.write('%d\\n' % len(os.listdir('/proc/self/fd')))
+        with open(sys.argv[1]) as f:
+            runs = len(f.readlines())
+        if runs < int(sys.argv[2]):
+            bus.restart()
+        else:
+            bus.exit()
+        bus.block()
+    ''', str(record), str(restarts))
+    status, out, err = finish(proc)
+    assert status == 0, err
+    counts = lines_of(record)
+    assert len(counts) == restarts
+    assert len(set(counts)) == 1, counts
+
+
+@pytest.mark.stress
+def test_reliability_memory_stays_flat(bus):
+    funcs = [(lambda: None) for _ in range(10)]
+    for func in funcs:
+        bus.subscribe('x', func)
+
+    def churn(publishes, cycles):
+        for _ in range(publishes):
+            bus.publish('x')
+        for _ in range(cycles):
+            func = (lambda: None)
+            bus.subscribe('y', func)
+            bus.unsubscribe('y', func)
+    churn(1000, 100)  # Warm the caches.
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        churn(scaled(100000, 1000000), scaled(10000, 100000))
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    growth = sum(stat.size_diff for stat in
+                 after.compare_to(before, 'filename')
+                 if stat.traceback[0].filename == wp.__file__)
+    assert growth < 4096
+
+
+def test_reliability_plugin_threads_are_gone_after_exit(bus, tmp_path,
+                                                        monkeypatch):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / 'notify'))
+    monkeypatch.setenv('NOTIFY_SOCKET', str(tmp_path / 'notify'))
+    monkeypatch.setenv('WATCHDOG_USEC', '1000000')
+    before = set(threading.enumerate())
+    try:
+        wp.Monitor(bus, lambda: None, frequency=60).subscribe()
+        wp.Autoreloader(bus, frequency=60).subscribe()
+        wp.SystemdNotifier(bus).subscribe()
+        bus.start()
+        assert len(set(threading.enumerate()) - before) == 3
+        bus.exit()
+        wait_until(lambda: set(threading.enumerate()) <= before,
+                   'plugin threads to end')
+    finally:
+        sock.close()
+
+
+def test_reliability_pidfile_in_a_world_writable_directory(bus, tmp_path):
+    shared = tmp_path / 'shared'
+    shared.mkdir()
+    shared.chmod(0o1777)
+    path = shared / 'app.pid'
+    (shared / 'elsewhere').write_text('victim\n')
+    path.symlink_to(shared / 'elsewhere')  # Planted by another user.
+    with pytest.raises(RuntimeError, match='symbolic link'):
+        wp.PIDFile(bus, str(path)).start()
+    assert (shared / 'elsewhere').read_text() == 'victim\n'
+    path.unlink()
+    plugin = wp.PIDFile(bus, str(path))
+    plugin.start()
+    assert read_pid(path) == os.getpid()
+    plugin.exit()

@@ -1,0 +1,480 @@
+"""Measure wspbus_plugins against its limits and against CherryPy's bus.
+
+Each row of SPEC section 6 is measured for this module, for the bare
+operation it wraps (its limit) and, when ``cherrypy`` is importable, for
+CherryPy's ``cherrypy.process``.  Variants run interleaved (A B C A B C ...)
+so a noisy machine slows them alike; the table shows medians and ratios.
+
+    python bench_wspbus_plugins.py [--quick] [--json]
+
+Standard library only; ``make bench`` runs it in a venv with CherryPy.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import wspbus_plugins as wp
+
+try:
+    from cherrypy.process import plugins as cp_plugins
+    from cherrypy.process import wspbus as cp_wspbus
+except ImportError:
+    cp_plugins = cp_wspbus = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HEAVY = ('ctypes', 'subprocess', 'logging', 'argparse', 'pwd', 'grp',
+         'socket', 're', 'traceback')
+
+
+# -- Measuring ----------------------------------------------------------------
+
+def interleaved(variants, rounds):
+    """Run each variant once per round, in turn; return medians by name.
+
+    `variants` maps a name to a function returning one sample (seconds).
+    """
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, measure in variants.items():
+            samples[name].append(measure())
+    return {name: statistics.median(values)
+            for name, values in samples.items()}
+
+
+def per_call(func, calls):
+    def measure():
+        started = time.perf_counter()
+        for _ in range(calls):
+            func()
+        return (time.perf_counter() - started) / calls
+    return measure
+
+
+# -- publish ------------------------------------------------------------------
+
+def listener():
+    return None
+
+
+def bare_loop(funcs):
+    output = []
+    for func in funcs:
+        try:
+            output.append(func())
+        except Exception:
+            pass
+    return output
+
+
+def bench_publish(count, rounds):
+    funcs = [(lambda: None) for _ in range(count)]
+    ours = wp.Bus()
+    for func in funcs:
+        ours.subscribe('x', func)
+    variants = {'ours': per_call(lambda: ours.publish('x'), 2000),
+                'limit': per_call(lambda: bare_loop(funcs), 2000)}
+    if cp_wspbus:
+        theirs = cp_wspbus.Bus()
+        for func in funcs:
+            theirs.subscribe('x', func)
+        variants['cherrypy'] = per_call(lambda: theirs.publish('x'), 2000)
+    return interleaved(variants, rounds)
+
+
+# -- SIGTERM to a blocked process ---------------------------------------------
+
+SIGTERM_CHILDREN = {
+    'ours': '''
+        import wspbus_plugins as wp
+        bus = wp.Bus()
+        wp.SignalHandler(bus).subscribe()
+        bus.start()
+        print('ready', flush=True)
+        bus.block()
+    ''',
+    'limit': '''
+        import signal, sys
+        signal.signal(signal.SIGTERM, lambda *args: sys.exit(0))
+        print('ready', flush=True)
+        signal.pause()
+    ''',
+    'cherrypy': '''
+        from cherrypy.process import plugins, wspbus
+        bus = wspbus.Bus()
+        plugins.SignalHandler(bus).subscribe()
+        bus.start()
+        print('ready', flush=True)
+        bus.block()
+    ''',
+}
+
+
+def sigterm_to_gone(code):
+    def measure():
+        proc = subprocess.Popen(
+            [sys.executable, '-c', textwrap.dedent(code)],
+            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=HERE))
+        try:
+            if proc.stdout.readline() != b'ready\n':
+                raise RuntimeError('child did not start')
+            time.sleep(0.05)  # Let it settle into block().
+            # wait() without a timeout blocks in waitpid(); with one, it
+            # polls with doubling sleeps and rounds the result up to ~4 ms.
+            guard = threading.Timer(30, proc.kill)
+            guard.start()
+            started = time.perf_counter()
+            os.kill(proc.pid, signal.SIGTERM)
+            proc.wait()
+            elapsed = time.perf_counter() - started
+            guard.cancel()
+            return elapsed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+    return measure
+
+
+def bench_sigterm(rounds):
+    names = ['ours', 'limit'] + (['cherrypy'] if cp_wspbus else [])
+    return interleaved({n: sigterm_to_gone(SIGTERM_CHILDREN[n])
+                        for n in names}, rounds)
+
+
+# -- BackgroundTask.cancel() --------------------------------------------------
+
+def cancel_to_ended(task_class, wait=10.0):
+    def measure():
+        task = task_class(60, listener)
+        task.start()
+        while not task.running:
+            time.sleep(0.001)
+        started = time.perf_counter()
+        task.cancel()
+        task.join(wait)
+        if task.is_alive():
+            return float('inf')
+        return time.perf_counter() - started
+    return measure
+
+
+def bench_cancel(rounds):
+    result = interleaved({'ours': cancel_to_ended(wp.BackgroundTask)},
+                         rounds)
+    if cp_plugins:  # Its thread sleeps out the interval: try once, briefly.
+        result['cherrypy'] = cancel_to_ended(cp_plugins.BackgroundTask,
+                                             wait=1.0)()
+    return result
+
+
+# -- Autoreload ---------------------------------------------------------------
+
+NO_MODULES = r'^wspbus_bench_matches_no_module$'
+
+
+def make_files(root, count=2000, per_dir=100):
+    files = []
+    for i in range(count):
+        directory = os.path.join(root, 'd%02d' % (i // per_dir))
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, 'mod%04d.py' % i)
+        with open(path, 'w') as f:
+            f.write('X = %d\n' % i)
+        files.append(path)
+    return files
+
+
+class RestartRecorder:
+    def __init__(self):
+        self.event = threading.Event()
+        self.at = None
+
+    def restart(self):
+        self.at = time.perf_counter()
+        self.event.set()
+
+
+def save_to_restart(make_reloader, files, settle):
+    """Time from a file's save to the reloader's restart() call."""
+    state = {'n': 0}
+
+    def measure():
+        recorder = RestartRecorder()
+        reloader = make_reloader(recorder)
+        reloader.start()
+        time.sleep(settle)  # Baseline taken (CherryPy: after one tick).
+        path = files[state['n'] % len(files)]
+        state['n'] += 1
+        started = time.perf_counter()
+        with open(path, 'a') as f:
+            f.write('# saved\n')
+        if not recorder.event.wait(10):
+            reloader.stop()
+            return float('inf')
+        reloader.stop()
+        return recorder.at - started
+    return measure
+
+
+def our_reloader(files, use_inotify):
+    def make(recorder):
+        bus = wp.Bus()
+        bus.restart = recorder.restart
+        reloader = wp.Autoreloader(bus, frequency=1, match=NO_MODULES,
+                                   use_inotify=use_inotify)
+        reloader.files.update(files)
+        return reloader
+    return make
+
+
+def cherrypy_reloader(files):
+    def make(recorder):
+        bus = cp_wspbus.Bus()
+        bus.restart = recorder.restart
+        bus.log = lambda *args, **kwargs: None
+        reloader = cp_plugins.Autoreloader(bus, frequency=1,
+                                           match=NO_MODULES)
+        reloader.files.update(files)
+        return reloader
+    return make
+
+
+def bench_reload_latency(files, rounds):
+    variants = {'inotify': save_to_restart(our_reloader(files, True), files,
+                                           0.1),
+                'polling': save_to_restart(our_reloader(files, False),
+                                           files, 0.1)}
+    if cp_plugins:
+        variants['cherrypy'] = save_to_restart(cherrypy_reloader(files),
+                                               files, 1.2)
+    return interleaved(variants, rounds)
+
+
+def bench_polling_tick(files, rounds):
+    bus = wp.Bus()
+    bus.restart = lambda: None
+    ours = wp.Autoreloader(bus, match=NO_MODULES, use_inotify=False)
+    ours.files.update(files)
+    ours.run()  # Baseline.
+    stat = os.stat
+
+    def bare():
+        for path in files:
+            stat(path)
+    variants = {'ours': per_call(ours.run, 20), 'limit': per_call(bare, 20)}
+    if cp_plugins:
+        cp_bus = cp_wspbus.Bus()
+        theirs = cp_plugins.Autoreloader(cp_bus, match=NO_MODULES)
+        theirs.files.update(files)
+        theirs.run()
+        variants['cherrypy'] = per_call(theirs.run, 20)
+    return interleaved(variants, rounds)
+
+
+def bench_idle_inotify_tick(files, rounds):
+    bus = wp.Bus()
+    bus.restart = lambda: None
+    reloader = wp.Autoreloader(bus, frequency=3600, match=NO_MODULES)
+    reloader.files.update(files)
+    reloader.start()
+    try:
+        if not isinstance(reloader.thread, wp._WatchTask):
+            return None
+        return interleaved({'ours': per_call(reloader.run, 200)}, rounds)
+    finally:
+        reloader.stop()
+
+
+# -- Import time --------------------------------------------------------------
+
+def import_cost(statement):
+    """Microseconds that `statement` adds to a fresh interpreter's imports."""
+    def top_level(code):
+        err = subprocess.run(
+            [sys.executable, '-X', 'importtime', '-c', code],
+            capture_output=True, text=True, env=dict(os.environ,
+                                                     PYTHONPATH=HERE)).stderr
+        costs = {}
+        for line in err.splitlines():
+            if line.startswith('import time:') and '|' in line:
+                _, cumulative, name = line.split('|')
+                if not name.startswith('  ') and cumulative.strip().isdigit():
+                    costs[name.strip()] = int(cumulative)
+        return costs
+    baseline = top_level('pass')
+    costs = top_level(statement)
+    return sum(v for k, v in costs.items() if k not in baseline) / 1e6
+
+
+def heavy_modules_pulled_in():
+    code = ('import sys; before = set(sys.modules); import wspbus_plugins; '
+            'print(" ".join(sorted(set(sys.modules) - before)))')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                         text=True, env=dict(os.environ, PYTHONPATH=HERE))
+    return sorted(set(out.stdout.split()) & set(HEAVY))
+
+
+def bench_import(rounds):
+    # pip compiles CherryPy's files when it installs them; compile ours too,
+    # even where PYTHONDONTWRITEBYTECODE is set, so both import from .pyc.
+    import py_compile
+    py_compile.compile(wp.__file__)
+    variants = {'ours': lambda: import_cost('import wspbus_plugins')}
+    if cp_wspbus:
+        variants['cherrypy'] = lambda: import_cost('import cherrypy.process')
+    return interleaved(variants, rounds)
+
+
+# -- Report -------------------------------------------------------------------
+
+class Row:
+    def __init__(self, metric, ours, limit=None, cherrypy=None, unit='ms',
+                 target='', passed=None):
+        self.metric = metric
+        self.ours, self.limit, self.cherrypy = ours, limit, cherrypy
+        self.unit = unit
+        self.target = target
+        self.passed = passed
+
+    def ratio(self, other):
+        if other in (None, 0) or self.ours is None:
+            return None
+        return self.ours / other
+
+    def as_dict(self):
+        return {'metric': self.metric, 'unit': self.unit, 'ours': self.ours,
+                'limit': self.limit, 'cherrypy': self.cherrypy,
+                'ratio_to_limit': self.ratio(self.limit),
+                'ratio_to_cherrypy': self.ratio(self.cherrypy),
+                'target': self.target,
+                'result': {True: 'PASS', False: 'FAIL', None: '-'}[
+                    self.passed]}
+
+
+def fmt(value, unit):
+    if value is None:
+        return '-'
+    if value == float('inf'):
+        return '>timeout'
+    scale = {'ms': 1e3, 'us': 1e6, 'ns': 1e9}[unit]
+    return '%.3g %s' % (value * scale, unit)
+
+
+def fmt_ratio(value):
+    return '-' if value is None else '%.2fx' % value
+
+
+def print_table(rows):
+    header = ('metric', 'this module', 'limit', 'CherryPy 18.10', 'x limit',
+              'x CherryPy', 'target', 'result')
+    lines = [header] + [
+        (r.metric, fmt(r.ours, r.unit), fmt(r.limit, r.unit),
+         fmt(r.cherrypy, r.unit), fmt_ratio(r.ratio(r.limit)),
+         fmt_ratio(r.ratio(r.cherrypy)), r.target,
+         r.as_dict()['result']) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(8)]
+    for n, line in enumerate(lines):
+        print('| ' + ' | '.join(cell.ljust(w) for cell, w in
+                                zip(line, widths)) + ' |')
+        if n == 0:
+            print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+
+
+def within(value, bound):
+    return value is not None and bound is not None and value <= bound
+
+
+def run(quick):
+    rounds = 5 if quick else 15
+    rows = []
+    for count in (1, 10, 100):
+        r = bench_publish(count, rounds * 2)
+        row = Row('publish, %d listener%s' % (count, 's' * (count > 1)),
+                  r['ours'], r['limit'], r.get('cherrypy'), unit='us')
+        if count == 10:
+            row.target = '<= 1.8x limit, >= 4x faster than CherryPy'
+            row.passed = within(row.ratio(row.limit), 1.8) and (
+                row.cherrypy is None or within(row.ratio(row.cherrypy),
+                                               0.25))
+        rows.append(row)
+
+    r = bench_sigterm(rounds if quick else 25)
+    rows.append(Row('SIGTERM to block()ed process -> gone (p50)', r['ours'],
+                    r['limit'], r.get('cherrypy'), target='<= 2x limit',
+                    passed=within(r['ours'], 2 * r['limit'])))
+
+    r = bench_cancel(rounds * 4)
+    rows.append(Row('BackgroundTask(60, f).cancel() -> ended', r['ours'],
+                    None, r.get('cherrypy'), target='<= 10 ms',
+                    passed=within(r['ours'], 0.010)))
+
+    root = tempfile.mkdtemp(prefix='wspbus-bench-')
+    try:
+        files = make_files(root)
+        r = bench_reload_latency(files, 5 if quick else 10)
+        rows.append(Row('save -> restart(), 2000 files, inotify (p50)',
+                        r['inotify'], None, r.get('cherrypy'),
+                        target='<= 50 ms',
+                        passed=within(r['inotify'], 0.050)))
+        rows.append(Row('save -> restart(), 2000 files, polling (p50)',
+                        r['polling'], None, r.get('cherrypy'),
+                        target='(frequency=1)'))
+        r = bench_polling_tick(files, rounds)
+        polling = Row('polling tick, 2000 files', r['ours'], r['limit'],
+                      r.get('cherrypy'), target='<= 1.2x limit',
+                      passed=within(r['ours'], 1.2 * r['limit']))
+        rows.append(polling)
+        r = bench_idle_inotify_tick(files, rounds)
+        reference = polling.cherrypy or polling.limit
+        rows.append(Row('idle tick with inotify, 2000 files',
+                        r and r['ours'], None, polling.cherrypy, unit='us',
+                        target='<= 1/10 CherryPy polling tick',
+                        passed=r is not None and within(r['ours'],
+                                                        reference / 10)))
+    finally:
+        shutil.rmtree(root)
+
+    r = bench_import(5 if quick else 10)
+    heavy = heavy_modules_pulled_in()
+    rows.append(Row('import (-X importtime, cumulative)', r['ours'], None,
+                    r.get('cherrypy'), target='<= 1/15 CherryPy; '
+                    'no heavy module' + ('' if not heavy else
+                                         ' (pulls in %s)' % ', '.join(heavy)),
+                    passed=not heavy and (r.get('cherrypy') is None
+                                          or within(r['ours'],
+                                                    r['cherrypy'] / 15))))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--quick', action='store_true',
+                        help='fewer rounds: done in under a minute')
+    parser.add_argument('--json', action='store_true',
+                        help='print the rows as JSON instead of a table')
+    options = parser.parse_args(argv)
+    rows = run(options.quick)
+    if options.json:
+        print(json.dumps([row.as_dict() for row in rows], indent=2))
+    else:
+        print('Python %s on %s, %d CPUs; CherryPy %s' % (
+            sys.version.split()[0], sys.platform, os.cpu_count(),
+            'present' if cp_wspbus else 'not installed'))
+        print_table(rows)
+    return 0 if all(row.passed is not False for row in rows) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
