@@ -6,16 +6,14 @@ real child processes, each bounded by TIMEOUT and killed in a finally.
 Run one area with ``-k``, e.g. ``.venv/bin/python -m pytest -k PIDFile``.
 """
 
-import atexit
 import ast
+import atexit
 import ctypes
-import io
 import logging
 import os
 import pty
 import random
 import re
-import select
 import signal
 import socket
 import subprocess
@@ -709,7 +707,7 @@ def test_bus_block_in_child_exits_promptly_on_exit_from_thread(child):
     assert (status, out) == (0, 'exit ran\nblock returned\n'), err
 
 
-# -- Bus: re-execution ---------------------------------------------------------
+# -- Bus: re-execution --------------------------------------------------------
 
 RESTART_CHILD = '''
     import json, os, sys, threading
@@ -1060,7 +1058,7 @@ def test_signalhandler_sighup_restarts_a_daemon_in_place(child, tmp_path):
     pid = read_pid(pidfile)
     for count in (2, 3):  # Twice: a re-executed daemon is still a daemon.
         os.kill(pid, signal.SIGHUP)
-        wait_until(lambda: len(lines_of(starts)) == count, 'a restart')
+        wait_until(lambda n=count: len(lines_of(starts)) == n, 'a restart')
     assert {line.split()[0] for line in lines_of(starts)} == {str(pid)}
     assert read_pid(pidfile) == pid
     os.kill(pid, signal.SIGTERM)
@@ -1493,14 +1491,14 @@ def test_pidfile_two_instances_at_once_exactly_one_runs(child, tmp_path):
     path = tmp_path / 'race.pid'
     for attempt in range(10):
         pair = [child(PIDFILE_RACE_CHILD, str(path)) for _ in range(2)]
-        wait_until(lambda: any(p.poll() is not None for p in pair),
+        wait_until(lambda pair=pair: any(p.poll() is not None for p in pair),
                    'one instance of the pair to give up')
         [loser] = [p for p in pair if p.poll() is not None]
         [winner] = [p for p in pair if p is not loser]
         status, out, err = finish(loser)
         assert status == 70, 'attempt %d: %s' % (attempt, err)
         assert 'is held by running process %d' % winner.pid in err
-        wait_until(lambda: path.read_text() == '%d\n' % winner.pid,
+        wait_until(lambda w=winner: path.read_text() == '%d\n' % w.pid,
                    'the winner to write its PID')
         assert winner.poll() is None
         winner.send_signal(signal.SIGTERM)
@@ -2311,7 +2309,7 @@ def test_reliability_signal_storm_exits_exactly_once(child, tmp_path,
     for round_ in range(scaled(3, 30)):
         record = tmp_path / ('storm%d' % round_)
         proc = child(STORM_CHILD, str(record))
-        wait_until(lambda: 'ready' in lines_of(record), 'the child')
+        wait_until(lambda r=record: 'ready' in lines_of(r), 'the child')
         rng = random.Random(round_)
         storm = [signal.SIGHUP if rng.random() < hup_share
                  else signal.SIGUSR1 for _ in range(200)]
@@ -2346,7 +2344,8 @@ def test_reliability_concurrent_use_while_cycling_states(bus):
                 if action < 0.4:
                     bus.publish(rng.choice(['x', 'graceful', 'main']))
                 elif action < 0.7 or not mine:
-                    func = (lambda: None)
+                    def func():
+                        pass
                     mine.append(func)
                     bus.subscribe(rng.choice(['x', 'stop', 'start']), func,
                                   priority=rng.randint(0, 100))
@@ -2568,7 +2567,8 @@ def test_reliability_memory_stays_flat(bus):
         for _ in range(publishes):
             bus.publish('x')
         for _ in range(cycles):
-            func = (lambda: None)
+            def func():
+                pass
             bus.subscribe('y', func)
             bus.unsubscribe('y', func)
     churn(1000, 100)  # Warm the caches.

@@ -501,7 +501,7 @@ class Bus:
         """
         try:
             self.wait(states.EXITING, interval=interval, channel='main')
-        except (KeyboardInterrupt, IOError):
+        except (KeyboardInterrupt, OSError):
             self.log('Keyboard Interrupt: shutting down bus')
             self.exit()
         except SystemExit:
@@ -588,7 +588,8 @@ class Bus:
                 'The main thread is exiting, but the Bus is in the %r state; '
                 'shutting it down automatically now. You must either call '
                 'bus.block() after start(), or call bus.exit() before the '
-                'main thread exits.' % self._state, RuntimeWarning)
+                'main thread exits.' % self._state, RuntimeWarning,
+                stacklevel=2)
             self.exit()
 
     # -- Re-execution (restart) --
@@ -1316,7 +1317,8 @@ def _check_parent_dir(path, what):
         os.stat(directory)
     except PermissionError:
         raise ValueError('%s directory %r cannot be reached: permission '
-                         'denied (for %r).' % (what, directory, path)) from None
+                         'denied (for %r).' % (what, directory, path)
+                         ) from None
     except OSError:
         pass
     if not os.path.isdir(directory):
@@ -2247,8 +2249,8 @@ def main(argv=None):
         demo.subscribe('exit', timer.cancel)
     if not options.quiet:
         sys.stderr.write(
-            'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or kill -TERM '
-            '%d; kill -USR1 %d reloads it.\n'
+            'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or '
+            'kill -TERM %d; kill -USR1 %d reloads it.\n'
             % (__version__, os.getpid(), os.getpid(), os.getpid()))
     demo.start()
     demo.block()
