@@ -34,6 +34,7 @@ bench:
 lint: $(STAMP)
 	$(VENV_PY) -m pip install --quiet --disable-pip-version-check ruff vermin
 	$(VENV)/bin/ruff check $(PY_FILES)
+	$(VENV)/bin/ruff format --check $(PY_FILES)
 	$(VENV)/bin/vermin -t=3.8- --violations --no-tips wspbus_plugins.py
 
 .PHONY: clean

@@ -32,11 +32,21 @@ except ImportError:
     cp_plugins = cp_wspbus = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEAVY = ('ctypes', 'subprocess', 'logging', 'argparse', 'pwd', 'grp',
-         'socket', 're', 'traceback')
+HEAVY = (
+    'ctypes',
+    'subprocess',
+    'logging',
+    'argparse',
+    'pwd',
+    'grp',
+    'socket',
+    're',
+    'traceback',
+)
 
 
 # -- Measuring ----------------------------------------------------------------
+
 
 def interleaved(variants, rounds):
     """Run each variant once per round, in turn; return medians by name.
@@ -47,8 +57,9 @@ def interleaved(variants, rounds):
     for _ in range(rounds):
         for name, measure in variants.items():
             samples[name].append(measure())
-    return {name: statistics.median(values)
-            for name, values in samples.items()}
+    return {
+        name: statistics.median(values) for name, values in samples.items()
+    }
 
 
 def per_call(func, calls):
@@ -57,10 +68,12 @@ def per_call(func, calls):
         for _ in range(calls):
             func()
         return (time.perf_counter() - started) / calls
+
     return measure
 
 
 # -- publish ------------------------------------------------------------------
+
 
 def listener():
     return None
@@ -81,8 +94,10 @@ def bench_publish(count, rounds):
     ours = wp.Bus()
     for func in funcs:
         ours.subscribe('x', func)
-    variants = {'ours': per_call(lambda: ours.publish('x'), 2000),
-                'limit': per_call(lambda: bare_loop(funcs), 2000)}
+    variants = {
+        'ours': per_call(lambda: ours.publish('x'), 2000),
+        'limit': per_call(lambda: bare_loop(funcs), 2000),
+    }
     if cp_wspbus:
         theirs = cp_wspbus.Bus()
         for func in funcs:
@@ -94,28 +109,28 @@ def bench_publish(count, rounds):
 # -- SIGTERM to a blocked process ---------------------------------------------
 
 SIGTERM_CHILDREN = {
-    'ours': '''
+    'ours': """
         import wspbus_plugins as wp
         bus = wp.Bus()
         wp.SignalHandler(bus).subscribe()
         bus.start()
         print('ready', flush=True)
         bus.block()
-    ''',
-    'limit': '''
+    """,
+    'limit': """
         import signal, sys
         signal.signal(signal.SIGTERM, lambda *args: sys.exit(0))
         print('ready', flush=True)
         signal.pause()
-    ''',
-    'cherrypy': '''
+    """,
+    'cherrypy': """
         from cherrypy.process import plugins, wspbus
         bus = wspbus.Bus()
         plugins.SignalHandler(bus).subscribe()
         bus.start()
         print('ready', flush=True)
         bus.block()
-    ''',
+    """,
 }
 
 
@@ -123,8 +138,10 @@ def sigterm_to_gone(code):
     def measure():
         proc = subprocess.Popen(
             [sys.executable, '-c', textwrap.dedent(code)],
-            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-            env=dict(os.environ, PYTHONPATH=HERE))
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=HERE),
+        )
         try:
             if proc.stdout.readline() != b'ready\n':
                 raise RuntimeError('child did not start')
@@ -144,16 +161,19 @@ def sigterm_to_gone(code):
                 proc.kill()
                 proc.wait()
             proc.stdout.close()
+
     return measure
 
 
 def bench_sigterm(rounds):
     names = ['ours', 'limit'] + (['cherrypy'] if cp_wspbus else [])
-    return interleaved({n: sigterm_to_gone(SIGTERM_CHILDREN[n])
-                        for n in names}, rounds)
+    return interleaved(
+        {n: sigterm_to_gone(SIGTERM_CHILDREN[n]) for n in names}, rounds
+    )
 
 
 # -- BackgroundTask.cancel() --------------------------------------------------
+
 
 def cancel_to_ended(task_class, wait=10.0):
     def measure():
@@ -167,15 +187,16 @@ def cancel_to_ended(task_class, wait=10.0):
         if task.is_alive():
             return float('inf')
         return time.perf_counter() - started
+
     return measure
 
 
 def bench_cancel(rounds):
-    result = interleaved({'ours': cancel_to_ended(wp.BackgroundTask)},
-                         rounds)
+    result = interleaved({'ours': cancel_to_ended(wp.BackgroundTask)}, rounds)
     if cp_plugins:  # Its thread sleeps out the interval: try once, briefly.
-        result['cherrypy'] = cancel_to_ended(cp_plugins.BackgroundTask,
-                                             wait=1.0)()
+        result['cherrypy'] = cancel_to_ended(
+            cp_plugins.BackgroundTask, wait=1.0
+        )()
     return result
 
 
@@ -225,6 +246,7 @@ def save_to_restart(make_reloader, files, settle):
             return float('inf')
         reloader.stop()
         return recorder.at - started
+
     return measure
 
 
@@ -232,10 +254,12 @@ def our_reloader(files, use_inotify):
     def make(recorder):
         bus = wp.Bus()
         bus.restart = recorder.restart
-        reloader = wp.Autoreloader(bus, frequency=1, match=NO_MODULES,
-                                   use_inotify=use_inotify)
+        reloader = wp.Autoreloader(
+            bus, frequency=1, match=NO_MODULES, use_inotify=use_inotify
+        )
         reloader.files.update(files)
         return reloader
+
     return make
 
 
@@ -244,21 +268,22 @@ def cherrypy_reloader(files):
         bus = cp_wspbus.Bus()
         bus.restart = recorder.restart
         bus.log = lambda *args, **kwargs: None
-        reloader = cp_plugins.Autoreloader(bus, frequency=1,
-                                           match=NO_MODULES)
+        reloader = cp_plugins.Autoreloader(bus, frequency=1, match=NO_MODULES)
         reloader.files.update(files)
         return reloader
+
     return make
 
 
 def bench_reload_latency(files, rounds):
-    variants = {'inotify': save_to_restart(our_reloader(files, True), files,
-                                           0.1),
-                'polling': save_to_restart(our_reloader(files, False),
-                                           files, 0.1)}
+    variants = {
+        'inotify': save_to_restart(our_reloader(files, True), files, 0.1),
+        'polling': save_to_restart(our_reloader(files, False), files, 0.1),
+    }
     if cp_plugins:
-        variants['cherrypy'] = save_to_restart(cherrypy_reloader(files),
-                                               files, 1.2)
+        variants['cherrypy'] = save_to_restart(
+            cherrypy_reloader(files), files, 1.2
+        )
     return interleaved(variants, rounds)
 
 
@@ -273,6 +298,7 @@ def bench_polling_tick(files, rounds):
     def bare():
         for path in files:
             stat(path)
+
     variants = {'ours': per_call(ours.run, 20), 'limit': per_call(bare, 20)}
     if cp_plugins:
         cp_bus = cp_wspbus.Bus()
@@ -299,13 +325,17 @@ def bench_idle_inotify_tick(files, rounds):
 
 # -- Import time --------------------------------------------------------------
 
+
 def import_cost(statement):
     """Microseconds that `statement` adds to a fresh interpreter's imports."""
+
     def top_level(code):
         err = subprocess.run(
             [sys.executable, '-X', 'importtime', '-c', code],
-            capture_output=True, text=True, env=dict(os.environ,
-                                                     PYTHONPATH=HERE)).stderr
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONPATH=HERE),
+        ).stderr
         costs = {}
         for line in err.splitlines():
             if line.startswith('import time:') and '|' in line:
@@ -313,16 +343,23 @@ def import_cost(statement):
                 if not name.startswith('  ') and cumulative.strip().isdigit():
                     costs[name.strip()] = int(cumulative)
         return costs
+
     baseline = top_level('pass')
     costs = top_level(statement)
     return sum(v for k, v in costs.items() if k not in baseline) / 1e6
 
 
 def heavy_modules_pulled_in():
-    code = ('import sys; before = set(sys.modules); import wspbus_plugins; '
-            'print(" ".join(sorted(set(sys.modules) - before)))')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                         text=True, env=dict(os.environ, PYTHONPATH=HERE))
+    code = (
+        'import sys; before = set(sys.modules); import wspbus_plugins; '
+        'print(" ".join(sorted(set(sys.modules) - before)))'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=HERE),
+    )
     return sorted(set(out.stdout.split()) & set(HEAVY))
 
 
@@ -330,6 +367,7 @@ def bench_import(rounds):
     # pip compiles CherryPy's files when it installs them; compile ours too,
     # even where PYTHONDONTWRITEBYTECODE is set, so both import from .pyc.
     import py_compile
+
     py_compile.compile(wp.__file__)
     variants = {'ours': lambda: import_cost('import wspbus_plugins')}
     if cp_wspbus:
@@ -339,9 +377,18 @@ def bench_import(rounds):
 
 # -- Report -------------------------------------------------------------------
 
+
 class Row:
-    def __init__(self, metric, ours, limit=None, cherrypy=None, unit='ms',
-                 target='', passed=None):
+    def __init__(
+        self,
+        metric,
+        ours,
+        limit=None,
+        cherrypy=None,
+        unit='ms',
+        target='',
+        passed=None,
+    ):
         self.metric = metric
         self.ours, self.limit, self.cherrypy = ours, limit, cherrypy
         self.unit = unit
@@ -354,13 +401,17 @@ class Row:
         return self.ours / other
 
     def as_dict(self):
-        return {'metric': self.metric, 'unit': self.unit, 'ours': self.ours,
-                'limit': self.limit, 'cherrypy': self.cherrypy,
-                'ratio_to_limit': self.ratio(self.limit),
-                'ratio_to_cherrypy': self.ratio(self.cherrypy),
-                'target': self.target,
-                'result': {True: 'PASS', False: 'FAIL', None: '-'}[
-                    self.passed]}
+        return {
+            'metric': self.metric,
+            'unit': self.unit,
+            'ours': self.ours,
+            'limit': self.limit,
+            'cherrypy': self.cherrypy,
+            'ratio_to_limit': self.ratio(self.limit),
+            'ratio_to_cherrypy': self.ratio(self.cherrypy),
+            'target': self.target,
+            'result': {True: 'PASS', False: 'FAIL', None: '-'}[self.passed],
+        }
 
 
 def fmt(value, unit):
@@ -377,17 +428,36 @@ def fmt_ratio(value):
 
 
 def print_table(rows):
-    header = ('metric', 'this module', 'limit', 'CherryPy 18.10', 'x limit',
-              'x CherryPy', 'target', 'result')
+    header = (
+        'metric',
+        'this module',
+        'limit',
+        'CherryPy 18.10',
+        'x limit',
+        'x CherryPy',
+        'target',
+        'result',
+    )
     lines = [header] + [
-        (r.metric, fmt(r.ours, r.unit), fmt(r.limit, r.unit),
-         fmt(r.cherrypy, r.unit), fmt_ratio(r.ratio(r.limit)),
-         fmt_ratio(r.ratio(r.cherrypy)), r.target,
-         r.as_dict()['result']) for r in rows]
+        (
+            r.metric,
+            fmt(r.ours, r.unit),
+            fmt(r.limit, r.unit),
+            fmt(r.cherrypy, r.unit),
+            fmt_ratio(r.ratio(r.limit)),
+            fmt_ratio(r.ratio(r.cherrypy)),
+            r.target,
+            r.as_dict()['result'],
+        )
+        for r in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(8)]
     for n, line in enumerate(lines):
-        print('| ' + ' | '.join(cell.ljust(w) for cell, w in
-                                zip(line, widths)) + ' |')
+        print(
+            '| '
+            + ' | '.join(cell.ljust(w) for cell, w in zip(line, widths))
+            + ' |'
+        )
         if n == 0:
             print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
 
@@ -401,77 +471,140 @@ def run(quick):
     rows = []
     for count in (1, 10, 100):
         r = bench_publish(count, rounds * 2)
-        row = Row('publish, %d listener%s' % (count, 's' * (count > 1)),
-                  r['ours'], r['limit'], r.get('cherrypy'), unit='us')
+        row = Row(
+            'publish, %d listener%s' % (count, 's' * (count > 1)),
+            r['ours'],
+            r['limit'],
+            r.get('cherrypy'),
+            unit='us',
+        )
         if count == 10:
             row.target = '<= 1.8x limit, >= 4x faster than CherryPy'
             row.passed = within(row.ratio(row.limit), 1.8) and (
-                row.cherrypy is None or within(row.ratio(row.cherrypy),
-                                               0.25))
+                row.cherrypy is None or within(row.ratio(row.cherrypy), 0.25)
+            )
         rows.append(row)
 
     r = bench_sigterm(rounds if quick else 25)
-    rows.append(Row('SIGTERM to block()ed process -> gone (p50)', r['ours'],
-                    r['limit'], r.get('cherrypy'), target='<= 2x limit',
-                    passed=within(r['ours'], 2 * r['limit'])))
+    rows.append(
+        Row(
+            'SIGTERM to block()ed process -> gone (p50)',
+            r['ours'],
+            r['limit'],
+            r.get('cherrypy'),
+            target='<= 2x limit',
+            passed=within(r['ours'], 2 * r['limit']),
+        )
+    )
 
     r = bench_cancel(rounds * 4)
-    rows.append(Row('BackgroundTask(60, f).cancel() -> ended', r['ours'],
-                    None, r.get('cherrypy'), target='<= 10 ms',
-                    passed=within(r['ours'], 0.010)))
+    rows.append(
+        Row(
+            'BackgroundTask(60, f).cancel() -> ended',
+            r['ours'],
+            None,
+            r.get('cherrypy'),
+            target='<= 10 ms',
+            passed=within(r['ours'], 0.010),
+        )
+    )
 
     root = tempfile.mkdtemp(prefix='wspbus-bench-')
     try:
         files = make_files(root)
         r = bench_reload_latency(files, 5 if quick else 10)
-        rows.append(Row('save -> restart(), 2000 files, inotify (p50)',
-                        r['inotify'], None, r.get('cherrypy'),
-                        target='<= 50 ms',
-                        passed=within(r['inotify'], 0.050)))
-        rows.append(Row('save -> restart(), 2000 files, polling (p50)',
-                        r['polling'], None, r.get('cherrypy'),
-                        target='(frequency=1)'))
+        rows.append(
+            Row(
+                'save -> restart(), 2000 files, inotify (p50)',
+                r['inotify'],
+                None,
+                r.get('cherrypy'),
+                target='<= 50 ms',
+                passed=within(r['inotify'], 0.050),
+            )
+        )
+        rows.append(
+            Row(
+                'save -> restart(), 2000 files, polling (p50)',
+                r['polling'],
+                None,
+                r.get('cherrypy'),
+                target='(frequency=1)',
+            )
+        )
         r = bench_polling_tick(files, rounds)
-        polling = Row('polling tick, 2000 files', r['ours'], r['limit'],
-                      r.get('cherrypy'), target='<= 1.2x limit',
-                      passed=within(r['ours'], 1.2 * r['limit']))
+        polling = Row(
+            'polling tick, 2000 files',
+            r['ours'],
+            r['limit'],
+            r.get('cherrypy'),
+            target='<= 1.2x limit',
+            passed=within(r['ours'], 1.2 * r['limit']),
+        )
         rows.append(polling)
         r = bench_idle_inotify_tick(files, rounds)
         reference = polling.cherrypy or polling.limit
-        rows.append(Row('idle tick with inotify, 2000 files',
-                        r and r['ours'], None, polling.cherrypy, unit='us',
-                        target='<= 1/10 CherryPy polling tick',
-                        passed=r is not None and within(r['ours'],
-                                                        reference / 10)))
+        rows.append(
+            Row(
+                'idle tick with inotify, 2000 files',
+                r and r['ours'],
+                None,
+                polling.cherrypy,
+                unit='us',
+                target='<= 1/10 CherryPy polling tick',
+                passed=r is not None and within(r['ours'], reference / 10),
+            )
+        )
     finally:
         shutil.rmtree(root)
 
     r = bench_import(5 if quick else 10)
     heavy = heavy_modules_pulled_in()
-    rows.append(Row('import (-X importtime, cumulative)', r['ours'], None,
-                    r.get('cherrypy'), target='<= 1/15 CherryPy; '
-                    'no heavy module' + ('' if not heavy else
-                                         ' (pulls in %s)' % ', '.join(heavy)),
-                    passed=not heavy and (r.get('cherrypy') is None
-                                          or within(r['ours'],
-                                                    r['cherrypy'] / 15))))
+    rows.append(
+        Row(
+            'import (-X importtime, cumulative)',
+            r['ours'],
+            None,
+            r.get('cherrypy'),
+            target='<= 1/15 CherryPy; '
+            'no heavy module'
+            + ('' if not heavy else ' (pulls in %s)' % ', '.join(heavy)),
+            passed=not heavy
+            and (
+                r.get('cherrypy') is None
+                or within(r['ours'], r['cherrypy'] / 15)
+            ),
+        )
+    )
     return rows
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--quick', action='store_true',
-                        help='fewer rounds: done in under a minute')
-    parser.add_argument('--json', action='store_true',
-                        help='print the rows as JSON instead of a table')
+    parser.add_argument(
+        '--quick',
+        action='store_true',
+        help='fewer rounds: done in under a minute',
+    )
+    parser.add_argument(
+        '--json',
+        action='store_true',
+        help='print the rows as JSON instead of a table',
+    )
     options = parser.parse_args(argv)
     rows = run(options.quick)
     if options.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
     else:
-        print('Python %s on %s, %d CPUs; CherryPy %s' % (
-            sys.version.split()[0], sys.platform, os.cpu_count(),
-            'present' if cp_wspbus else 'not installed'))
+        print(
+            'Python %s on %s, %d CPUs; CherryPy %s'
+            % (
+                sys.version.split()[0],
+                sys.platform,
+                os.cpu_count(),
+                'present' if cp_wspbus else 'not installed',
+            )
+        )
         print_table(rows)
     return 0 if all(row.passed is not False for row in rows) else 1
 

@@ -36,11 +36,13 @@ IS_ROOT = hasattr(os, 'geteuid') and os.geteuid() == 0
 
 needs_fork = pytest.mark.skipif(not hasattr(os, 'fork'), reason='needs fork')
 needs_root = pytest.mark.skipif(not IS_ROOT, reason='needs root')
-linux_only = pytest.mark.skipif(not sys.platform.startswith('linux'),
-                                reason='Linux only (inotify, /proc)')
+linux_only = pytest.mark.skipif(
+    not sys.platform.startswith('linux'), reason='Linux only (inotify, /proc)'
+)
 
 
 # -- Helpers ------------------------------------------------------------------
+
 
 class HardExit(Exception):
     """Raised by the fake os._exit, so the test process survives."""
@@ -61,9 +63,11 @@ class Recorder:
     def listener(self, name, result=None):
         def record(*args, **kwargs):
             with self.lock:
-                self.calls.append((name, args, kwargs) if args or kwargs
-                                  else name)
+                self.calls.append(
+                    (name, args, kwargs) if args or kwargs else name
+                )
             return result
+
         record.__name__ = name
         return record
 
@@ -107,6 +111,7 @@ def fake_exit(monkeypatch):
     def _exit(status):
         statuses.append(status)
         raise HardExit(status)
+
     monkeypatch.setattr(os, '_exit', _exit)
     return statuses
 
@@ -134,16 +139,29 @@ def child(tmp_path):
     """
     procs, tracked = [], []
 
-    def spawn(code, *args, python_args=(), env=None, cwd=None, script=None,
-              stdin=subprocess.DEVNULL):
+    def spawn(
+        code,
+        *args,
+        python_args=(),
+        env=None,
+        cwd=None,
+        script=None,
+        stdin=subprocess.DEVNULL,
+    ):
         path = script or tmp_path / ('child%d.py' % len(procs))
         path.write_text(textwrap.dedent(code))
         environ = dict(os.environ, PYTHONPATH=HERE)
         environ.update(env or {})
         proc = subprocess.Popen(
-            [sys.executable, *python_args, str(path), *args], stdin=stdin,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            cwd=str(cwd or tmp_path), env=environ, start_new_session=True)
+            [sys.executable, *python_args, str(path), *args],
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=str(cwd or tmp_path),
+            env=environ,
+            start_new_session=True,
+        )
         procs.append(proc)
         return proc
 
@@ -180,6 +198,7 @@ def lines_of(path):
 
 # -- Module -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize('name', wp.__all__)
 def test_module_every_public_name_is_documented(name):
     obj = getattr(wp, name)
@@ -206,27 +225,51 @@ def test_module_imports_only_the_standard_library():
 
 
 def test_module_import_pulls_in_no_heavy_module():
-    code = ('import sys; before = set(sys.modules); import wspbus_plugins; '
-            'print(sorted(set(sys.modules) - before))')
-    out = subprocess.run([sys.executable, '-c', code], capture_output=True,
-                         text=True, cwd=HERE, timeout=TIMEOUT, check=True)
+    code = (
+        'import sys; before = set(sys.modules); import wspbus_plugins; '
+        'print(sorted(set(sys.modules) - before))'
+    )
+    out = subprocess.run(
+        [sys.executable, '-c', code],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=TIMEOUT,
+        check=True,
+    )
     added = set(ast.literal_eval(out.stdout))
-    heavy = {'ctypes', 'subprocess', 'logging', 'argparse', 'pwd', 'grp',
-             'socket', 're', 'traceback', 'select', 'struct', 'typing'}
+    heavy = {
+        'ctypes',
+        'subprocess',
+        'logging',
+        'argparse',
+        'pwd',
+        'grp',
+        'socket',
+        're',
+        'traceback',
+        'select',
+        'struct',
+        'typing',
+    }
     assert not added & heavy
 
 
 def test_module_version_and_all_follow_file_order():
     assert re.match(r'^\d+\.\d+\.\d+$', wp.__version__)
-    positions = [re.search(r'^(class |def )?%s\b' % name, SOURCE, re.M).start()
-                 for name in wp.__all__]
+    positions = [
+        re.search(r'^(class |def )?%s\b' % name, SOURCE, re.M).start()
+        for name in wp.__all__
+    ]
     assert positions == sorted(positions)
 
 
 # -- States and ChannelFailures -----------------------------------------------
 
-@pytest.mark.parametrize('name', ['STOPPED', 'STARTING', 'STARTED',
-                                  'STOPPING', 'EXITING'])
+
+@pytest.mark.parametrize(
+    'name', ['STOPPED', 'STARTING', 'STARTED', 'STOPPING', 'EXITING']
+)
 def test_states_repr(name):
     assert repr(getattr(wp.states, name)) == 'states.' + name
     assert wp.Bus.states is wp.states
@@ -250,9 +293,16 @@ def test_channelfailures_collects_and_joins():
 
 # -- Bus ----------------------------------------------------------------------
 
+
 def test_bus_builtin_channels_and_initial_state(bus):
-    assert set(bus.listeners) == {'start', 'stop', 'exit', 'graceful',
-                                  'log', 'main'}
+    assert set(bus.listeners) == {
+        'start',
+        'stop',
+        'exit',
+        'graceful',
+        'log',
+        'main',
+    }
     assert bus.state is wp.states.STOPPED
     assert bus.execv is False
     assert wp.bus.state is wp.states.STOPPED
@@ -297,6 +347,7 @@ def test_bus_decorator_subscribe_returns_the_function(bus):
     @bus.subscribe('x', priority=5)
     def listener():
         return 'done'
+
     assert listener() == 'done'
     assert bus.publish('x') == ['done']
     assert bus._priorities[('x', listener)] == 5
@@ -307,8 +358,8 @@ def test_bus_unsubscribe(bus):
     one = rec.listener('one')
     bus.subscribe('x', one)
     bus.unsubscribe('x', one)
-    bus.unsubscribe('x', one)          # Twice: ignored.
-    bus.unsubscribe('nowhere', one)    # Unknown channel: ignored.
+    bus.unsubscribe('x', one)  # Twice: ignored.
+    bus.unsubscribe('nowhere', one)  # Unknown channel: ignored.
     assert bus.publish('x') == []
     assert ('x', one) not in bus._priorities
 
@@ -325,6 +376,7 @@ def test_bus_publish_runs_every_listener_and_raises_failures(bus):
 
     def broken():
         raise ValueError('boom')
+
     bus.subscribe('x', rec.listener('before'), priority=1)
     bus.subscribe('x', broken, priority=2)
     bus.subscribe('x', rec.listener('after'), priority=3)
@@ -344,6 +396,7 @@ def test_bus_keyboardinterrupt_propagates_at_once(bus):
 
     def interrupt():
         raise KeyboardInterrupt
+
     bus.subscribe('x', interrupt, priority=1)
     bus.subscribe('x', rec.listener('later'), priority=2)
     with pytest.raises(KeyboardInterrupt):
@@ -351,16 +404,24 @@ def test_bus_keyboardinterrupt_propagates_at_once(bus):
     assert rec.calls == []
 
 
-@pytest.mark.parametrize('code, failed_before, expected', [
-    (0, True, 1), (None, True, 1), (3, True, 3), (0, False, 0),
-])
-def test_bus_systemexit_code_forced_after_failure(bus, code, failed_before,
-                                                  expected):
+@pytest.mark.parametrize(
+    'code, failed_before, expected',
+    [
+        (0, True, 1),
+        (None, True, 1),
+        (3, True, 3),
+        (0, False, 0),
+    ],
+)
+def test_bus_systemexit_code_forced_after_failure(
+    bus, code, failed_before, expected
+):
     def broken():
         raise ValueError
 
     def leave():
         raise SystemExit(code)
+
     if failed_before:
         bus.subscribe('x', broken, priority=1)
     bus.subscribe('x', leave, priority=2)
@@ -380,15 +441,25 @@ def test_bus_state_transitions_and_log_messages(bus):
     bus.start()
     bus.exit()
     assert bus.state is wp.states.EXITING
-    assert seen == [('start', wp.states.STARTING),
-                    ('stop', wp.states.STOPPING),
-                    ('start', wp.states.STARTING),
-                    ('stop', wp.states.STOPPING),
-                    ('exit', wp.states.EXITING)]
+    assert seen == [
+        ('start', wp.states.STARTING),
+        ('stop', wp.states.STOPPING),
+        ('start', wp.states.STARTING),
+        ('stop', wp.states.STOPPING),
+        ('exit', wp.states.EXITING),
+    ]
     assert bus.recorder.messages() == [
-        'Bus STARTING', 'Bus STARTED', 'Bus STOPPING', 'Bus STOPPED',
-        'Bus STARTING', 'Bus STARTED', 'Bus STOPPING', 'Bus STOPPED',
-        'Bus EXITING', 'Bus EXITED']
+        'Bus STARTING',
+        'Bus STARTED',
+        'Bus STOPPING',
+        'Bus STOPPED',
+        'Bus STARTING',
+        'Bus STARTED',
+        'Bus STOPPING',
+        'Bus STOPPED',
+        'Bus EXITING',
+        'Bus EXITED',
+    ]
 
 
 def test_bus_started_channel_only_after_every_start_listener(bus):
@@ -400,11 +471,13 @@ def test_bus_started_channel_only_after_every_start_listener(bus):
 
 
 def test_bus_start_failure_exits_and_ends_process_on_main_thread(
-        bus, fake_exit):
+    bus, fake_exit
+):
     rec = Recorder()
 
     def broken():
         raise ValueError('no socket')
+
     bus.subscribe('start', broken)
     bus.subscribe('started', rec.listener('started'))
     bus.subscribe('stop', rec.listener('stop'))
@@ -414,15 +487,19 @@ def test_bus_start_failure_exits_and_ends_process_on_main_thread(
     assert fake_exit == [70]
     assert rec.calls == ['stop', 'exit']
     assert bus.state is wp.states.EXITING
-    assert 'Shutting down due to error in start listener:' in \
-        bus.recorder.messages(40)[1]
+    assert (
+        'Shutting down due to error in start listener:'
+        in bus.recorder.messages(40)[1]
+    )
     assert bus.recorder.messages(50) == [
-        'Start failed (ValueError: no socket); exiting with status 70.']
+        'Start failed (ValueError: no socket); exiting with status 70.'
+    ]
 
 
 def test_bus_start_failure_off_main_thread_keeps_host_alive(bus, fake_exit):
     def broken():
         raise ValueError('no socket')
+
     bus.subscribe('start', broken)
     errors = []
 
@@ -431,6 +508,7 @@ def test_bus_start_failure_off_main_thread_keeps_host_alive(bus, fake_exit):
             bus.start()
         except Exception as exc:
             errors.append(exc)
+
     thread = threading.Thread(target=run)
     thread.start()
     thread.join(TIMEOUT)
@@ -439,14 +517,17 @@ def test_bus_start_failure_off_main_thread_keeps_host_alive(bus, fake_exit):
     assert isinstance(error, wp.ChannelFailures)
     assert bus.state is wp.states.EXITING
     [critical] = bus.recorder.messages(50)
-    assert critical == ("The bus failed to start on thread %r (ValueError: "
-                        "no socket) and has exited; the host process goes "
-                        "on." % thread.name)
+    assert critical == (
+        'The bus failed to start on thread %r (ValueError: '
+        'no socket) and has exited; the host process goes '
+        'on.' % thread.name
+    )
 
 
 def test_bus_exit_listener_failure_ends_process_with_70(bus, fake_exit):
     def broken():
         raise ValueError
+
     bus.subscribe('exit', broken)
     bus.start()
     with pytest.raises(HardExit):
@@ -461,11 +542,12 @@ def test_bus_exit_runs_once_from_listener_thread_and_signal(bus):
 
     def exit_again():
         rec.calls.append('exit')
-        bus.exit()                      # From a listener.
+        bus.exit()  # From a listener.
         os.kill(os.getpid(), signal.SIGUSR2)  # From a signal handler.
         thread = threading.Thread(target=bus.exit)  # From another thread.
         thread.start()
         thread.join(TIMEOUT)
+
     previous = signal.signal(signal.SIGUSR2, lambda *a: bus.exit())
     try:
         bus.subscribe('exit', exit_again)
@@ -503,8 +585,10 @@ def test_bus_restart_is_ignored_while_exiting(bus):
     bus.start()
     bus.exit()
     assert bus.execv is False
-    assert 'Restart ignored: the bus is already exiting.' in \
-        bus.recorder.messages()
+    assert (
+        'Restart ignored: the bus is already exiting.'
+        in bus.recorder.messages()
+    )
 
 
 def test_bus_graceful_calls_during_graceful_merge_into_one_more(bus):
@@ -518,6 +602,7 @@ def test_bus_graceful_calls_during_graceful_merge_into_one_more(bus):
             bus.graceful()
             bus.graceful()
         running.pop()
+
     bus.subscribe('graceful', listener)
     bus.graceful()
     assert len(runs) == 2
@@ -530,8 +615,9 @@ def test_bus_wait_on_several_states_wakes_at_once(bus):
     timer = threading.Timer(0.1, bus.start)
     timer.start()
     # A 60 s interval: only the condition variable can wake it in time.
-    bus.wait([wp.states.STARTED, wp.states.EXITING], interval=60,
-             channel='tick')
+    bus.wait(
+        [wp.states.STARTED, wp.states.EXITING], interval=60, channel='tick'
+    )
     timer.join(TIMEOUT)
     assert bus.state in (wp.states.STARTED,)
     assert ticks == []
@@ -548,8 +634,10 @@ def test_bus_wait_publishes_channel_every_interval(bus):
 def test_bus_start_with_callback(bus):
     called = []
     thread = bus.start_with_callback(
-        lambda *a, **k: called.append((bus.state, a, k)), args=(1, 2),
-        kwargs={'k': 3})
+        lambda *a, **k: called.append((bus.state, a, k)),
+        args=(1, 2),
+        kwargs={'k': 3},
+    )
     thread.join(TIMEOUT)
     assert called == [(wp.states.STARTED, (1, 2), {'k': 3})]
     assert thread.name.startswith('Bus Callback ')
@@ -560,6 +648,7 @@ def test_bus_start_with_callback_skips_call_on_failed_start(bus):
 
     def broken():
         raise ValueError
+
     bus.subscribe('start', broken)
     with pytest.raises(HardExit):
         bus.start_with_callback(called.append, args=(1,))
@@ -580,6 +669,7 @@ def test_bus_block_returns_after_exit_listeners_and_threads(bus):
         bus.wait(wp.states.EXITING)
         time.sleep(0.4)
         order.append('worker done')
+
     bus.subscribe('exit', slow_exit)
     bus.start()
     threading.Thread(target=worker, name='worker').start()
@@ -593,6 +683,7 @@ def test_bus_block_returns_after_exit_listeners_and_threads(bus):
 def test_bus_block_exits_on_keyboardinterrupt(bus):
     def interrupt():
         raise KeyboardInterrupt
+
     bus.subscribe('main', interrupt)
     bus.start()
     bus.block(interval=0.01)
@@ -603,6 +694,7 @@ def test_bus_block_exits_on_keyboardinterrupt(bus):
 def test_bus_block_exits_and_reraises_systemexit(bus):
     def leave():
         raise SystemExit(4)
+
     bus.subscribe('main', leave)
     bus.start()
     with pytest.raises(SystemExit):
@@ -623,6 +715,7 @@ def test_bus_block_reexecutes_after_restart(bus, monkeypatch):
 def test_bus_failing_log_listener_goes_to_stderr(bus, capsys):
     def broken(msg, level):
         raise RuntimeError('disk full')
+
     bus.subscribe('log', broken)
     bus.log('hello')
     err = capsys.readouterr().err
@@ -664,9 +757,11 @@ def test_bus_concurrent_publish_subscribe_unsubscribe(bus):
                     bus.unsubscribe('x', func)
         except Exception as exc:
             errors.append(exc)
+
     published = []
-    threads = [threading.Thread(target=publisher, args=(i * 10 ** 9,))
-               for i in range(3)]
+    threads = [
+        threading.Thread(target=publisher, args=(i * 10**9,)) for i in range(3)
+    ]
     threads += [threading.Thread(target=churner) for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -680,21 +775,23 @@ def test_bus_concurrent_publish_subscribe_unsubscribe(bus):
 
 
 def test_bus_atexit_warning_and_exit_when_left_running(child):
-    proc = child('''
+    proc = child("""
         import wspbus_plugins as wp
         bus = wp.Bus()
         bus.subscribe('exit', lambda: print('exit ran', flush=True))
         bus.start()
-    ''')
+    """)
     status, out, err = finish(proc)
     assert status == 0
     assert 'exit ran' in out
-    assert 'RuntimeWarning: The main thread is exiting, but the Bus is in ' \
+    assert (
+        'RuntimeWarning: The main thread is exiting, but the Bus is in '
         'the states.STARTED state' in err
+    )
 
 
 def test_bus_block_in_child_exits_promptly_on_exit_from_thread(child):
-    proc = child('''
+    proc = child("""
         import threading, wspbus_plugins as wp
         bus = wp.Bus()
         bus.subscribe('exit', lambda: print('exit ran', flush=True))
@@ -702,14 +799,14 @@ def test_bus_block_in_child_exits_promptly_on_exit_from_thread(child):
         threading.Timer(0.1, bus.exit).start()
         bus.block(interval=60)   # Only a prompt wake-up ends this in time.
         print('block returned', flush=True)
-    ''')
+    """)
     status, out, err = finish(proc)
     assert (status, out) == (0, 'exit ran\nblock returned\n'), err
 
 
 # -- Bus: re-execution --------------------------------------------------------
 
-RESTART_CHILD = '''
+RESTART_CHILD = """
     import json, os, sys, threading
     import wspbus_plugins as wp
     log = os.environ['RESTART_LOG']
@@ -732,7 +829,7 @@ RESTART_CHILD = '''
         bus.subscribe('started', bus.exit)
     bus.start()
     bus.block()
-'''
+"""
 
 
 @pytest.mark.parametrize('how', ['module', 'script'])
@@ -745,56 +842,74 @@ def test_bus_restart_reexecutes_same_command(child, tmp_path, how):
     target = ['-m', 'pkg.app'] if how == 'module' else ['pkg/app.py']
     proc = subprocess.Popen(
         [sys.executable, '-X', 'dev', '-O'] + target + ['a', 'b c'],
-        cwd=str(tmp_path), stdin=subprocess.DEVNULL,
+        cwd=str(tmp_path),
+        stdin=subprocess.DEVNULL,
         env=dict(os.environ, PYTHONPATH=HERE, RESTART_LOG=str(log)),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     child.procs.append(proc)
     status, out, err = finish(proc)
     assert status == 0, err
     import json
+
     runs = [json.loads(line) for line in lines_of(log)]
     assert len(runs) == 2, err
     first, second = runs
-    assert first[0] == second[0]                    # Same PID: execv.
-    assert second[1] == ['a', 'b c']                # Same arguments.
-    assert second[2] is True and second[3] == 1     # Same -X dev and -O.
-    assert second[4] == str(tmp_path)               # Start-up directory.
-    assert second[5] is False                       # Inherited fd closed.
+    assert first[0] == second[0]  # Same PID: execv.
+    assert second[1] == ['a', 'b c']  # Same arguments.
+    assert second[2] is True and second[3] == 1  # Same -X dev and -O.
+    assert second[4] == str(tmp_path)  # Start-up directory.
+    assert second[5] is False  # Inherited fd closed.
     assert 'Re-spawning' in err
 
 
 def test_bus_restart_of_dash_c_fails_clearly(tmp_path):
-    code = textwrap.dedent('''
+    code = textwrap.dedent("""
         import wspbus_plugins as wp
         bus = wp.Bus()
         bus.subscribe('started', bus.restart)
         bus.start()
         bus.block()
-    ''')
-    proc = subprocess.run([sys.executable, '-c', code], cwd=str(tmp_path),
-                          env=dict(os.environ, PYTHONPATH=HERE),
-                          capture_output=True, text=True, timeout=TIMEOUT,
-                          stdin=subprocess.DEVNULL)
+    """)
+    proc = subprocess.run(
+        [sys.executable, '-c', code],
+        cwd=str(tmp_path),
+        env=dict(os.environ, PYTHONPATH=HERE),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode != 0
     assert "RuntimeError: Cannot reconstruct command from '-c'" in proc.stderr
 
 
-@pytest.mark.parametrize('orig_argv, expected', [
-    (['py', '-X', 'dev', '-m', 'pkg.app', 'a'],
-     ['-X', 'dev', '-m', 'pkg.app', 'a']),
-    (['py', '-OO', 'app.py', '-c'], ['-OO', 'app.py', '-c']),
-    (['py', '-Wdefault', 'app.py'], ['-Wdefault', 'app.py']),
-])
+@pytest.mark.parametrize(
+    'orig_argv, expected',
+    [
+        (
+            ['py', '-X', 'dev', '-m', 'pkg.app', 'a'],
+            ['-X', 'dev', '-m', 'pkg.app', 'a'],
+        ),
+        (['py', '-OO', 'app.py', '-c'], ['-OO', 'app.py', '-c']),
+        (['py', '-Wdefault', 'app.py'], ['-Wdefault', 'app.py']),
+    ],
+)
 def test_bus_get_true_argv_from_orig_argv(monkeypatch, orig_argv, expected):
     monkeypatch.setattr(sys, 'orig_argv', orig_argv, raising=False)
     assert wp.Bus._get_true_argv() == [sys.executable] + expected
 
 
-@pytest.mark.parametrize('orig_argv', [['py', '-c', 'x'], ['py', '-Ec', 'x'],
-                                       ['py'], ['py', '-'], ['py', '-i']])
-def test_bus_get_true_argv_refuses_code_it_cannot_rerun(monkeypatch,
-                                                       orig_argv):
+@pytest.mark.parametrize(
+    'orig_argv',
+    [['py', '-c', 'x'], ['py', '-Ec', 'x'], ['py'], ['py', '-'], ['py', '-i']],
+)
+def test_bus_get_true_argv_refuses_code_it_cannot_rerun(
+    monkeypatch, orig_argv
+):
     monkeypatch.setattr(sys, 'orig_argv', orig_argv, raising=False)
     with pytest.raises(RuntimeError, match='Cannot reconstruct command'):
         wp.Bus._get_true_argv()
@@ -845,12 +960,14 @@ def test_bus_set_cloexec_marks_descriptors_but_kept_ones(bus):
 
 # -- SimplePlugin -------------------------------------------------------------
 
+
 def test_simpleplugin_subscribes_methods_named_like_channels(bus):
     calls = []
 
     class Plugin(wp.SimplePlugin):
         def start(self):
             calls.append('start')
+
         start.priority = 10
 
         def graceful(self):
@@ -858,6 +975,7 @@ def test_simpleplugin_subscribes_methods_named_like_channels(bus):
 
         def not_a_channel(self):
             calls.append('no')
+
     plugin = Plugin(bus)
     plugin.subscribe()
     assert bus._priorities[('start', plugin.start)] == 10
@@ -871,21 +989,22 @@ def test_simpleplugin_subscribes_methods_named_like_channels(bus):
 
 # -- SignalHandler ------------------------------------------------------------
 
+
 def test_signalhandler_default_handlers(bus):
     handler = wp.SignalHandler(bus)
-    assert handler.handlers == {'SIGTERM': bus.exit,
-                                'SIGHUP': handler.handle_SIGHUP,
-                                'SIGUSR1': bus.graceful}
+    assert handler.handlers == {
+        'SIGTERM': bus.exit,
+        'SIGHUP': handler.handle_SIGHUP,
+        'SIGUSR1': bus.graceful,
+    }
     assert handler.signals[signal.SIGTERM] == 'SIGTERM'
     assert handler.signals[signal.SIGIO] == 'SIGIO'  # Not its alias SIGPOLL.
 
 
-def test_signalhandler_java_platform_uses_sigusr2_and_sigint(bus,
-                                                            monkeypatch):
+def test_signalhandler_java_platform_uses_sigusr2_and_sigint(bus, monkeypatch):
     monkeypatch.setattr(wp, '_JYTHON', True)
     handler = wp.SignalHandler(bus)
-    assert set(handler.handlers) == {'SIGTERM', 'SIGHUP', 'SIGUSR2',
-                                     'SIGINT'}
+    assert set(handler.handlers) == {'SIGTERM', 'SIGHUP', 'SIGUSR2', 'SIGINT'}
     assert handler.handlers['SIGINT'] == handler._jython_SIGINT_handler
     assert 'Using SIGUSR2 instead' in bus.recorder.messages()[0]
     bus.start()
@@ -918,14 +1037,16 @@ def test_signalhandler_alias_name_reaches_its_listener(signal_handler):
 
 @pytest.mark.parametrize('bad', ['SIGNOPE', 'SIG_DFL', 'signal', 12345, None])
 def test_signalhandler_unknown_signal_is_a_valueerror(signal_handler, bad):
-    with pytest.raises(ValueError, match=re.escape('No such signal: %r'
-                                                   % (bad,))):
+    with pytest.raises(
+        ValueError, match=re.escape('No such signal: %r' % (bad,))
+    ):
         signal_handler.set_handler(bad)
 
 
 def test_signalhandler_unsubscribe_restores_previous_handlers(bus):
     def mine(signum, frame):
         pass
+
     previous = signal.signal(signal.SIGUSR1, mine)
     try:
         handler = wp.SignalHandler(bus)
@@ -946,8 +1067,10 @@ def test_signalhandler_outside_main_thread_does_nothing(bus):
     thread.start()
     thread.join(TIMEOUT)
     assert signal.getsignal(signal.SIGTERM) == before
-    assert any('only be set on the main thread' in m
-               for m in bus.recorder.messages(30))
+    assert any(
+        'only be set on the main thread' in m
+        for m in bus.recorder.messages(30)
+    )
 
 
 def test_signalhandler_skips_signals_the_platform_lacks(bus, monkeypatch):
@@ -961,7 +1084,7 @@ def test_signalhandler_skips_signals_the_platform_lacks(bus, monkeypatch):
         handler.unsubscribe()
 
 
-SIGNAL_CHILD = '''
+SIGNAL_CHILD = """
     import os, sys, wspbus_plugins as wp
     bus = wp.Bus()
     bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr,
@@ -974,7 +1097,7 @@ SIGNAL_CHILD = '''
                                            'w').close())
     bus.start()
     bus.block()
-'''
+"""
 
 
 def start_signal_child(child, tmp_path, **kwargs):
@@ -1009,8 +1132,9 @@ def test_signalhandler_sighup_exits_when_not_daemonized(child, tmp_path):
     assert 'SIGHUP caught but not daemonized. Exiting.' in err
 
 
-def test_signalhandler_sighup_exits_when_attached_to_a_terminal(child,
-                                                               tmp_path):
+def test_signalhandler_sighup_exits_when_attached_to_a_terminal(
+    child, tmp_path
+):
     controller, terminal = pty.openpty()
     try:
         proc = start_signal_child(child, tmp_path, stdin=terminal)
@@ -1023,7 +1147,7 @@ def test_signalhandler_sighup_exits_when_attached_to_a_terminal(child,
     assert 'SIGHUP caught but not daemonized. Exiting.' in err
 
 
-DAEMON_CHILD = '''
+DAEMON_CHILD = """
     import os, sys, time, wspbus_plugins as wp
     pidfile, starts = sys.argv[1], sys.argv[2]
     bus = wp.Bus()
@@ -1039,7 +1163,7 @@ DAEMON_CHILD = '''
     bus.subscribe('started', record)
     bus.start()
     bus.block()
-'''
+"""
 
 
 def start_daemon(child, tmp_path, code=DAEMON_CHILD, **kwargs):
@@ -1069,6 +1193,7 @@ def test_signalhandler_sighup_restarts_a_daemon_in_place(child, tmp_path):
 
 # -- ConsoleCtrlHandler -------------------------------------------------------
 
+
 class FakeKernel32:
     def __init__(self):
         self.handlers = []
@@ -1085,25 +1210,31 @@ class FakeKernel32:
 def windows_console(monkeypatch):
     kernel32 = FakeKernel32()
     monkeypatch.setattr(wp, '_WINDOWS', True)
-    monkeypatch.setattr(ctypes, 'windll',
-                        type('windll', (), {'kernel32': kernel32}),
-                        raising=False)
+    monkeypatch.setattr(
+        ctypes,
+        'windll',
+        type('windll', (), {'kernel32': kernel32}),
+        raising=False,
+    )
     return kernel32
 
 
 @pytest.mark.parametrize('event', sorted(wp._CONSOLE_EVENTS))
-def test_consolectrlhandler_exits_the_bus_on_each_event(bus, windows_console,
-                                                       event):
+def test_consolectrlhandler_exits_the_bus_on_each_event(
+    bus, windows_console, event
+):
     handler = wp.ConsoleCtrlHandler(bus)
     handler.subscribe()
     bus.start()
     [callback] = windows_console.handlers
-    assert callback(event) == 1          # Through the real ctypes callback.
+    assert callback(event) == 1  # Through the real ctypes callback.
     assert bus.state is wp.states.EXITING
     assert windows_console.handlers == []  # Unregistered first.
     assert handler.is_set is False
-    assert ('Console event %s: shutting down bus' % wp._CONSOLE_EVENTS[event]
-            in bus.recorder.messages())
+    assert (
+        'Console event %s: shutting down bus' % wp._CONSOLE_EVENTS[event]
+        in bus.recorder.messages()
+    )
 
 
 def test_consolectrlhandler_ignores_unknown_events(bus, windows_console):
@@ -1122,7 +1253,7 @@ def test_consolectrlhandler_is_a_logged_noop_elsewhere(bus):
 
 # -- DropPrivileges -----------------------------------------------------------
 
-DROP_CHILD = '''
+DROP_CHILD = """
     import json, os, sys, wspbus_plugins as wp
     uid, gid, umask = json.loads(sys.argv[1])
     bus = wp.Bus()
@@ -1136,7 +1267,7 @@ DROP_CHILD = '''
     print(json.dumps([os.getuid(), os.getgid(), os.getgroups(),
                       os.umask(0), regained]))
     bus.exit()
-'''
+"""
 
 
 @needs_root
@@ -1145,6 +1276,7 @@ def test_dropprivileges_switches_user_group_and_umask(child, by):
     import grp
     import json
     import pwd
+
     nobody = pwd.getpwnam('nobody')
     group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
     gid = grp.getgrnam(group).gr_gid
@@ -1156,6 +1288,7 @@ def test_dropprivileges_switches_user_group_and_umask(child, by):
 
 def _group_exists(name):
     import grp
+
     try:
         grp.getgrnam(name)
         return True
@@ -1163,16 +1296,20 @@ def _group_exists(name):
         return False
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    ({'uid': 'no-such-user-x'}, "No such user: 'no-such-user-x'"),
-    ({'gid': 'no-such-group-x'}, "No such group: 'no-such-group-x'"),
-    ({'uid': -1}, 'Invalid uid: -1'),
-    ({'gid': 1.5}, 'Invalid gid: 1.5'),
-    ({'umask': 0o1000}, 'Invalid umask: 512'),
-    ({'umask': '022'}, "Invalid umask: '022'"),
-])
-def test_dropprivileges_bad_input_is_named_at_construction(bus, kwargs,
-                                                           message):
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'uid': 'no-such-user-x'}, "No such user: 'no-such-user-x'"),
+        ({'gid': 'no-such-group-x'}, "No such group: 'no-such-group-x'"),
+        ({'uid': -1}, 'Invalid uid: -1'),
+        ({'gid': 1.5}, 'Invalid gid: 1.5'),
+        ({'umask': 0o1000}, 'Invalid umask: 512'),
+        ({'umask': '022'}, "Invalid umask: '022'"),
+    ],
+)
+def test_dropprivileges_bad_input_is_named_at_construction(
+    bus, kwargs, message
+):
     with pytest.raises(ValueError, match=re.escape(message)):
         wp.DropPrivileges(bus, **kwargs)
 
@@ -1184,7 +1321,8 @@ def test_dropprivileges_without_pwd_and_grp_ignores_ids(bus, monkeypatch):
     assert (plugin.uid, plugin.gid) == (None, None)
     assert bus.recorder.messages(30) == [
         'pwd module not available; ignoring uid.',
-        'grp module not available; ignoring gid.']
+        'grp module not available; ignoring gid.',
+    ]
 
 
 def test_dropprivileges_start_once_and_logs(bus):
@@ -1204,6 +1342,7 @@ def test_dropprivileges_start_once_and_logs(bus):
 
 # -- Daemonizer ---------------------------------------------------------------
 
+
 @needs_fork
 def test_daemonizer_detaches_and_pidfile_names_the_daemon(child, tmp_path):
     status, out, err, pidfile, starts, log = start_daemon(child, tmp_path)
@@ -1216,8 +1355,8 @@ def test_daemonizer_detaches_and_pidfile_names_the_daemon(child, tmp_path):
     [line] = lines_of(starts)
     daemon, sid, pgid, umask = line.split()
     assert int(daemon) == pid
-    assert int(sid) != pid                  # Not a session leader ...
-    assert int(sid) != os.getsid(0)         # ... in a session of its own.
+    assert int(sid) != pid  # Not a session leader ...
+    assert int(sid) != os.getsid(0)  # ... in a session of its own.
     assert int(pgid) == int(sid)
     assert umask == '000'
     assert os.readlink('/proc/%d/fd/1' % pid) == str(log)
@@ -1229,39 +1368,52 @@ def test_daemonizer_detaches_and_pidfile_names_the_daemon(child, tmp_path):
     assert 'Daemonized to PID: %d' % pid in log.read_text()
 
 
-FAILING_DAEMON = textwrap.dedent(DAEMON_CHILD).replace('bus.start()', '''
+FAILING_DAEMON = textwrap.dedent(DAEMON_CHILD).replace(
+    'bus.start()',
+    """
 def broken():
     raise ValueError('cannot bind port 80')
 bus.subscribe('start', broken, priority=90)
-bus.start()''')
+bus.start()""",
+)
 
 
 @needs_fork
 def test_daemonizer_reports_a_failed_start_to_the_launcher(child, tmp_path):
     status, out, err, pidfile, starts, log = start_daemon(
-        child, tmp_path, FAILING_DAEMON)
+        child, tmp_path, FAILING_DAEMON
+    )
     assert status == 1
     assert 'failed to start' in err
     assert "Error in 'start' listener" in err
     assert 'ValueError: cannot bind port 80' in err
-    assert err.count('Traceback') == 1        # One readable block.
+    assert err.count('Traceback') == 1  # One readable block.
     assert not pidfile.exists()
     pid = int(re.search(r'Daemon (\d+)', err).group(1))
     wait_until(lambda: not pid_alive(pid), 'the failed daemon to go')
 
 
-HANGING_DAEMON = textwrap.dedent(DAEMON_CHILD).replace(
-    "wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3])",
-    "wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3], "
-    "ready_timeout=0.5)").replace('bus.start()', '''
+HANGING_DAEMON = (
+    textwrap.dedent(DAEMON_CHILD)
+    .replace(
+        'wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3])',
+        'wp.Daemonizer(bus, stdout=sys.argv[3], stderr=sys.argv[3], '
+        'ready_timeout=0.5)',
+    )
+    .replace(
+        'bus.start()',
+        """
 bus.subscribe('start', lambda: time.sleep(60), priority=90)
-bus.start()''')
+bus.start()""",
+    )
+)
 
 
 @needs_fork
 def test_daemonizer_launcher_gives_up_after_ready_timeout(child, tmp_path):
     status, out, err, pidfile, starts, log = start_daemon(
-        child, tmp_path, HANGING_DAEMON)
+        child, tmp_path, HANGING_DAEMON
+    )
     assert status == 1
     assert 'was not ready after 0.5 seconds' in err
     pid = int(re.search(r'Daemon (\d+)', err).group(1))
@@ -1272,11 +1424,13 @@ def test_daemonizer_launcher_gives_up_after_ready_timeout(child, tmp_path):
 
 @needs_fork
 def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
-    code = FAILING_DAEMON.replace("stderr=sys.argv[3])",
-                                  "stderr=sys.argv[3], wait_ready=False)")
-    status, out, err, pidfile, starts, log = start_daemon(child, tmp_path,
-                                                          code)
-    assert status == 0                      # CherryPy's fire-and-forget.
+    code = FAILING_DAEMON.replace(
+        'stderr=sys.argv[3])', 'stderr=sys.argv[3], wait_ready=False)'
+    )
+    status, out, err, pidfile, starts, log = start_daemon(
+        child, tmp_path, code
+    )
+    assert status == 0  # CherryPy's fire-and-forget.
     wait_until(lambda: 'Bus EXITED' in log.read_text(), 'the daemon to fail')
 
 
@@ -1286,11 +1440,14 @@ def test_daemonizer_needs_fork(bus, monkeypatch):
         wp.Daemonizer(bus)
 
 
-@pytest.mark.parametrize('kwargs, message', [
-    ({'ready_timeout': 0}, 'Invalid ready_timeout: 0'),
-    ({'ready_timeout': 'soon'}, "Invalid ready_timeout: 'soon'"),
-    ({'stdout': '/no/such/dir/out.log'}, "'/no/such/dir' does not exist"),
-])
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'ready_timeout': 0}, 'Invalid ready_timeout: 0'),
+        ({'ready_timeout': 'soon'}, "Invalid ready_timeout: 'soon'"),
+        ({'stdout': '/no/such/dir/out.log'}, "'/no/such/dir' does not exist"),
+    ],
+)
 def test_daemonizer_bad_input_is_named(bus, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         wp.Daemonizer(bus, **kwargs)
@@ -1299,23 +1456,26 @@ def test_daemonizer_bad_input_is_named(bus, kwargs, message):
 def test_daemonizer_fork_failure_is_a_clear_exit(bus, monkeypatch):
     def fork():
         raise OSError(11, 'Resource temporarily unavailable')
+
     monkeypatch.setattr(os, 'fork', fork)
     plugin = wp.Daemonizer(bus, wait_ready=False)
     with pytest.raises(SystemExit) as info:
         plugin.start()
-    assert 'fork #1 failed: (11) Resource temporarily unavailable' in \
-        str(info.value.code)
+    assert 'fork #1 failed: (11) Resource temporarily unavailable' in str(
+        info.value.code
+    )
 
 
 def test_daemonizer_does_not_daemonize_twice(bus, monkeypatch):
     monkeypatch.setenv(wp._DAEMON_ENV, str(os.getpid()))
     plugin = wp.Daemonizer(bus)
-    plugin.start()          # Re-executed daemon: no fork.
+    plugin.start()  # Re-executed daemon: no fork.
     assert plugin.finalized
     assert bus.recorder.messages() == ['Already daemonized.']
 
 
 # -- PIDFile ------------------------------------------------------------------
+
 
 @pytest.fixture
 def pidfile_path(tmp_path):
@@ -1330,10 +1490,13 @@ def test_pidfile_written_and_removed(bus, pidfile_path):
     assert oct(pidfile_path.stat().st_mode & 0o777) == '0o644'
     bus.exit()
     assert not pidfile_path.exists()
-    assert 'PID %r written to %r.' % (os.getpid(), str(pidfile_path)) in \
-        bus.recorder.messages()
-    assert 'PID file removed: %r.' % str(pidfile_path) in \
-        bus.recorder.messages()
+    assert (
+        'PID %r written to %r.' % (os.getpid(), str(pidfile_path))
+        in bus.recorder.messages()
+    )
+    assert (
+        'PID file removed: %r.' % str(pidfile_path) in bus.recorder.messages()
+    )
     assert repr(plugin) == 'PIDFile(%r)' % str(pidfile_path)
 
 
@@ -1346,7 +1509,8 @@ def test_pidfile_second_holder_fails_naming_file_and_pid(bus, pidfile_path):
             wp.PIDFile(other, str(pidfile_path)).start()
         assert str(info.value) == (
             'PID file %r is held by running process %d; another instance '
-            'is running.' % (str(pidfile_path), os.getpid()))
+            'is running.' % (str(pidfile_path), os.getpid())
+        )
         assert pidfile_path.read_text() == '%d\n' % os.getpid()
     finally:
         first.exit()
@@ -1361,7 +1525,8 @@ def test_pidfile_stale_file_is_replaced_with_warning(bus, pidfile_path):
     assert read_pid(pidfile_path) == os.getpid()
     assert bus.recorder.messages(30) == [
         'Replacing stale PID file %r left by PID %r.'
-        % (str(pidfile_path), dead.pid)]
+        % (str(pidfile_path), dead.pid)
+    ]
     plugin.exit()
 
 
@@ -1369,9 +1534,13 @@ def test_pidfile_refuses_a_symlink(bus, tmp_path, pidfile_path):
     target = tmp_path / 'precious'
     target.write_text('keep me')
     pidfile_path.symlink_to(target)
-    with pytest.raises(RuntimeError, match=re.escape(
+    with pytest.raises(
+        RuntimeError,
+        match=re.escape(
             'Refusing to use PID file %r: it is a symbolic link.'
-            % str(pidfile_path))):
+            % str(pidfile_path)
+        ),
+    ):
         wp.PIDFile(bus, str(pidfile_path)).start()
     assert target.read_text() == 'keep me'
 
@@ -1382,8 +1551,7 @@ def test_pidfile_refuses_a_directory(bus, pidfile_path):
         wp.PIDFile(bus, str(pidfile_path)).start()
 
 
-def test_pidfile_rewritten_by_someone_else_is_left_at_exit(bus,
-                                                          pidfile_path):
+def test_pidfile_rewritten_by_someone_else_is_left_at_exit(bus, pidfile_path):
     plugin = wp.PIDFile(bus, str(pidfile_path))
     plugin.start()
     pidfile_path.write_text('12345\n')
@@ -1398,11 +1566,15 @@ def test_pidfile_exit_without_start_touches_nothing(bus, pidfile_path):
     assert pidfile_path.read_text() == '12345\n'
 
 
-@pytest.mark.parametrize('where, message', [
-    ('missing/app.pid', 'does not exist'),
-])
-def test_pidfile_bad_directory_fails_at_construction(bus, tmp_path, where,
-                                                     message):
+@pytest.mark.parametrize(
+    'where, message',
+    [
+        ('missing/app.pid', 'does not exist'),
+    ],
+)
+def test_pidfile_bad_directory_fails_at_construction(
+    bus, tmp_path, where, message
+):
     with pytest.raises(ValueError, match=message) as info:
         wp.PIDFile(bus, str(tmp_path / where))
     assert str(tmp_path / 'missing') in str(info.value)
@@ -1411,12 +1583,13 @@ def test_pidfile_bad_directory_fails_at_construction(bus, tmp_path, where,
 @needs_root
 def test_pidfile_unwritable_directory_fails_at_construction(child):
     import tempfile
+
     base = tempfile.mkdtemp()
     try:
         os.chmod(base, 0o755)
         locked = os.path.join(base, 'locked')
         os.mkdir(locked, 0o555)
-        code = '''
+        code = """
             import os, sys, wspbus_plugins as wp
             os.setuid(65534)
             for path in sys.argv[1:]:
@@ -1424,24 +1597,31 @@ def test_pidfile_unwritable_directory_fails_at_construction(child):
                     wp.PIDFile(wp.Bus(), path)
                 except ValueError as exc:
                     print(exc)
-        '''
+        """
         hidden = os.path.join(base, 'hidden')
         os.mkdir(hidden, 0o700)
-        status, out, err = finish(child(
-            code, os.path.join(locked, 'app.pid'),
-            os.path.join(hidden, 'sub', 'app.pid')))
-        assert "PID file directory %r is not writable" % locked in out, err
-        assert ("PID file directory %r cannot be reached"
-                % os.path.join(hidden, 'sub')) in out, err
+        status, out, err = finish(
+            child(
+                code,
+                os.path.join(locked, 'app.pid'),
+                os.path.join(hidden, 'sub', 'app.pid'),
+            )
+        )
+        assert 'PID file directory %r is not writable' % locked in out, err
+        assert (
+            'PID file directory %r cannot be reached'
+            % os.path.join(hidden, 'sub')
+        ) in out, err
     finally:
         import shutil
+
         shutil.rmtree(base)
 
 
-def test_pidfile_write_failure_leaves_nothing(bus, pidfile_path,
-                                              monkeypatch):
+def test_pidfile_write_failure_leaves_nothing(bus, pidfile_path, monkeypatch):
     def full(fd, data):
         raise OSError(28, 'No space left on device')
+
     monkeypatch.setattr(os, 'write', full)
     with pytest.raises(OSError, match='Could not write PID file') as info:
         wp.PIDFile(bus, str(pidfile_path)).start()
@@ -1450,15 +1630,18 @@ def test_pidfile_write_failure_leaves_nothing(bus, pidfile_path,
     assert not pidfile_path.exists()
 
 
-def test_pidfile_without_fcntl_uses_exclusive_creation(bus, pidfile_path,
-                                                       monkeypatch):
+def test_pidfile_without_fcntl_uses_exclusive_creation(
+    bus, pidfile_path, monkeypatch
+):
     monkeypatch.setattr(wp, 'fcntl', None)
-    alive = subprocess.Popen([sys.executable, '-c',
-                              'import time; time.sleep(60)'])
+    alive = subprocess.Popen(
+        [sys.executable, '-c', 'import time; time.sleep(60)']
+    )
     try:
         pidfile_path.write_text('%d\n' % alive.pid)
-        with pytest.raises(RuntimeError, match='held by running process %d'
-                           % alive.pid):
+        with pytest.raises(
+            RuntimeError, match='held by running process %d' % alive.pid
+        ):
             wp.PIDFile(bus, str(pidfile_path)).start()
         assert read_pid(pidfile_path) == alive.pid
     finally:
@@ -1473,7 +1656,7 @@ def test_pidfile_without_fcntl_uses_exclusive_creation(bus, pidfile_path,
     assert not pidfile_path.exists()
 
 
-PIDFILE_RACE_CHILD = '''
+PIDFILE_RACE_CHILD = """
     import sys, wspbus_plugins as wp
     bus = wp.Bus()
     wp.SignalHandler(bus).subscribe()
@@ -1483,7 +1666,7 @@ PIDFILE_RACE_CHILD = '''
     bus.subscribe('started', lambda: print('running', flush=True))
     bus.start()
     bus.block()
-'''
+"""
 
 
 @needs_fork
@@ -1491,15 +1674,19 @@ def test_pidfile_two_instances_at_once_exactly_one_runs(child, tmp_path):
     path = tmp_path / 'race.pid'
     for attempt in range(10):
         pair = [child(PIDFILE_RACE_CHILD, str(path)) for _ in range(2)]
-        wait_until(lambda pair=pair: any(p.poll() is not None for p in pair),
-                   'one instance of the pair to give up')
+        wait_until(
+            lambda pair=pair: any(p.poll() is not None for p in pair),
+            'one instance of the pair to give up',
+        )
         [loser] = [p for p in pair if p.poll() is not None]
         [winner] = [p for p in pair if p is not loser]
         status, out, err = finish(loser)
         assert status == 70, 'attempt %d: %s' % (attempt, err)
         assert 'is held by running process %d' % winner.pid in err
-        wait_until(lambda w=winner: path.read_text() == '%d\n' % w.pid,
-                   'the winner to write its PID')
+        wait_until(
+            lambda w=winner: path.read_text() == '%d\n' % w.pid,
+            'the winner to write its PID',
+        )
         assert winner.poll() is None
         winner.send_signal(signal.SIGTERM)
         assert finish(winner)[0] == 0
@@ -1507,8 +1694,7 @@ def test_pidfile_two_instances_at_once_exactly_one_runs(child, tmp_path):
 
 
 @needs_fork
-def test_pidfile_kill_9_leaves_a_file_the_next_start_replaces(child,
-                                                             tmp_path):
+def test_pidfile_kill_9_leaves_a_file_the_next_start_replaces(child, tmp_path):
     path = tmp_path / 'app.pid'
     first = child(PIDFILE_RACE_CHILD, str(path))
     wait_until(lambda: path.exists() and path.read_text(), 'the PID file')
@@ -1516,8 +1702,10 @@ def test_pidfile_kill_9_leaves_a_file_the_next_start_replaces(child,
     first.wait(TIMEOUT)
     assert read_pid(path) == first.pid
     second = child(PIDFILE_RACE_CHILD, str(path))
-    wait_until(lambda: path.read_text() == '%d\n' % second.pid,
-               'the PID file to be replaced')
+    wait_until(
+        lambda: path.read_text() == '%d\n' % second.pid,
+        'the PID file to be replaced',
+    )
     second.send_signal(signal.SIGTERM)
     status, out, err = finish(second)
     assert 'Replacing stale PID file' not in err  # A warning, not an error.
@@ -1527,9 +1715,10 @@ def test_pidfile_kill_9_leaves_a_file_the_next_start_replaces(child,
 @needs_fork
 def test_pidfile_kept_locked_across_restart(child, tmp_path):
     import fcntl
+
     path = tmp_path / 'app.pid'
     starts = tmp_path / 'starts'
-    code = '''
+    code = """
         import os, sys, wspbus_plugins as wp
         bus = wp.Bus()
         wp.PIDFile(bus, sys.argv[1]).subscribe()
@@ -1541,7 +1730,7 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
                       (lambda: open(sys.argv[2] + '.ok', 'w').close()))
         bus.start()
         bus.block()
-    '''
+    """
     proc = child(code, str(path), str(starts))
     wait_until((tmp_path / 'starts.ok').exists, 'the restarted run')
     assert len(set(lines_of(starts))) == 1 and len(lines_of(starts)) == 2
@@ -1557,6 +1746,7 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
 
 
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
+
 
 def test_perpetualtimer_repeats_until_cancelled(bus):
     calls = []
@@ -1574,13 +1764,15 @@ def test_perpetualtimer_logs_the_first_error_and_stops(bus):
     def broken():
         calls.append(1)
         raise ValueError('tick failed')
+
     timer = wp.PerpetualTimer(0.01, broken, bus=bus)
     timer.start()
     timer.join(TIMEOUT)
     assert calls == [1]
     [msg] = bus.recorder.messages(40)
-    assert msg.startswith('Error in perpetual timer thread function %r.'
-                          % broken)
+    assert msg.startswith(
+        'Error in perpetual timer thread function %r.' % broken
+    )
     assert 'ValueError: tick failed' in msg
 
 
@@ -1617,21 +1809,25 @@ def test_backgroundtask_logs_the_first_error_and_stops(bus):
     def broken():
         calls.append(1)
         raise ValueError('task failed')
+
     task = wp.BackgroundTask(0.01, broken, bus=bus)
     task.start()
     task.join(TIMEOUT)
     assert calls == [1] and not task.running
     [msg] = bus.recorder.messages(40)
-    assert msg.startswith('Error in background task thread function %r.'
-                          % broken)
+    assert msg.startswith(
+        'Error in background task thread function %r.' % broken
+    )
 
 
 # -- Monitor ------------------------------------------------------------------
 
+
 def test_monitor_runs_while_started_and_restarts_on_graceful(bus):
     calls = []
-    monitor = wp.Monitor(bus, lambda: calls.append(1), frequency=0.01,
-                         name='beat')
+    monitor = wp.Monitor(
+        bus, lambda: calls.append(1), frequency=0.01, name='beat'
+    )
     monitor.subscribe()
     assert bus._priorities[('start', monitor.start)] == 70
     bus.start()
@@ -1660,8 +1856,9 @@ def test_monitor_frequency_zero_or_less_disables(bus, frequency):
 
 @pytest.mark.parametrize('frequency', ['60', None, True, [1]])
 def test_monitor_non_numeric_frequency_is_named(bus, frequency):
-    with pytest.raises(ValueError, match=re.escape('Invalid frequency: %r'
-                                                   % (frequency,))):
+    with pytest.raises(
+        ValueError, match=re.escape('Invalid frequency: %r' % (frequency,))
+    ):
         wp.Monitor(bus, lambda: None, frequency=frequency)
 
 
@@ -1676,11 +1873,13 @@ def test_monitor_stop_from_its_own_thread_does_not_hang(bus):
             thread = super()._new_thread()
             thread.daemon = False
             return thread
+
     stopped = threading.Event()
 
     def callback():
         monitor.stop()
         stopped.set()
+
     monitor = NonDaemonMonitor(bus, callback, frequency=0.01)
     monitor.start()
     thread = monitor.thread
@@ -1690,6 +1889,7 @@ def test_monitor_stop_from_its_own_thread_does_not_hang(bus):
 
 
 # -- Autoreloader -------------------------------------------------------------
+
 
 @pytest.fixture
 def reloader(bus, monkeypatch):
@@ -1711,8 +1911,10 @@ def test_autoreloader_watches_matching_modules(reloader):
 
 @pytest.mark.parametrize('pattern', ['(', '[a-', 42])
 def test_autoreloader_invalid_match_is_named(bus, pattern):
-    with pytest.raises(ValueError, match=re.escape(
-            'Invalid Autoreloader match regex %r' % (pattern,))):
+    with pytest.raises(
+        ValueError,
+        match=re.escape('Invalid Autoreloader match regex %r' % (pattern,)),
+    ):
         wp.Autoreloader(bus, match=pattern)
 
 
@@ -1722,9 +1924,9 @@ def test_autoreloader_file_for_module_cases(monkeypatch, tmp_path):
         zf.writestr('zipped_mod_x.py', 'X = 1\n')
     monkeypatch.syspath_prepend(str(archive))
     import zipped_mod_x
+
     try:
-        assert wp.Autoreloader._file_for_module(zipped_mod_x) == \
-            str(archive)
+        assert wp.Autoreloader._file_for_module(zipped_mod_x) == str(archive)
     finally:
         del sys.modules['zipped_mod_x']
     nothing = type(sys)('nothing')
@@ -1734,11 +1936,13 @@ def test_autoreloader_file_for_module_cases(monkeypatch, tmp_path):
     relative = type(sys)('relative')
     relative.__file__ = os.path.join('sub', 'mod.py')
     assert wp.Autoreloader._file_for_module(relative) == os.path.join(
-        wp._STARTUP_DIR, 'sub', 'mod.py')
+        wp._STARTUP_DIR, 'sub', 'mod.py'
+    )
 
     class Lazy(type(sys)):
         def __getattr__(self, name):
             raise ImportError('lazy module exploded')
+
     assert wp.Autoreloader._file_for_module(Lazy('lazy')) is None
 
 
@@ -1748,7 +1952,7 @@ def edit(path):
 
 def set_mtime_backwards(path):
     st = path.stat()
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10 ** 10))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns - 10**10))
 
 
 def replace_by_rename(path):
@@ -1766,8 +1970,9 @@ CHANGES = [edit, set_mtime_backwards, replace_by_rename, delete]
 
 
 @pytest.mark.parametrize('change', CHANGES, ids=lambda f: f.__name__)
-def test_autoreloader_polling_sees_every_kind_of_change(reloader, tmp_path,
-                                                       change):
+def test_autoreloader_polling_sees_every_kind_of_change(
+    reloader, tmp_path, change
+):
     watched = tmp_path / 'settings.py'
     watched.write_text('A = 1\n')
     reloader.files.add(str(watched))
@@ -1777,8 +1982,10 @@ def test_autoreloader_polling_sees_every_kind_of_change(reloader, tmp_path,
     change(watched)
     reloader.run()
     assert reloader.restarts == [1]
-    assert 'Restarting because %s changed.' % watched in \
-        reloader.bus.recorder.messages()
+    assert (
+        'Restarting because %s changed.' % watched
+        in reloader.bus.recorder.messages()
+    )
 
 
 def test_autoreloader_a_new_file_appearing_counts(reloader, tmp_path):
@@ -1817,9 +2024,11 @@ def test_autoreloader_inotify_wakes_long_before_the_poll(reloader, tmp_path):
 
 
 def test_autoreloader_falls_back_to_polling_when_inotify_fails(
-        reloader, tmp_path, monkeypatch):
+    reloader, tmp_path, monkeypatch
+):
     def no_inotify():
         raise OSError(38, 'Function not implemented')
+
     monkeypatch.setattr(wp, '_Inotify', no_inotify)
     watched = tmp_path / 'settings.py'
     watched.write_text('A = 1\n')
@@ -1829,17 +2038,20 @@ def test_autoreloader_falls_back_to_polling_when_inotify_fails(
     wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
     edit(watched)
     wait_until(lambda: reloader.restarts, 'the polling restart')
-    assert any('inotify is unavailable' in m
-               for m in reloader.bus.recorder.messages())
+    assert any(
+        'inotify is unavailable' in m for m in reloader.bus.recorder.messages()
+    )
 
 
 def test_autoreloader_falls_back_when_the_watch_limit_is_hit(
-        reloader, tmp_path, monkeypatch):
+    reloader, tmp_path, monkeypatch
+):
     if not sys.platform.startswith('linux'):
         pytest.skip('inotify')
 
     def full(self, filenames):
         raise OSError(28, 'inotify watch limit reached')
+
     monkeypatch.setattr(wp._Inotify, 'add', full)
     watched = tmp_path / 'settings.py'
     watched.write_text('A = 1\n')
@@ -1848,8 +2060,10 @@ def test_autoreloader_falls_back_when_the_watch_limit_is_hit(
     wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
     edit(watched)
     wait_until(lambda: reloader.restarts, 'the polling restart')
-    assert any('falls back to polling' in m
-               for m in reloader.bus.recorder.messages(30))
+    assert any(
+        'falls back to polling' in m
+        for m in reloader.bus.recorder.messages(30)
+    )
 
 
 def test_autoreloader_use_inotify_false_forces_polling(reloader):
@@ -1866,7 +2080,7 @@ def test_autoreloader_stop_ends_the_thread_at_once(reloader):
     assert not thread.is_alive()
 
 
-RELOAD_CHILD = '''
+RELOAD_CHILD = """
     import os, sys, wspbus_plugins as wp
     watched, starts, mode = sys.argv[1:4]
     with open(starts, 'a') as f:
@@ -1883,7 +2097,7 @@ RELOAD_CHILD = '''
                   open(starts + '.ready', 'w').close())
     bus.start()
     bus.block()
-'''
+"""
 
 
 def appear(path):
@@ -1891,8 +2105,9 @@ def appear(path):
 
 
 @pytest.mark.parametrize('mode', ['inotify', 'polling'])
-@pytest.mark.parametrize('change', CHANGES + [appear],
-                         ids=lambda f: f.__name__)
+@pytest.mark.parametrize(
+    'change', CHANGES + [appear], ids=lambda f: f.__name__
+)
 def test_autoreloader_restarts_a_real_process(child, tmp_path, mode, change):
     if mode == 'inotify' and not sys.platform.startswith('linux'):
         pytest.skip('inotify')
@@ -1918,6 +2133,7 @@ def test_autoreloader_restarts_a_real_process(child, tmp_path, mode, change):
 
 # -- ThreadManager ------------------------------------------------------------
 
+
 def test_threadmanager_indexes_and_channels(bus):
     manager = wp.ThreadManager(bus)
     manager.subscribe()
@@ -1932,6 +2148,7 @@ def test_threadmanager_indexes_and_channels(bus):
         bus.publish('acquire_thread')  # Once per thread.
         barrier.wait(TIMEOUT)
         release.wait(TIMEOUT)
+
     threads = [threading.Thread(target=worker) for _ in range(3)]
     for thread in threads:
         thread.start()
@@ -1957,11 +2174,13 @@ def test_threadmanager_indexes_stay_unique_after_release(bus):
         got[name] = manager.threads[threading.get_ident()]
         if release:
             bus.publish('release_thread')
+
     hold = threading.Event()
 
     def holder():
         acquire('b')
         hold.wait(TIMEOUT)
+
     t1 = threading.Thread(target=acquire, args=('a', True))
     t1.start()
     t1.join(TIMEOUT)
@@ -1980,6 +2199,7 @@ def test_threadmanager_indexes_stay_unique_after_release(bus):
 
 
 # -- SystemdNotifier ----------------------------------------------------------
+
 
 @pytest.fixture(params=['path', 'abstract'])
 def notify_socket(request, tmp_path):
@@ -2005,7 +2225,7 @@ def datagrams(notify, count):
     return [notify.sock.recv(4096).decode() for _ in range(count)]
 
 
-SYSTEMD_CHILD = '''
+SYSTEMD_CHILD = """
     import os, sys, wspbus_plugins as wp
     bus = wp.Bus()
     wp.SystemdNotifier(bus).subscribe()
@@ -2021,29 +2241,37 @@ SYSTEMD_CHILD = '''
     else:
         bus.graceful()
     bus.exit()
-'''
+"""
 
 
-def test_systemdnotifier_sends_the_life_cycle_in_order(child,
-                                                      notify_socket):
-    proc = child(SYSTEMD_CHILD, 'ok',
-                 env={'NOTIFY_SOCKET': notify_socket.address})
+def test_systemdnotifier_sends_the_life_cycle_in_order(child, notify_socket):
+    proc = child(
+        SYSTEMD_CHILD, 'ok', env={'NOTIFY_SOCKET': notify_socket.address}
+    )
     got = datagrams(notify_socket, 4)
     status, out, err = finish(proc)
     assert status == 0, err
     assert got[0] == 'READY=1\nMAINPID=%d\nSTATUS=started' % proc.pid
-    assert re.fullmatch(r'RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=reloading',
-                        got[1])
+    assert re.fullmatch(
+        r'RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=reloading', got[1]
+    )
     usec = int(re.search(r'MONOTONIC_USEC=(\d+)', got[1]).group(1))
-    assert abs(usec - time.monotonic_ns() // 1000) < TIMEOUT * 10 ** 6
-    assert got[2:] == ['READY=1\nSTATUS=started',
-                       'STOPPING=1\nSTATUS=stopping']
+    assert abs(usec - time.monotonic_ns() // 1000) < TIMEOUT * 10**6
+    assert got[2:] == [
+        'READY=1\nSTATUS=started',
+        'STOPPING=1\nSTATUS=stopping',
+    ]
 
 
 def test_systemdnotifier_watchdog_pings(child, notify_socket):
-    proc = child(SYSTEMD_CHILD, 'watchdog',
-                 env={'NOTIFY_SOCKET': notify_socket.address,
-                      'WATCHDOG_USEC': '100000'})
+    proc = child(
+        SYSTEMD_CHILD,
+        'watchdog',
+        env={
+            'NOTIFY_SOCKET': notify_socket.address,
+            'WATCHDOG_USEC': '100000',
+        },
+    )
     got = []
     while not got or got[-1] != 'STOPPING=1\nSTATUS=stopping':
         got += datagrams(notify_socket, 1)
@@ -2051,19 +2279,27 @@ def test_systemdnotifier_watchdog_pings(child, notify_socket):
     assert got.count('WATCHDOG=1') >= 2
 
 
-def test_systemdnotifier_no_pings_for_another_watchdog_pid(child,
-                                                          notify_socket):
-    proc = child(SYSTEMD_CHILD, 'watchdog',
-                 env={'NOTIFY_SOCKET': notify_socket.address,
-                      'WATCHDOG_USEC': '100000', 'WATCHDOG_PID': '1'})
+def test_systemdnotifier_no_pings_for_another_watchdog_pid(
+    child, notify_socket
+):
+    proc = child(
+        SYSTEMD_CHILD,
+        'watchdog',
+        env={
+            'NOTIFY_SOCKET': notify_socket.address,
+            'WATCHDOG_USEC': '100000',
+            'WATCHDOG_PID': '1',
+        },
+    )
     got = datagrams(notify_socket, 2)
     finish(proc)
     assert [g.split('\n')[0] for g in got] == ['READY=1', 'STOPPING=1']
 
 
 def test_systemdnotifier_failed_start_sends_no_ready(child, notify_socket):
-    proc = child(SYSTEMD_CHILD, 'fail',
-                 env={'NOTIFY_SOCKET': notify_socket.address})
+    proc = child(
+        SYSTEMD_CHILD, 'fail', env={'NOTIFY_SOCKET': notify_socket.address}
+    )
     got = datagrams(notify_socket, 1)
     status, out, err = finish(proc)
     assert status == 70
@@ -2071,12 +2307,15 @@ def test_systemdnotifier_failed_start_sends_no_ready(child, notify_socket):
 
 
 @needs_fork
-def test_systemdnotifier_reports_the_daemon_pid(child, tmp_path,
-                                                notify_socket):
+def test_systemdnotifier_reports_the_daemon_pid(
+    child, tmp_path, notify_socket
+):
     code = textwrap.dedent(DAEMON_CHILD).replace(
-        'bus.start()', 'wp.SystemdNotifier(bus).subscribe()\nbus.start()')
+        'bus.start()', 'wp.SystemdNotifier(bus).subscribe()\nbus.start()'
+    )
     status, out, err, pidfile, starts, log = start_daemon(
-        child, tmp_path, code, env={'NOTIFY_SOCKET': notify_socket.address})
+        child, tmp_path, code, env={'NOTIFY_SOCKET': notify_socket.address}
+    )
     assert status == 0, err
     [ready] = datagrams(notify_socket, 1)
     assert 'MAINPID=%d' % read_pid(pidfile) in ready
@@ -2098,11 +2337,13 @@ def test_systemdnotifier_failed_send_is_logged(bus, monkeypatch, tmp_path):
     bus.start()
     assert bus.state is wp.states.STARTED
     [warning] = bus.recorder.messages(30)
-    assert warning.startswith('Could not notify systemd at %r'
-                              % str(tmp_path / 'nobody-listens'))
+    assert warning.startswith(
+        'Could not notify systemd at %r' % str(tmp_path / 'nobody-listens')
+    )
 
 
 # -- LoggingBridge ------------------------------------------------------------
+
 
 class ListHandler(logging.Handler):
     def __init__(self):
@@ -2125,8 +2366,7 @@ def test_loggingbridge_forwards_levels_and_tracebacks(bus):
         raise ValueError('bad thing')
     except ValueError:
         bus.log('failed', level=40, traceback=True)
-    got = [(r.levelno, r.getMessage().split('\n')[0]) for r in
-           handler.records]
+    got = [(r.levelno, r.getMessage().split('\n')[0]) for r in handler.records]
     assert got == [(20, 'plain'), (30, 'careful'), (40, 'failed')]
     assert 'ValueError: bad thing' in handler.records[-1].getMessage()
 
@@ -2141,6 +2381,7 @@ def test_loggingbridge_broken_handler_does_not_break_the_bus(bus):
 
         def log(self, level, msg):
             raise RuntimeError('handler down')
+
     wp.LoggingBridge(bus, Broken()).subscribe()
     bus.start()
     assert bus.state is wp.states.STARTED
@@ -2148,41 +2389,62 @@ def test_loggingbridge_broken_handler_does_not_break_the_bus(bus):
 
 # -- Demo ---------------------------------------------------------------------
 
+
 def demo(*args, **kwargs):
-    return subprocess.run([sys.executable, '-m', 'wspbus_plugins', *args],
-                          capture_output=True, text=True, timeout=TIMEOUT,
-                          cwd=kwargs.get('cwd', HERE),
-                          stdin=subprocess.DEVNULL,
-                          env=dict(os.environ, PYTHONPATH=HERE))
+    return subprocess.run(
+        [sys.executable, '-m', 'wspbus_plugins', *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        cwd=kwargs.get('cwd', HERE),
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=HERE),
+    )
 
 
 def test_demo_duration_logs_every_transition():
     proc = demo('--duration', '0.5', '--heartbeat', '0.1')
     assert proc.returncode == 0, proc.stderr
-    for text in ('demo, PID', 'Bus STARTING', "Started monitor thread "
-                 "'heartbeat'.", 'Bus STARTED', 'Heartbeat from PID',
-                 'Bus STOPPING', 'Bus STOPPED', 'Bus EXITING', 'Bus EXITED'):
+    for text in (
+        'demo, PID',
+        'Bus STARTING',
+        "Started monitor thread 'heartbeat'.",
+        'Bus STARTED',
+        'Heartbeat from PID',
+        'Bus STOPPING',
+        'Bus STOPPED',
+        'Bus EXITING',
+        'Bus EXITED',
+    ):
         assert text in proc.stderr
-    assert re.search(r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO +Bus STARTED$',
-                     proc.stderr, re.M)
+    assert re.search(
+        r'^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO +Bus STARTED$',
+        proc.stderr,
+        re.M,
+    )
 
 
 def test_demo_quiet_and_version():
     assert demo('--duration', '0', '--quiet').stderr == ''
-    assert demo('--version').stdout == 'python -m wspbus_plugins %s\n' % \
-        wp.__version__
+    assert (
+        demo('--version').stdout
+        == 'python -m wspbus_plugins %s\n' % wp.__version__
+    )
     assert '--daemonize' in demo('--help').stdout
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--bogus'], 'unrecognized arguments: --bogus'),
-    (['--umask', '099'], "invalid umask: '099'"),
-    (['--duration', '-1'], "invalid number of seconds: '-1'"),
-    (['--heartbeat', 'often'], "invalid number of seconds: 'often'"),
-    (['--user', 'no-such-user-x'], "No such user: 'no-such-user-x'"),
-    (['--group', 'no-such-group-x'], "No such group: 'no-such-group-x'"),
-    (['--pidfile', '/no/such/dir/x.pid'], "'/no/such/dir' does not exist"),
-])
+@pytest.mark.parametrize(
+    'args, message',
+    [
+        (['--bogus'], 'unrecognized arguments: --bogus'),
+        (['--umask', '099'], "invalid umask: '099'"),
+        (['--duration', '-1'], "invalid number of seconds: '-1'"),
+        (['--heartbeat', 'often'], "invalid number of seconds: 'often'"),
+        (['--user', 'no-such-user-x'], "No such user: 'no-such-user-x'"),
+        (['--group', 'no-such-group-x'], "No such group: 'no-such-group-x'"),
+        (['--pidfile', '/no/such/dir/x.pid'], "'/no/such/dir' does not exist"),
+    ],
+)
 def test_demo_bad_input_is_one_line_and_status_2(args, message):
     proc = demo(*args)
     assert proc.returncode == 2
@@ -2195,8 +2457,14 @@ def test_demo_bad_input_is_one_line_and_status_2(args, message):
 def test_demo_daemonize_with_pidfile(child, tmp_path):
     pidfile = tmp_path / 'demo.pid'
     log = tmp_path / 'demo.log'
-    proc = demo('--daemonize', '--pidfile', str(pidfile), '--log-file',
-                str(log), cwd=str(tmp_path))
+    proc = demo(
+        '--daemonize',
+        '--pidfile',
+        str(pidfile),
+        '--log-file',
+        str(log),
+        cwd=str(tmp_path),
+    )
     assert proc.returncode == 0, proc.stderr
     pid = read_pid(pidfile)
     child.track(pid)
@@ -2206,9 +2474,12 @@ def test_demo_daemonize_with_pidfile(child, tmp_path):
     assert held.returncode == 70
     assert 'is held by running process %d' % pid in held.stderr
     last = held.stderr.rstrip().splitlines()[-1]
-    assert re.search(r"CRITICAL Start failed \(RuntimeError: PID file '.*' is "
-                     r"held by running process %d; another instance is "
-                     r"running.\); exiting with status 70.$" % pid, last)
+    assert re.search(
+        r"CRITICAL Start failed \(RuntimeError: PID file '.*' is "
+        r'held by running process %d; another instance is '
+        r'running.\); exiting with status 70.$' % pid,
+        last,
+    )
     os.kill(pid, signal.SIGTERM)
     wait_until(lambda: not pid_alive(pid), 'the daemon to stop')
     assert not pidfile.exists()
@@ -2219,16 +2490,35 @@ def test_demo_autoreload_restarts_on_a_watched_change(child, tmp_path):
     watched.write_text('a = 1\n')
     log = tmp_path / 'demo.log'
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'wspbus_plugins', '--autoreload', '--watch',
-         str(watched), '--log-file', str(log), '--heartbeat', '0'],
-        cwd=HERE, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=True)
+        [
+            sys.executable,
+            '-m',
+            'wspbus_plugins',
+            '--autoreload',
+            '--watch',
+            str(watched),
+            '--log-file',
+            str(log),
+            '--heartbeat',
+            '0',
+        ],
+        cwd=HERE,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     child.procs.append(proc)
-    wait_until(lambda: log.exists() and 'Bus STARTED' in log.read_text(),
-               'the demo to start')
+    wait_until(
+        lambda: log.exists() and 'Bus STARTED' in log.read_text(),
+        'the demo to start',
+    )
     edit(watched)
-    wait_until(lambda: log.read_text().count('Bus STARTED') == 2,
-               'the demo to restart')
+    wait_until(
+        lambda: log.read_text().count('Bus STARTED') == 2,
+        'the demo to restart',
+    )
     assert 'Restarting because %s changed.' % watched in log.read_text()
     assert 'Re-spawning' in log.read_text()
     os.kill(proc.pid, signal.SIGTERM)
@@ -2241,14 +2531,16 @@ def test_demo_main_is_callable(capsys):
 
 # -- README -------------------------------------------------------------------
 
+
 def readme_examples():
     with open(os.path.join(HERE, 'README.md')) as f:
         text = f.read()
     return re.findall(r'^```python\n(.*?)^```', text, re.M | re.S)
 
 
-@pytest.mark.parametrize('code', readme_examples(),
-                         ids=lambda code: code.splitlines()[-1][:40])
+@pytest.mark.parametrize(
+    'code', readme_examples(), ids=lambda code: code.splitlines()[-1][:40]
+)
 def test_readme_example_runs(child, tmp_path, code):
     if 'DropPrivileges' in code and not IS_ROOT:
         pytest.skip('needs root')
@@ -2281,7 +2573,7 @@ def scaled(short, long):
     return long if STRESS else short
 
 
-STORM_CHILD = '''
+STORM_CHILD = """
     import os, sys, threading, time, wspbus_plugins as wp
     out = open(sys.argv[1], 'a', buffering=1)
     bus = wp.Bus()
@@ -2299,20 +2591,23 @@ STORM_CHILD = '''
     bus.subscribe('started', lambda: out.write('ready\\n'))
     bus.start()
     bus.block()
-'''
+"""
 
 
 @pytest.mark.stress
 @pytest.mark.parametrize('hup_share', [0.0, 0.1])
-def test_reliability_signal_storm_exits_exactly_once(child, tmp_path,
-                                                    hup_share):
+def test_reliability_signal_storm_exits_exactly_once(
+    child, tmp_path, hup_share
+):
     for round_ in range(scaled(3, 30)):
         record = tmp_path / ('storm%d' % round_)
         proc = child(STORM_CHILD, str(record))
         wait_until(lambda r=record: 'ready' in lines_of(r), 'the child')
         rng = random.Random(round_)
-        storm = [signal.SIGHUP if rng.random() < hup_share
-                 else signal.SIGUSR1 for _ in range(200)]
+        storm = [
+            signal.SIGHUP if rng.random() < hup_share else signal.SIGUSR1
+            for _ in range(200)
+        ]
         for sig in storm + [signal.SIGTERM]:
             try:
                 os.kill(proc.pid, sig)
@@ -2332,8 +2627,12 @@ def test_reliability_concurrent_use_while_cycling_states(bus):
     duration = scaled(2, 20)
     errors, states_seen = [], set()
     stop = threading.Event()
-    valid = {wp.states.STOPPED, wp.states.STARTING, wp.states.STARTED,
-             wp.states.STOPPING}
+    valid = {
+        wp.states.STOPPED,
+        wp.states.STARTING,
+        wp.states.STARTED,
+        wp.states.STOPPING,
+    }
 
     def hammer(seed):
         rng = random.Random(seed)
@@ -2344,11 +2643,16 @@ def test_reliability_concurrent_use_while_cycling_states(bus):
                 if action < 0.4:
                     bus.publish(rng.choice(['x', 'graceful', 'main']))
                 elif action < 0.7 or not mine:
+
                     def func():
                         pass
+
                     mine.append(func)
-                    bus.subscribe(rng.choice(['x', 'stop', 'start']), func,
-                                  priority=rng.randint(0, 100))
+                    bus.subscribe(
+                        rng.choice(['x', 'stop', 'start']),
+                        func,
+                        priority=rng.randint(0, 100),
+                    )
                 else:
                     func = mine.pop()
                     for channel in ('x', 'stop', 'start'):
@@ -2365,8 +2669,11 @@ def test_reliability_concurrent_use_while_cycling_states(bus):
                 bus.stop()
         except Exception as exc:
             errors.append(exc)
-    threads = [threading.Thread(target=hammer, args=(i,), daemon=True)
-               for i in range(8)]
+
+    threads = [
+        threading.Thread(target=hammer, args=(i,), daemon=True)
+        for i in range(8)
+    ]
     threads.append(threading.Thread(target=cycle, daemon=True))
     for thread in threads:
         thread.start()
@@ -2395,12 +2702,17 @@ def test_reliability_randomised_state_machine(fake_exit):
 def run_random_sequence(seed):
     rng = random.Random(seed)
     bus = wp.Bus()
-    calls = []                       # (channel, priority, order) per call
+    calls = []  # (channel, priority, order) per call
     subscribed = []
-    order = iter(range(10 ** 9))
-    exits_this_life = {}             # exit listener -> runs this life
-    valid = {wp.states.STOPPED, wp.states.STARTING, wp.states.STARTED,
-             wp.states.STOPPING, wp.states.EXITING}
+    order = iter(range(10**9))
+    exits_this_life = {}  # exit listener -> runs this life
+    valid = {
+        wp.states.STOPPED,
+        wp.states.STARTING,
+        wp.states.STARTED,
+        wp.states.STOPPING,
+        wp.states.EXITING,
+    }
 
     def make_listener(channel, priority, fails):
         def listener():
@@ -2409,12 +2721,24 @@ def run_random_sequence(seed):
                 exits_this_life[seq] = exits_this_life.get(seq, 0) + 1
             if fails:
                 raise ValueError('planned failure')
+
         seq = next(order)
         return listener
+
     try:
         for _ in range(rng.randint(5, 30)):
-            op = rng.choice(['start', 'stop', 'graceful', 'exit', 'restart',
-                             'subscribe', 'subscribe', 'unsubscribe'])
+            op = rng.choice(
+                [
+                    'start',
+                    'stop',
+                    'graceful',
+                    'exit',
+                    'restart',
+                    'subscribe',
+                    'subscribe',
+                    'unsubscribe',
+                ]
+            )
             del calls[:]
             if op == 'subscribe':
                 channel = rng.choice(['start', 'stop', 'exit', 'graceful'])
@@ -2426,8 +2750,9 @@ def run_random_sequence(seed):
                 continue
             if op == 'unsubscribe':
                 if subscribed:
-                    bus.unsubscribe(*subscribed.pop(
-                        rng.randrange(len(subscribed))))
+                    bus.unsubscribe(
+                        *subscribed.pop(rng.randrange(len(subscribed)))
+                    )
                 continue
             if op == 'start':  # Every start() begins a new life.
                 exits_this_life.clear()
@@ -2439,20 +2764,24 @@ def run_random_sequence(seed):
             for channel in ('start', 'stop', 'exit', 'graceful'):
                 ran = [(p, s) for c, p, s in calls if c == channel]
                 assert ran == sorted(ran), 'out of order on %s' % channel
-            assert max(exits_this_life.values(), default=0) <= 1, \
+            assert max(exits_this_life.values(), default=0) <= 1, (
                 'an exit listener ran twice'
+            )
     except HardExit:
         pass  # The process would end here (status 70): the sequence ends.
     finally:
         atexit.unregister(bus._clean_exit)
 
 
-@pytest.mark.parametrize('what', ['SystemExit', 'KeyboardInterrupt',
-                                  'ValueError'])
-def test_reliability_start_listener_raising_leaves_nothing(child, tmp_path,
-                                                           what):
+@pytest.mark.parametrize(
+    'what', ['SystemExit', 'KeyboardInterrupt', 'ValueError']
+)
+def test_reliability_start_listener_raising_leaves_nothing(
+    child, tmp_path, what
+):
     pidfile = tmp_path / 'app.pid'
-    proc = child('''
+    proc = child(
+        """
         import sys, wspbus_plugins as wp
         bus = wp.Bus()
         bus.subscribe('log', lambda msg, level: level >= 40 and
@@ -2463,17 +2792,20 @@ def test_reliability_start_listener_raising_leaves_nothing(child, tmp_path,
         bus.subscribe('start', broken, priority=80)  # After the PID file.
         bus.start()
         bus.block()
-    ''' % what, str(pidfile))
+    """
+        % what,
+        str(pidfile),
+    )
     status, out, err = finish(proc)
     assert status == 70
     assert 'Start failed (%s: planned); exiting with status 70.' % what in err
     assert not pidfile.exists()
 
 
-def test_reliability_stop_listener_failing_during_signal_exit(child,
-                                                             tmp_path):
+def test_reliability_stop_listener_failing_during_signal_exit(child, tmp_path):
     ready = tmp_path / 'ready'
-    proc = child('''
+    proc = child(
+        """
         import sys, wspbus_plugins as wp
         bus = wp.Bus()
         bus.subscribe('log', lambda msg, level: level >= 40 and
@@ -2486,7 +2818,9 @@ def test_reliability_stop_listener_failing_during_signal_exit(child,
         bus.subscribe('started', lambda: open(sys.argv[1], 'w').close())
         bus.start()
         bus.block()
-    ''', str(ready))
+    """,
+        str(ready),
+    )
     wait_until(ready.exists, 'the child')
     os.kill(proc.pid, signal.SIGTERM)
     status, out, err = finish(proc)
@@ -2496,7 +2830,7 @@ def test_reliability_stop_listener_failing_during_signal_exit(child,
 
 
 def test_reliability_failing_log_listener_does_not_stop_the_service(child):
-    proc = child('''
+    proc = child("""
         import wspbus_plugins as wp
         bus = wp.Bus()
         def broken(msg, level):
@@ -2506,7 +2840,7 @@ def test_reliability_failing_log_listener_does_not_stop_the_service(child):
         bus.graceful()
         bus.exit()
         print('done')
-    ''')
+    """)
     status, out, err = finish(proc)
     assert (status, out) == (0, 'done\n')
     assert "a log listener failed (RuntimeError('log sink down'))" in err
@@ -2519,7 +2853,7 @@ def test_reliability_kill_9_of_a_daemon_then_restart(child, tmp_path):
     first = read_pid(pidfile)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not pid_alive(first), 'the daemon to die')
-    assert read_pid(pidfile) == first           # Stale, left behind.
+    assert read_pid(pidfile) == first  # Stale, left behind.
     status, _, err, pidfile, starts, log = start_daemon(child, tmp_path)
     assert status == 0, err
     second = read_pid(pidfile)
@@ -2533,7 +2867,8 @@ def test_reliability_kill_9_of_a_daemon_then_restart(child, tmp_path):
 def test_reliability_restarts_leak_no_descriptors(child, tmp_path):
     record = tmp_path / 'fds'
     restarts = scaled(20, 100)
-    proc = child('''
+    proc = child(
+        """
         import os, sys, wspbus_plugins as wp
         bus = wp.Bus()
         wp.PIDFile(bus, sys.argv[1] + '.pid').subscribe()
@@ -2549,7 +2884,10 @@ def test_reliability_restarts_leak_no_descriptors(child, tmp_path):
         else:
             bus.exit()
         bus.block()
-    ''', str(record), str(restarts))
+    """,
+        str(record),
+        str(restarts),
+    )
     status, out, err = finish(proc)
     assert status == 0, err
     counts = lines_of(record)
@@ -2567,10 +2905,13 @@ def test_reliability_memory_stays_flat(bus):
         for _ in range(publishes):
             bus.publish('x')
         for _ in range(cycles):
+
             def func():
                 pass
+
             bus.subscribe('y', func)
             bus.unsubscribe('y', func)
+
     churn(1000, 100)  # Warm the caches.
     tracemalloc.start()
     try:
@@ -2579,14 +2920,17 @@ def test_reliability_memory_stays_flat(bus):
         after = tracemalloc.take_snapshot()
     finally:
         tracemalloc.stop()
-    growth = sum(stat.size_diff for stat in
-                 after.compare_to(before, 'filename')
-                 if stat.traceback[0].filename == wp.__file__)
+    growth = sum(
+        stat.size_diff
+        for stat in after.compare_to(before, 'filename')
+        if stat.traceback[0].filename == wp.__file__
+    )
     assert growth < 4096
 
 
-def test_reliability_plugin_threads_are_gone_after_exit(bus, tmp_path,
-                                                        monkeypatch):
+def test_reliability_plugin_threads_are_gone_after_exit(
+    bus, tmp_path, monkeypatch
+):
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(tmp_path / 'notify'))
     monkeypatch.setenv('NOTIFY_SOCKET', str(tmp_path / 'notify'))
@@ -2599,8 +2943,10 @@ def test_reliability_plugin_threads_are_gone_after_exit(bus, tmp_path,
         bus.start()
         assert len(set(threading.enumerate()) - before) == 3
         bus.exit()
-        wait_until(lambda: set(threading.enumerate()) <= before,
-                   'plugin threads to end')
+        wait_until(
+            lambda: set(threading.enumerate()) <= before,
+            'plugin threads to end',
+        )
     finally:
         sock.close()
 

@@ -74,10 +74,23 @@ import warnings
 __version__ = '0.1.0'
 
 __all__ = [
-    'states', 'ChannelFailures', 'Bus', 'bus',
-    'SimplePlugin', 'SignalHandler', 'ConsoleCtrlHandler', 'DropPrivileges',
-    'Daemonizer', 'PIDFile', 'PerpetualTimer', 'BackgroundTask', 'Monitor',
-    'Autoreloader', 'ThreadManager', 'SystemdNotifier', 'LoggingBridge',
+    'states',
+    'ChannelFailures',
+    'Bus',
+    'bus',
+    'SimplePlugin',
+    'SignalHandler',
+    'ConsoleCtrlHandler',
+    'DropPrivileges',
+    'Daemonizer',
+    'PIDFile',
+    'PerpetualTimer',
+    'BackgroundTask',
+    'Monitor',
+    'Autoreloader',
+    'ThreadManager',
+    'SystemdNotifier',
+    'LoggingBridge',
     'main',
 ]
 
@@ -127,6 +140,7 @@ def _pid_alive(pid):
     if _WINDOWS:
         # os.kill(pid, 0) would terminate the process on Windows.
         import ctypes
+
         kernel32 = ctypes.windll.kernel32
         handle = kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED
         if not handle:
@@ -174,6 +188,7 @@ def _is_number(value):
 
 # -- States -------------------------------------------------------------------
 
+
 class _State:
     """One state of the bus; compared by identity."""
 
@@ -196,6 +211,7 @@ states = _States('STOPPED', 'STARTING', 'STARTED', 'STOPPING', 'EXITING')
 
 
 # -- Errors -------------------------------------------------------------------
+
 
 class ChannelFailures(Exception):
     """The exceptions raised by the listeners of one publish.
@@ -256,17 +272,17 @@ class Bus:
         """True once restart() was asked for: block() then re-executes."""
         self.listeners = {channel: set() for channel in _BUILTIN_CHANNELS}
         self._priorities = {}
-        self._order = {}          # (channel, callback) -> subscription count
-        self._sorted = {}         # channel -> tuple of callbacks, cached
+        self._order = {}  # (channel, callback) -> subscription count
+        self._sorted = {}  # channel -> tuple of callbacks, cached
         self._count = 0
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._state = states.STOPPED
-        self._exit_phase = None   # None, 'running' or 'done'
+        self._exit_phase = None  # None, 'running' or 'done'
         self._graceful_phase = None  # None, 'running' or 'again'
         self._start_error = None  # Why the last start() failed.
         self._atexit_registered = False
-        self._keep_fds = set()    # descriptors restart() must not close
+        self._keep_fds = set()  # descriptors restart() must not close
 
     def __repr__(self):
         return '<%s %r>' % (type(self).__name__, self._state)
@@ -318,8 +334,11 @@ class Bus:
         with self._lock:
             callbacks = sorted(
                 self.listeners.get(channel, ()),
-                key=lambda cb: (self._priorities[(channel, cb)],
-                                self._order[(channel, cb)]))
+                key=lambda cb: (
+                    self._priorities[(channel, cb)],
+                    self._order[(channel, cb)],
+                ),
+            )
             self._sorted[channel] = result = tuple(callbacks)
             return result
 
@@ -351,8 +370,11 @@ class Bus:
                     failures = ChannelFailures()
                 failures.handle_exception()
                 if channel != 'log':  # A failing logger must not recurse.
-                    self.log('Error in %r listener %r' % (channel, listener),
-                             level=_ERROR, traceback=True)
+                    self.log(
+                        'Error in %r listener %r' % (channel, listener),
+                        level=_ERROR,
+                        traceback=True,
+                    )
         if failures:
             raise failures
         return output
@@ -378,8 +400,11 @@ class Bus:
         except BaseException as error:
             # KeyboardInterrupt and SystemExit too: a half-started service
             # must be stopped now, not by atexit.
-            self.log('Shutting down due to error in start listener:',
-                     level=_ERROR, traceback=True)
+            self.log(
+                'Shutting down due to error in start listener:',
+                level=_ERROR,
+                traceback=True,
+            )
             self._start_error = error
             self.exit()
             raise
@@ -457,8 +482,11 @@ class Bus:
             self.publish('exit')
             self.log('Bus EXITED')
         except Exception:
-            self.log('Exiting with status %d: the stop or exit listeners '
-                     'failed (see above).' % _EX_SOFTWARE, level=_CRITICAL)
+            self.log(
+                'Exiting with status %d: the stop or exit listeners '
+                'failed (see above).' % _EX_SOFTWARE,
+                level=_CRITICAL,
+            )
             _hard_exit(_EX_SOFTWARE)
         finally:
             with self._changed:
@@ -469,13 +497,18 @@ class Bus:
             if threading.current_thread() is threading.main_thread():
                 # A start listener failed: ending the process is the only
                 # way to leave no half-started service behind.
-                self.log('Start failed (%s); exiting with status %d.'
-                         % (reason, _EX_SOFTWARE), level=_CRITICAL)
+                self.log(
+                    'Start failed (%s); exiting with status %d.'
+                    % (reason, _EX_SOFTWARE),
+                    level=_CRITICAL,
+                )
                 _hard_exit(_EX_SOFTWARE)
-            self.log('The bus failed to start on thread %r (%s) and has '
-                     'exited; the host process goes on.'
-                     % (threading.current_thread().name, reason),
-                     level=_CRITICAL)
+            self.log(
+                'The bus failed to start on thread %r (%s) and has '
+                'exited; the host process goes on.'
+                % (threading.current_thread().name, reason),
+                level=_CRITICAL,
+            )
 
     def restart(self):
         """Exit, then re-execute the process from block() on the main thread.
@@ -513,8 +546,11 @@ class Bus:
         self.log('Waiting for child threads to terminate...')
         current = threading.current_thread()
         for thread in threading.enumerate():
-            if (thread is not current and not thread.daemon
-                    and thread is not threading.main_thread()):
+            if (
+                thread is not current
+                and not thread.daemon
+                and thread is not threading.main_thread()
+            ):
                 self.log('Waiting for thread %s.' % thread.name)
                 thread.join()
         if self.execv:
@@ -571,13 +607,16 @@ class Bus:
         """
         if traceback:
             import traceback as _traceback
+
             msg += '\n' + ''.join(_traceback.format_exception(*sys.exc_info()))
         try:
             self.publish('log', msg, level)
         except ChannelFailures as failures:
             try:
-                sys.stderr.write('wspbus: a log listener failed (%s) on: %s\n'
-                                 % (failures, msg))
+                sys.stderr.write(
+                    'wspbus: a log listener failed (%s) on: %s\n'
+                    % (failures, msg)
+                )
             except Exception:
                 pass
 
@@ -588,8 +627,10 @@ class Bus:
                 'The main thread is exiting, but the Bus is in the %r state; '
                 'shutting it down automatically now. You must either call '
                 'bus.block() after start(), or call bus.exit() before the '
-                'main thread exits.' % self._state, RuntimeWarning,
-                stacklevel=2)
+                'main thread exits.' % self._state,
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self.exit()
 
     # -- Re-execution (restart) --
@@ -599,12 +640,12 @@ class Bus:
         try:
             args = self._get_true_argv()
         except NotImplementedError:
-            args = ([sys.executable] + self._get_interpreter_argv()
-                    + sys.argv)
+            args = [sys.executable] + self._get_interpreter_argv() + sys.argv
         self.log('Re-spawning %s' % ' '.join(args))
         self._extend_pythonpath(os.environ)
         if _JYTHON:
             from _systemrestart import SystemRestart
+
             raise SystemRestart
         if _WINDOWS:
             args = ['"%s"' % arg for arg in args]
@@ -620,6 +661,7 @@ class Bus:
         if getattr(sys, 'frozen', False):
             return []
         import subprocess
+
         return subprocess._args_from_interpreter_flags()
 
     @staticmethod
@@ -643,7 +685,7 @@ class Bus:
         if main_spec is not None and main_spec.name:
             module = main_spec.name
             if module.endswith('.__main__'):
-                module = module[:-len('.__main__')]
+                module = module[: -len('.__main__')]
             return [sys.executable] + flags + ['-m', module] + sys.argv[1:]
         if not sys.argv or sys.argv[0] in ('', '-', '-c'):
             _check_rerunnable(sys.argv[:1] or [''])
@@ -675,10 +717,14 @@ def _describe(error):
     """Say in one line what went wrong: 'ValueError: bad port; ...'."""
     if error is None:
         return 'an exit while starting'
-    errors = (error.get_instances() if isinstance(error, ChannelFailures)
-              else [error])
-    return '; '.join(type(e).__name__ + (': %s' % e if str(e) else '')
-                     for e in errors)
+    errors = (
+        error.get_instances()
+        if isinstance(error, ChannelFailures)
+        else [error]
+    )
+    return '; '.join(
+        type(e).__name__ + (': %s' % e if str(e) else '') for e in errors
+    )
 
 
 def _check_rerunnable(interpreter_args):
@@ -717,7 +763,8 @@ def _not_rerunnable(source):
     return RuntimeError(
         'Cannot reconstruct command from %s: code given that way cannot be '
         'run again. Start the program from a script or with python -m so '
-        'that restart() can re-execute it.' % source)
+        'that restart() can re-execute it.' % source
+    )
 
 
 bus = Bus()
@@ -725,6 +772,7 @@ bus = Bus()
 
 
 # -- SimplePlugin -------------------------------------------------------------
+
 
 class SimplePlugin:
     """A plugin whose methods named like a channel listen on that channel.
@@ -758,6 +806,7 @@ class SimplePlugin:
 
 # -- SignalHandler ------------------------------------------------------------
 
+
 class SignalHandler:
     """Turn OS signals into bus channels named after them (``SIGTERM`` ...).
 
@@ -771,8 +820,11 @@ class SignalHandler:
     only be set on the main thread; elsewhere subscribe() logs and returns.
     """
 
-    signals = {sig.value: sig.name for sig in _signal.Signals
-               if sig.name.startswith('SIG')}
+    signals = {
+        sig.value: sig.name
+        for sig in _signal.Signals
+        if sig.name.startswith('SIG')
+    }
     """Signal number -> canonical name (SIGIO, not its alias SIGPOLL)."""
 
     def __init__(self, bus):
@@ -786,8 +838,10 @@ class SignalHandler:
         if _JYTHON:
             del self.handlers['SIGUSR1']
             self.handlers['SIGUSR2'] = self.bus.graceful
-            self.bus.log('SIGUSR1 cannot be set on the JVM platform. '
-                         'Using SIGUSR2 instead.')
+            self.bus.log(
+                'SIGUSR1 cannot be set on the JVM platform. '
+                'Using SIGUSR2 instead.'
+            )
             self.handlers['SIGINT'] = self._jython_SIGINT_handler
         self._previous_handlers = {}
         self._original_pid = os.getpid()
@@ -807,15 +861,19 @@ class SignalHandler:
         WSPBUS_DAEMON_PID environment variable that Daemonizer sets.
         """
         pid = os.getpid()
-        forked = (self._original_pid != pid
-                  or os.environ.get(_DAEMON_ENV) == str(pid))
+        forked = self._original_pid != pid or os.environ.get(
+            _DAEMON_ENV
+        ) == str(pid)
         return forked and not _isatty(sys.stdin)
 
     def subscribe(self):
         """Install a handler for each signal in ``handlers``."""
         if threading.current_thread() is not threading.main_thread():
-            self.bus.log('Signal handlers can only be set on the main '
-                         'thread; %r did nothing.' % self, level=_WARNING)
+            self.bus.log(
+                'Signal handlers can only be set on the main '
+                'thread; %r did nothing.' % self,
+                level=_WARNING,
+            )
             return
         atexit.register(self._ignore_late_signals)
         for sig, listener in self.handlers.items():
@@ -824,8 +882,9 @@ class SignalHandler:
             try:
                 self.set_handler(sig, listener)
             except ValueError as exc:
-                self.bus.log('Could not handle %s: %s' % (sig, exc),
-                             level=_WARNING)
+                self.bus.log(
+                    'Could not handle %s: %s' % (sig, exc), level=_WARNING
+                )
 
     def _ignore_late_signals(self):
         # At interpreter exit Python resets its handlers to SIG_DFL, so a
@@ -848,13 +907,17 @@ class SignalHandler:
             try:
                 our_handler = _signal.signal(signum, handler)
                 if our_handler is None:
-                    self.bus.log('Restored old %s handler %r, but our '
-                                 'handler was not registered.'
-                                 % (signame, handler), level=_WARNING)
+                    self.bus.log(
+                        'Restored old %s handler %r, but our '
+                        'handler was not registered.' % (signame, handler),
+                        level=_WARNING,
+                    )
             except ValueError:
-                self.bus.log('Unable to restore %s handler %r.'
-                             % (signame, handler), level=_ERROR,
-                             traceback=True)
+                self.bus.log(
+                    'Unable to restore %s handler %r.' % (signame, handler),
+                    level=_ERROR,
+                    traceback=True,
+                )
         self._previous_handlers.clear()
 
     def set_handler(self, signal, listener=None):
@@ -866,8 +929,11 @@ class SignalHandler:
         """
         if isinstance(signal, str):
             signum = getattr(_signal, signal, None)
-            if (not signal.startswith('SIG') or signal.startswith('SIG_')
-                    or not isinstance(signum, int)):
+            if (
+                not signal.startswith('SIG')
+                or signal.startswith('SIG_')
+                or not isinstance(signum, int)
+            ):
                 raise ValueError('No such signal: %r' % signal)
         else:
             signum = signal
@@ -914,9 +980,13 @@ def _isatty(stream):
 
 # -- ConsoleCtrlHandler -------------------------------------------------------
 
-_CONSOLE_EVENTS = {0: 'CTRL_C_EVENT', 1: 'CTRL_BREAK_EVENT',
-                   2: 'CTRL_CLOSE_EVENT', 5: 'CTRL_LOGOFF_EVENT',
-                   6: 'CTRL_SHUTDOWN_EVENT'}
+_CONSOLE_EVENTS = {
+    0: 'CTRL_C_EVENT',
+    1: 'CTRL_BREAK_EVENT',
+    2: 'CTRL_CLOSE_EVENT',
+    5: 'CTRL_LOGOFF_EVENT',
+    6: 'CTRL_SHUTDOWN_EVENT',
+}
 
 
 class ConsoleCtrlHandler(SimplePlugin):
@@ -936,18 +1006,22 @@ class ConsoleCtrlHandler(SimplePlugin):
     def subscribe(self):
         """Subscribe on Windows; elsewhere log that it does nothing."""
         if not _WINDOWS:
-            self.bus.log('ConsoleCtrlHandler does nothing on %r.'
-                         % sys.platform, level=_DEBUG)
+            self.bus.log(
+                'ConsoleCtrlHandler does nothing on %r.' % sys.platform,
+                level=_DEBUG,
+            )
             return
         super().subscribe()
 
     def _set_console_handler(self, add):
         import ctypes
+
         kernel32 = ctypes.windll.kernel32
         if self._callback is None:
             prototype = getattr(ctypes, 'WINFUNCTYPE', ctypes.CFUNCTYPE)
             self._callback = prototype(ctypes.c_int, ctypes.c_uint)(
-                self.handle)
+                self.handle
+            )
         if kernel32.SetConsoleCtrlHandler(self._callback, int(add)):
             return 0
         return ctypes.get_last_error() or kernel32.GetLastError()
@@ -959,8 +1033,10 @@ class ConsoleCtrlHandler(SimplePlugin):
             return
         error = self._set_console_handler(True)
         if error:
-            self.bus.log('Could not SetConsoleCtrlHandler (error %r)' % error,
-                         level=_ERROR)
+            self.bus.log(
+                'Could not SetConsoleCtrlHandler (error %r)' % error,
+                level=_ERROR,
+            )
         else:
             self.bus.log('Set handler for console events.')
             self.is_set = True
@@ -972,8 +1048,10 @@ class ConsoleCtrlHandler(SimplePlugin):
             return
         error = self._set_console_handler(False)
         if error:
-            self.bus.log('Could not remove SetConsoleCtrlHandler (error %r)'
-                         % error, level=_ERROR)
+            self.bus.log(
+                'Could not remove SetConsoleCtrlHandler (error %r)' % error,
+                level=_ERROR,
+            )
         else:
             self.bus.log('Removed handler for console events.')
             self.is_set = False
@@ -982,14 +1060,16 @@ class ConsoleCtrlHandler(SimplePlugin):
         """Exit the bus on a known event; return 1 if handled, else 0."""
         if event not in _CONSOLE_EVENTS:
             return 0
-        self.bus.log('Console event %s: shutting down bus'
-                     % _CONSOLE_EVENTS[event])
+        self.bus.log(
+            'Console event %s: shutting down bus' % _CONSOLE_EVENTS[event]
+        )
         self.stop()  # First, so a second Ctrl+C does not re-enter.
         self.bus.exit()
         return 1
 
 
 # -- DropPrivileges -----------------------------------------------------------
+
 
 class DropPrivileges(SimplePlugin):
     """Give up root: switch group, clear supplementary groups, switch user.
@@ -1011,7 +1091,10 @@ class DropPrivileges(SimplePlugin):
 
     def __repr__(self):
         return 'DropPrivileges(uid=%r, gid=%r, umask=%r)' % (
-            self._uid, self._gid, self._umask)
+            self._uid,
+            self._gid,
+            self._umask,
+        )
 
     @property
     def uid(self):
@@ -1036,8 +1119,10 @@ class DropPrivileges(SimplePlugin):
             return None
         module = _import_optional(module_name)
         if module is None:
-            self.bus.log('%s module not available; ignoring %s.'
-                         % (module_name, attr), level=_WARNING)
+            self.bus.log(
+                '%s module not available; ignoring %s.' % (module_name, attr),
+                level=_WARNING,
+            )
             return None
         if isinstance(value, str):
             try:
@@ -1045,8 +1130,9 @@ class DropPrivileges(SimplePlugin):
             except KeyError:
                 raise ValueError('No such %s: %r' % (kind, value)) from None
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError('Invalid %s: %r (a name or a number >= 0)'
-                             % (attr, value))
+            raise ValueError(
+                'Invalid %s: %r (a name or a number >= 0)' % (attr, value)
+            )
         return value
 
     @property
@@ -1058,13 +1144,19 @@ class DropPrivileges(SimplePlugin):
     def umask(self, value):
         if value is not None:
             if not hasattr(os, 'umask'):
-                self.bus.log('umask function not available; ignoring umask.',
-                             level=_WARNING)
+                self.bus.log(
+                    'umask function not available; ignoring umask.',
+                    level=_WARNING,
+                )
                 value = None
-            elif (not isinstance(value, int) or isinstance(value, bool)
-                  or not 0 <= value <= 0o777):
-                raise ValueError('Invalid umask: %r (an int from 0 to 0o777)'
-                                 % (value,))
+            elif (
+                not isinstance(value, int)
+                or isinstance(value, bool)
+                or not 0 <= value <= 0o777
+            ):
+                raise ValueError(
+                    'Invalid umask: %r (an int from 0 to 0o777)' % (value,)
+                )
         self._umask = value
 
     def _current_ids(self):
@@ -1077,8 +1169,9 @@ class DropPrivileges(SimplePlugin):
         """Switch group, supplementary groups, user and umask, once."""
         if self.finalized:
             if not (self.uid is None and self.gid is None):
-                self.bus.log('Already running as uid: %r gid: %r'
-                             % self._current_ids())
+                self.bus.log(
+                    'Already running as uid: %r gid: %r' % self._current_ids()
+                )
             if self.umask is not None:
                 self.bus.log('umask already set to: %03o' % self.umask)
             return
@@ -1098,13 +1191,16 @@ class DropPrivileges(SimplePlugin):
             self.bus.log('umask not set', level=_WARNING)
         else:
             old_umask = os.umask(self.umask)
-            self.bus.log('umask old: %03o, new: %03o'
-                         % (old_umask, self.umask))
+            self.bus.log(
+                'umask old: %03o, new: %03o' % (old_umask, self.umask)
+            )
         self.finalized = True
+
     start.priority = 77
 
 
 # -- Daemonizer ---------------------------------------------------------------
+
 
 class Daemonizer(SimplePlugin):
     """Detach the process from its terminal: double fork, new session.
@@ -1121,16 +1217,25 @@ class Daemonizer(SimplePlugin):
     go on when the service runs.  ``wait_ready=False`` exits at once.
     """
 
-    def __init__(self, bus, stdin='/dev/null', stdout='/dev/null',
-                 stderr='/dev/null', umask=0, wait_ready=True,
-                 ready_timeout=30):
+    def __init__(
+        self,
+        bus,
+        stdin='/dev/null',
+        stdout='/dev/null',
+        stderr='/dev/null',
+        umask=0,
+        wait_ready=True,
+        ready_timeout=30,
+    ):
         super().__init__(bus)
         if not _HAVE_FORK:
-            raise RuntimeError('Daemonizer needs os.fork(), which %r lacks.'
-                               % sys.platform)
+            raise RuntimeError(
+                'Daemonizer needs os.fork(), which %r lacks.' % sys.platform
+            )
         if not _is_number(ready_timeout) or ready_timeout <= 0:
-            raise ValueError('Invalid ready_timeout: %r (seconds > 0)'
-                             % (ready_timeout,))
+            raise ValueError(
+                'Invalid ready_timeout: %r (seconds > 0)' % (ready_timeout,)
+            )
         for path in (stdout, stderr):
             _check_parent_dir(path, 'Daemonizer output')
         self.stdin = stdin
@@ -1146,7 +1251,10 @@ class Daemonizer(SimplePlugin):
 
     def __repr__(self):
         return 'Daemonizer(stdout=%r, stderr=%r, wait_ready=%r)' % (
-            self.stdout, self.stderr, self.wait_ready)
+            self.stdout,
+            self.stderr,
+            self.wait_ready,
+        )
 
     def start(self):
         """Become a daemon, unless this process already is one."""
@@ -1155,9 +1263,11 @@ class Daemonizer(SimplePlugin):
             self.finalized = True
             return
         if threading.active_count() != 1:
-            self.bus.log('There are %r active threads. Daemonizing now may '
-                         'cause strange failures.' % threading.enumerate(),
-                         level=_WARNING)
+            self.bus.log(
+                'There are %r active threads. Daemonizing now may '
+                'cause strange failures.' % threading.enumerate(),
+                level=_WARNING,
+            )
         if self.wait_ready:
             read_fd, self._report_fd = os.pipe()
             launcher = _Launcher(read_fd, self._report_fd, self.ready_timeout)
@@ -1170,11 +1280,16 @@ class Daemonizer(SimplePlugin):
         os.environ[_DAEMON_ENV] = str(os.getpid())
         self.bus.log('Daemonized to PID: %s' % os.getpid())
         self.finalized = True
+
     start.priority = 65
 
     @staticmethod
-    def daemonize(stdin='/dev/null', stdout='/dev/null', stderr='/dev/null',
-                  logger=lambda msg: None):
+    def daemonize(
+        stdin='/dev/null',
+        stdout='/dev/null',
+        stderr='/dev/null',
+        logger=lambda msg: None,
+    ):
         """Double fork, start a session, umask 0 and redirect stdio.
 
         The original process exits 0 at once (no readiness handshake).
@@ -1204,9 +1319,11 @@ class Daemonizer(SimplePlugin):
 
     def _report(self, message):
         fd, self._report_fd = self._report_fd, None
-        for channel, listener in (('log', self._remember_error),
-                                  ('started', self._report_ready),
-                                  ('exit', self._report_failure)):
+        for channel, listener in (
+            ('log', self._remember_error),
+            ('started', self._report_ready),
+            ('exit', self._report_failure),
+        ):
             self.bus.unsubscribe(channel, listener)
         if fd is None:
             return
@@ -1230,8 +1347,10 @@ def _detach(logger, on_parent):
         try:
             pid = os.fork()
         except OSError as exc:
-            sys.exit('%s: fork #%d failed: (%d) %s\n'
-                     % (sys.argv[0], number, exc.errno, exc.strerror))
+            sys.exit(
+                '%s: fork #%d failed: (%d) %s\n'
+                % (sys.argv[0], number, exc.errno, exc.strerror)
+            )
         if pid > 0:
             logger(msg)
             if number == 1:
@@ -1243,9 +1362,11 @@ def _detach(logger, on_parent):
 
 def _redirect_stdio(stdin, stdout, stderr, umask):
     os.umask(umask)
-    for path, mode, stream in ((stdin, 'r', sys.stdin),
-                               (stdout, 'a+', sys.stdout),
-                               (stderr, 'a+', sys.stderr)):
+    for path, mode, stream in (
+        (stdin, 'r', sys.stdin),
+        (stdout, 'a+', sys.stdout),
+        (stderr, 'a+', sys.stderr),
+    ):
         with open(path, mode) as target:
             os.dup2(target.fileno(), stream.fileno())
 
@@ -1264,6 +1385,7 @@ class _Launcher:
 
     def wait(self, fork_number, child_pid):
         import select
+
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
         deadline = time.monotonic() + self.timeout
         data = b''
@@ -1283,9 +1405,13 @@ class _Launcher:
         if b'READY\n' in data:
             _hard_exit(0)
         text = data.partition(b'ERROR\n')[2].decode('utf-8', 'replace')
-        self._fail('Daemon %s failed to start:\n%s'
-                   % (self._pid(data), text.rstrip()
-                      or 'it exited before it was ready.'))
+        self._fail(
+            'Daemon %s failed to start:\n%s'
+            % (
+                self._pid(data),
+                text.rstrip() or 'it exited before it was ready.',
+            )
+        )
 
     @staticmethod
     def _pid(data):
@@ -1299,8 +1425,10 @@ class _Launcher:
                 os.kill(int(pid), _signal.SIGTERM)
             except OSError:
                 pass
-        self._fail('Daemon %s was not ready after %r seconds; sent it '
-                   'SIGTERM and gave up.' % (pid, self.timeout))
+        self._fail(
+            'Daemon %s was not ready after %r seconds; sent it '
+            'SIGTERM and gave up.' % (pid, self.timeout)
+        )
 
     @staticmethod
     def _fail(message):
@@ -1316,20 +1444,26 @@ def _check_parent_dir(path, what):
     try:
         os.stat(directory)
     except PermissionError:
-        raise ValueError('%s directory %r cannot be reached: permission '
-                         'denied (for %r).' % (what, directory, path)
-                         ) from None
+        raise ValueError(
+            '%s directory %r cannot be reached: permission '
+            'denied (for %r).' % (what, directory, path)
+        ) from None
     except OSError:
         pass
     if not os.path.isdir(directory):
-        raise ValueError('%s directory %r does not exist (for %r).'
-                         % (what, directory, path))
+        raise ValueError(
+            '%s directory %r does not exist (for %r).'
+            % (what, directory, path)
+        )
     if not os.access(directory, os.W_OK):
-        raise ValueError('%s directory %r is not writable (for %r).'
-                         % (what, directory, path))
+        raise ValueError(
+            '%s directory %r is not writable (for %r).'
+            % (what, directory, path)
+        )
 
 
 # -- PIDFile ------------------------------------------------------------------
+
 
 class PIDFile(SimplePlugin):
     """Write the process's PID to a file while it runs, safely.
@@ -1367,6 +1501,7 @@ class PIDFile(SimplePlugin):
         self._fd = self._adopt_inherited() or self._claim()
         self.finalized = True
         self.bus.log('PID %r written to %r.' % (pid, self.pidfile))
+
     start.priority = 70
 
     def exit(self):
@@ -1384,11 +1519,16 @@ class PIDFile(SimplePlugin):
                 os.remove(self._path)
                 self.bus.log('PID file removed: %r.' % self.pidfile)
             else:
-                self.bus.log('PID file %r no longer holds PID %r; leaving it.'
-                             % (self.pidfile, os.getpid()), level=_WARNING)
+                self.bus.log(
+                    'PID file %r no longer holds PID %r; leaving it.'
+                    % (self.pidfile, os.getpid()),
+                    level=_WARNING,
+                )
         except OSError as exc:
-            self.bus.log('Could not remove PID file %r: %s'
-                         % (self.pidfile, exc), level=_WARNING)
+            self.bus.log(
+                'Could not remove PID file %r: %s' % (self.pidfile, exc),
+                level=_WARNING,
+            )
         finally:
             os.close(fd)  # Releases the lock, after the file is gone.
             self.finalized = False
@@ -1403,8 +1543,9 @@ class PIDFile(SimplePlugin):
             fd = int(fd_text)
             if _same_file(fd, path) and _read_pid(fd) == os.getpid():
                 os.set_inheritable(fd, False)
-                self.bus.log('PID file %r kept across the restart.'
-                             % self.pidfile)
+                self.bus.log(
+                    'PID file %r kept across the restart.' % self.pidfile
+                )
                 return fd
         except (ValueError, OSError):
             pass
@@ -1429,14 +1570,16 @@ class PIDFile(SimplePlugin):
                 if fd is not None:
                     _close_quietly(fd)
                 raise
-        raise RuntimeError('PID file %r keeps being replaced; giving up.'
-                           % self.pidfile)
+        raise RuntimeError(
+            'PID file %r keeps being replaced; giving up.' % self.pidfile
+        )
 
     def _claim_exclusive(self):
         for _ in range(10):
             try:
-                fd = _open_pidfile(self._path, os.O_RDWR | os.O_CREAT
-                                   | os.O_EXCL)
+                fd = _open_pidfile(
+                    self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL
+                )
             except FileExistsError:
                 with open(self._path, 'rb') as existing:
                     pid = _parse_pid(existing.read())
@@ -1452,8 +1595,9 @@ class PIDFile(SimplePlugin):
                 _remove_quietly(self._path)
                 raise
             return fd
-        raise RuntimeError('PID file %r keeps being replaced; giving up.'
-                           % self.pidfile)
+        raise RuntimeError(
+            'PID file %r keeps being replaced; giving up.' % self.pidfile
+        )
 
     def _write(self, fd):
         """Write our PID into the locked file `fd`; on failure remove it."""
@@ -1462,18 +1606,26 @@ class PIDFile(SimplePlugin):
             _write_pid(fd)
         except OSError as exc:
             _remove_quietly(self._path)  # We hold the lock: it is ours.
-            raise OSError(exc.errno, 'Could not write PID file %r: %s'
-                          % (self.pidfile, exc.strerror)) from None
+            raise OSError(
+                exc.errno,
+                'Could not write PID file %r: %s'
+                % (self.pidfile, exc.strerror),
+            ) from None
 
     def _warn_stale(self, old_pid):
         if old_pid is not None and old_pid != os.getpid():
-            self.bus.log('Replacing stale PID file %r left by PID %r.'
-                         % (self.pidfile, old_pid), level=_WARNING)
+            self.bus.log(
+                'Replacing stale PID file %r left by PID %r.'
+                % (self.pidfile, old_pid),
+                level=_WARNING,
+            )
 
     def _held(self, pid):
-        return RuntimeError('PID file %r is held by running process %s; '
-                            'another instance is running.'
-                            % (self.pidfile, pid if pid else '(unknown)'))
+        return RuntimeError(
+            'PID file %r is held by running process %s; '
+            'another instance is running.'
+            % (self.pidfile, pid if pid else '(unknown)')
+        )
 
 
 def _open_pidfile(path, flags):
@@ -1482,8 +1634,9 @@ def _open_pidfile(path, flags):
         return os.open(path, flags, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP or os.path.islink(path):
-            raise RuntimeError('Refusing to use PID file %r: it is a '
-                               'symbolic link.' % path) from None
+            raise RuntimeError(
+                'Refusing to use PID file %r: it is a symbolic link.' % path
+            ) from None
         if exc.errno == errno.EISDIR:
             raise RuntimeError('PID file %r is a directory.' % path) from None
         raise
@@ -1548,6 +1701,7 @@ def _remove_quietly(path):
 
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
 
+
 class PerpetualTimer(threading.Timer):
     """A threading.Timer that calls its function every `interval` seconds.
 
@@ -1567,8 +1721,12 @@ class PerpetualTimer(threading.Timer):
             except Exception:
                 if self.bus is None:
                     raise
-                self.bus.log('Error in perpetual timer thread function %r.'
-                             % self.function, level=_ERROR, traceback=True)
+                self.bus.log(
+                    'Error in perpetual timer thread function %r.'
+                    % self.function,
+                    level=_ERROR,
+                    traceback=True,
+                )
                 return
 
 
@@ -1613,11 +1771,16 @@ class BackgroundTask(threading.Thread):
                 self.running = False
                 if self.bus is None:
                     raise
-                self.bus.log('Error in background task thread function %r.'
-                             % self.function, level=_ERROR, traceback=True)
+                self.bus.log(
+                    'Error in background task thread function %r.'
+                    % self.function,
+                    level=_ERROR,
+                    traceback=True,
+                )
 
 
 # -- Monitor ------------------------------------------------------------------
+
 
 class Monitor(SimplePlugin):
     """Call `callback` every `frequency` seconds while the bus runs.
@@ -1631,11 +1794,14 @@ class Monitor(SimplePlugin):
     def __init__(self, bus, callback, frequency=60, name=None):
         super().__init__(bus)
         if not callable(callback):
-            raise TypeError('Monitor callback must be callable, not %r'
-                            % (callback,))
+            raise TypeError(
+                'Monitor callback must be callable, not %r' % (callback,)
+            )
         if not _is_number(frequency):
-            raise ValueError('Invalid frequency: %r (seconds as a number; '
-                             '<= 0 disables)' % (frequency,))
+            raise ValueError(
+                'Invalid frequency: %r (seconds as a number; '
+                '<= 0 disables)' % (frequency,)
+            )
         self.callback = callback
         self.frequency = frequency
         self.thread = None
@@ -1643,8 +1809,11 @@ class Monitor(SimplePlugin):
         self.name = name
 
     def __repr__(self):
-        return '%s(%r, frequency=%r)' % (type(self).__name__, self._name(),
-                                         self.frequency)
+        return '%s(%r, frequency=%r)' % (
+            type(self).__name__,
+            self._name(),
+            self.frequency,
+        )
 
     def _name(self):
         return self.name or type(self).__name__
@@ -1663,6 +1832,7 @@ class Monitor(SimplePlugin):
             self.bus.log('Started monitor thread %r.' % self._name())
         else:
             self.bus.log('Monitor thread %r already started.' % self._name())
+
     start.priority = 70
 
     def stop(self):
@@ -1687,7 +1857,7 @@ class Monitor(SimplePlugin):
 # -- Autoreloader -------------------------------------------------------------
 
 _UNSEEN = object()  # Autoreloader.mtimes default: not stat'ed yet.
-_DEBOUNCE = 0.02    # Seconds of quiet that end an editor's multi-step save.
+_DEBOUNCE = 0.02  # Seconds of quiet that end an editor's multi-step save.
 
 
 class Autoreloader(Monitor):
@@ -1722,13 +1892,15 @@ class Autoreloader(Monitor):
     @match.setter
     def match(self, pattern):
         import re
+
         try:
             self._match_re = re.compile(pattern)
         except (re.error, TypeError) as exc:
-            raise ValueError('Invalid Autoreloader match regex %r: %s'
-                             % (pattern, exc)) from None
+            raise ValueError(
+                'Invalid Autoreloader match regex %r: %s' % (pattern, exc)
+            ) from None
         self._match = pattern
-        self._module_files = {}      # module name -> (module, file or None)
+        self._module_files = {}  # module name -> (module, file or None)
         self._sysfiles = frozenset()
 
     def start(self):
@@ -1736,6 +1908,7 @@ class Autoreloader(Monitor):
         if self.thread is None:
             self.mtimes = {}
         super().start()
+
     start.priority = 70
 
     def _new_thread(self):
@@ -1749,16 +1922,16 @@ class Autoreloader(Monitor):
         self._first_change(self._in_order(watched))
         if watcher is None:
             return super()._new_thread()
-        return _WatchTask(watcher, self.frequency, self.callback,
-                          bus=self.bus)
+        return _WatchTask(watcher, self.frequency, self.callback, bus=self.bus)
 
     def _add_watches(self, watcher, filenames):
         try:
             watcher.add(filenames)
             return True
         except OSError as exc:
-            self.bus.log('Autoreloader falls back to polling: %s' % exc,
-                         level=_WARNING)
+            self.bus.log(
+                'Autoreloader falls back to polling: %s' % exc, level=_WARNING
+            )
             watcher.failed = True
             return False
 
@@ -1772,8 +1945,10 @@ class Autoreloader(Monitor):
         try:
             return _Inotify()
         except (OSError, AttributeError, ImportError) as exc:
-            self.bus.log('Autoreloader polls every %r s: inotify is '
-                         'unavailable (%s).' % (self.frequency, exc))
+            self.bus.log(
+                'Autoreloader polls every %r s: inotify is '
+                'unavailable (%s).' % (self.frequency, exc)
+            )
             return None
 
     def sysfiles(self):
@@ -1802,13 +1977,15 @@ class Autoreloader(Monitor):
             grew = True
         if grew:
             self._sysfiles = frozenset(
-                filename for _, filename in cache.values() if filename)
+                filename for _, filename in cache.values() if filename
+            )
 
     @classmethod
     def _file_for_module(cls, module):
         """Return the file to watch for `module`, or None."""
-        return (cls._archive_for_zip_module(module)
-                or cls._file_for_file_module(module))
+        return cls._archive_for_zip_module(
+            module
+        ) or cls._file_for_file_module(module)
 
     @staticmethod
     def _archive_for_zip_module(module):
@@ -1842,8 +2019,9 @@ class Autoreloader(Monitor):
         if watcher is not None and not watcher.failed:
             new = watched.difference(self.mtimes)
             if self._add_watches(watcher, new):
-                candidates = new.union(watcher.pop_changed(),
-                                       watcher.unwatched)
+                candidates = new.union(
+                    watcher.pop_changed(), watcher.unwatched
+                )
         changed = self._first_change(candidates)
         if changed is not None:
             self.bus.log('Restarting because %s changed.' % changed)
@@ -1908,9 +2086,18 @@ _IN_MODIFY, _IN_ATTRIB, _IN_CLOSE_WRITE = 0x2, 0x4, 0x8
 _IN_MOVED_FROM, _IN_MOVED_TO, _IN_CREATE, _IN_DELETE = 0x40, 0x80, 0x100, 0x200
 _IN_DELETE_SELF, _IN_MOVE_SELF = 0x400, 0x800
 _IN_Q_OVERFLOW, _IN_IGNORED, _IN_ONLYDIR = 0x4000, 0x8000, 0x1000000
-_IN_WATCH_MASK = (_IN_MODIFY | _IN_ATTRIB | _IN_CLOSE_WRITE | _IN_MOVED_FROM
-                  | _IN_MOVED_TO | _IN_CREATE | _IN_DELETE | _IN_DELETE_SELF
-                  | _IN_MOVE_SELF | _IN_ONLYDIR)
+_IN_WATCH_MASK = (
+    _IN_MODIFY
+    | _IN_ATTRIB
+    | _IN_CLOSE_WRITE
+    | _IN_MOVED_FROM
+    | _IN_MOVED_TO
+    | _IN_CREATE
+    | _IN_DELETE
+    | _IN_DELETE_SELF
+    | _IN_MOVE_SELF
+    | _IN_ONLYDIR
+)
 _IN_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
 
 
@@ -1925,11 +2112,15 @@ class _Inotify:
         if not _LINUX:
             raise OSError(errno.ENOSYS, 'inotify exists only on Linux')
         import ctypes
+
         libc = ctypes.CDLL(None, use_errno=True)
         init1 = libc.inotify_init1  # AttributeError: no such symbol.
         self._add_watch = libc.inotify_add_watch
-        self._add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p,
-                                    ctypes.c_uint32)
+        self._add_watch.argtypes = (
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_uint32,
+        )
         fd = init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
@@ -1940,10 +2131,10 @@ class _Inotify:
         os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
         self._closed = False
-        self._dirs = {}           # watch descriptor -> directory
-        self._names = {}          # directory -> names watched in it
-        self.unwatched = set()    # files whose directory cannot be watched
-        self.failed = False       # set by the reloader: poll instead
+        self._dirs = {}  # watch descriptor -> directory
+        self._names = {}  # directory -> names watched in it
+        self.unwatched = set()  # files whose directory cannot be watched
+        self.failed = False  # set by the reloader: poll instead
 
     def add(self, filenames):
         """Watch these files' directories; OSError on the watch limit."""
@@ -1951,13 +2142,17 @@ class _Inotify:
             directory, name = os.path.split(path)
             names = self._names.get(directory)
             if names is None:
-                wd = self._add_watch(self.fd, os.fsencode(directory or '.'),
-                                     _IN_WATCH_MASK)
+                wd = self._add_watch(
+                    self.fd, os.fsencode(directory or '.'), _IN_WATCH_MASK
+                )
                 if wd < 0:
                     code = self._get_errno()
                     if code == errno.ENOSPC:
-                        raise OSError(code, 'inotify watch limit reached '
-                                      '(fs.inotify.max_user_watches)')
+                        raise OSError(
+                            code,
+                            'inotify watch limit reached '
+                            '(fs.inotify.max_user_watches)',
+                        )
                     self.unwatched.add(path)  # Polled instead.
                     continue
                 self._dirs[wd] = directory
@@ -1967,6 +2162,7 @@ class _Inotify:
     def wait(self, timeout):
         """Block until an event, a wake() or `timeout` seconds."""
         import select
+
         ready = select.select([self.fd, self._wake_r], [], [], timeout)[0]
         if self._wake_r in ready:
             os.read(self._wake_r, 512)
@@ -1983,6 +2179,7 @@ class _Inotify:
     def pop_changed(self):
         """Return the watched paths with events, once a save has settled."""
         import select
+
         changed = set()
         self._drain(changed)
         deadline = time.monotonic() + 0.5  # A file written without pause.
@@ -1994,6 +2191,7 @@ class _Inotify:
 
     def _drain(self, changed):
         import struct
+
         while True:
             try:
                 data = os.read(self.fd, 65536)
@@ -2002,7 +2200,7 @@ class _Inotify:
             offset = 0
             while offset < len(data):
                 wd, mask, _, length = struct.unpack_from('iIII', data, offset)
-                name = data[offset + 16:offset + 16 + length].rstrip(b'\0')
+                name = data[offset + 16 : offset + 16 + length].rstrip(b'\0')
                 offset += 16 + length
                 self._note(wd, mask, os.fsdecode(name), changed)
 
@@ -2019,8 +2217,9 @@ class _Inotify:
             changed.update(os.path.join(directory, n) for n in names)
             if mask & _IN_IGNORED:
                 del self._dirs[wd]
-                self.unwatched.update(os.path.join(directory, n)
-                                      for n in names)
+                self.unwatched.update(
+                    os.path.join(directory, n) for n in names
+                )
                 del self._names[directory]
         elif name in names:
             changed.add(os.path.join(directory, name))
@@ -2037,6 +2236,7 @@ class _Inotify:
 
 # -- ThreadManager ------------------------------------------------------------
 
+
 class ThreadManager(SimplePlugin):
     """Number the threads that serve requests, and announce their life.
 
@@ -2051,8 +2251,12 @@ class ThreadManager(SimplePlugin):
         self.threads = {}
         super().__init__(bus)
         self._lock = threading.RLock()  # A signal handler can reach stop().
-        for channel in ('acquire_thread', 'start_thread', 'release_thread',
-                        'stop_thread'):
+        for channel in (
+            'acquire_thread',
+            'start_thread',
+            'release_thread',
+            'stop_thread',
+        ):
             self.bus.listeners.setdefault(channel, set())
 
     def acquire_thread(self):
@@ -2088,6 +2292,7 @@ class ThreadManager(SimplePlugin):
 
 # -- SystemdNotifier ----------------------------------------------------------
 
+
 class SystemdNotifier(SimplePlugin):
     """Tell systemd about the service's state (the sd_notify protocol).
 
@@ -2112,10 +2317,12 @@ class SystemdNotifier(SimplePlugin):
         return 'SystemdNotifier(%r)' % self.socket_path
 
     def _listeners(self):
-        return (('started', self.started, None),
-                ('graceful', self._reloading, 0),
-                ('graceful', self._reloaded, 100),
-                ('stop', self.stop, 0))
+        return (
+            ('started', self.started, None),
+            ('graceful', self._reloading, 0),
+            ('graceful', self._reloaded, 100),
+            ('stop', self.stop, 0),
+        )
 
     def subscribe(self):
         """Subscribe when NOTIFY_SOCKET is set."""
@@ -2130,6 +2337,7 @@ class SystemdNotifier(SimplePlugin):
     def notify(self, *fields):
         """Send one datagram of ``KEY=value`` fields; log failures."""
         import socket
+
         address = self.socket_path
         if address.startswith('@'):
             address = '\0' + address[1:]
@@ -2137,35 +2345,44 @@ class SystemdNotifier(SimplePlugin):
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
                 sock.sendto('\n'.join(fields).encode(), address)
         except OSError as exc:
-            self.bus.log('Could not notify systemd at %r: %s'
-                         % (self.socket_path, exc), level=_WARNING)
+            self.bus.log(
+                'Could not notify systemd at %r: %s' % (self.socket_path, exc),
+                level=_WARNING,
+            )
 
     def started(self):
         """Send READY=1 with our PID, and start the watchdog pings."""
         self.notify('READY=1', 'MAINPID=%d' % os.getpid(), 'STATUS=started')
         interval = self._watchdog_interval()
         if interval and self._watchdog is None:
-            self._watchdog = BackgroundTask(interval, self.notify,
-                                            ['WATCHDOG=1'], bus=self.bus)
+            self._watchdog = BackgroundTask(
+                interval, self.notify, ['WATCHDOG=1'], bus=self.bus
+            )
             self._watchdog.name = 'systemd watchdog'
             self._watchdog.start()
 
     def _watchdog_interval(self):
-        usec, pid = os.environ.get('WATCHDOG_USEC'), os.environ.get(
-            'WATCHDOG_PID')
+        usec, pid = (
+            os.environ.get('WATCHDOG_USEC'),
+            os.environ.get('WATCHDOG_PID'),
+        )
         if not usec or (pid and pid != str(os.getpid())):
             return None
         try:
             return int(usec) / 2e6
         except ValueError:
-            self.bus.log('Ignoring WATCHDOG_USEC=%r: not a number.' % usec,
-                         level=_WARNING)
+            self.bus.log(
+                'Ignoring WATCHDOG_USEC=%r: not a number.' % usec,
+                level=_WARNING,
+            )
             return None
 
     def _reloading(self):
-        self.notify('RELOADING=1',
-                    'MONOTONIC_USEC=%d' % (time.monotonic_ns() // 1000),
-                    'STATUS=reloading')
+        self.notify(
+            'RELOADING=1',
+            'MONOTONIC_USEC=%d' % (time.monotonic_ns() // 1000),
+            'STATUS=reloading',
+        )
 
     def _reloaded(self):
         self.notify('READY=1', 'STATUS=started')
@@ -2180,6 +2397,7 @@ class SystemdNotifier(SimplePlugin):
 
 # -- LoggingBridge ------------------------------------------------------------
 
+
 class LoggingBridge(SimplePlugin):
     """Forward the bus's ``log`` channel to a logging.Logger.
 
@@ -2193,6 +2411,7 @@ class LoggingBridge(SimplePlugin):
         super().__init__(bus)
         if logger is None:
             import logging
+
             logger = logging.getLogger('wspbus')
         self.logger = logger
         """Where records go."""
@@ -2209,6 +2428,7 @@ class LoggingBridge(SimplePlugin):
 
 
 # -- Demo ---------------------------------------------------------------------
+
 
 def main(argv=None):
     """Run the demo service of ``python -m wspbus_plugins``; return status.
@@ -2227,8 +2447,9 @@ def main(argv=None):
     if options.pidfile:
         PIDFile(demo, options.pidfile).subscribe()
     if (options.user, options.group, options.umask) != (None, None, None):
-        DropPrivileges(demo, umask=options.umask, uid=options.user,
-                       gid=options.group).subscribe()
+        DropPrivileges(
+            demo, umask=options.umask, uid=options.user, gid=options.group
+        ).subscribe()
     if options.autoreload or options.watch:
         reloader = Autoreloader(demo)
         reloader.files.update(os.path.abspath(path) for path in options.watch)
@@ -2236,12 +2457,17 @@ def main(argv=None):
     if options.systemd:
         SystemdNotifier(demo).subscribe()
     if options.heartbeat > 0:
+
         def heartbeat():
             demo.publish('acquire_thread')
-            demo.log('Heartbeat from PID %d (thread index %r).' % (
-                os.getpid(), threads.threads.get(threading.get_ident())))
-        Monitor(demo, heartbeat, options.heartbeat, name='heartbeat'
-                ).subscribe()
+            demo.log(
+                'Heartbeat from PID %d (thread index %r).'
+                % (os.getpid(), threads.threads.get(threading.get_ident()))
+            )
+
+        Monitor(
+            demo, heartbeat, options.heartbeat, name='heartbeat'
+        ).subscribe()
     if options.duration is not None:
         timer = threading.Timer(options.duration, demo.exit)
         timer.daemon = True
@@ -2251,7 +2477,8 @@ def main(argv=None):
         sys.stderr.write(
             'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or '
             'kill -TERM %d; kill -USR1 %d reloads it.\n'
-            % (__version__, os.getpid(), os.getpid(), os.getpid()))
+            % (__version__, os.getpid(), os.getpid(), os.getpid())
+        )
     demo.start()
     demo.block()
     return 0
@@ -2259,14 +2486,16 @@ def main(argv=None):
 
 def _demo_logger(options):
     import logging
+
     logger = logging.getLogger('wspbus.demo')
     logger.propagate = False
     if options.log_file:
         handler = logging.FileHandler(options.log_file)
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(
-        '%(asctime)s %(levelname)-7s %(message)s'))
+    handler.setFormatter(
+        logging.Formatter('%(asctime)s %(levelname)-7s %(message)s')
+    )
     logger.handlers[:] = [handler]
     logger.setLevel(logging.WARNING if options.quiet else logging.INFO)
     return logger
@@ -2281,19 +2510,24 @@ def _parse_demo_options(argv):
                 return check(text)
             except (ValueError, KeyError) as exc:
                 raise argparse.ArgumentTypeError(exc.args[0]) from None
+
         convert.__name__ = check.__name__
         return convert
 
     def seconds(text):
         value = float(text) if text.replace('.', '', 1).isdigit() else -1
         if value < 0:
-            raise ValueError('invalid number of seconds: %r (a number >= 0)'
-                             % text)
+            raise ValueError(
+                'invalid number of seconds: %r (a number >= 0)' % text
+            )
         return value
 
     def umask(text):
-        if not text or any(c not in '01234567' for c in text) \
-                or int(text, 8) > 0o777:
+        if (
+            not text
+            or any(c not in '01234567' for c in text)
+            or int(text, 8) > 0o777
+        ):
             raise ValueError('invalid umask: %r (octal, like 022)' % text)
         return int(text, 8)
 
@@ -2314,40 +2548,87 @@ def _parse_demo_options(argv):
         description='Run a small demo service on the process bus: it logs '
         'every bus transition and a heartbeat, and handles SIGTERM/Ctrl+C '
         '(exit), SIGHUP (exit, or restart when daemonized) and SIGUSR1 '
-        '(graceful reload).')
+        '(graceful reload).',
+    )
     add = parser.add_argument
-    add('--daemonize', action='store_true',
+    add(
+        '--daemonize',
+        action='store_true',
         help='detach into the background; the command returns once the '
-        'daemon has started (non-zero if it failed)')
-    add('--pidfile', metavar='PATH', type=option_type(writable_path),
+        'daemon has started (non-zero if it failed)',
+    )
+    add(
+        '--pidfile',
+        metavar='PATH',
+        type=option_type(writable_path),
         help='write the PID here while running; refuse to start if another '
-        'running instance holds it')
-    add('--user', metavar='NAME', type=option_type(user),
-        help='switch to this user after start-up (needs root)')
-    add('--group', metavar='NAME', type=option_type(group),
-        help='switch to this group after start-up (needs root)')
-    add('--umask', metavar='022', type=option_type(umask),
-        help='set this umask (octal) after start-up')
-    add('--autoreload', action='store_true',
-        help='restart when an imported module or a --watch file changes')
-    add('--watch', metavar='FILE', action='append', default=[],
-        help='a file to watch (repeatable; implies --autoreload)')
-    add('--heartbeat', metavar='SECONDS', type=option_type(seconds),
-        default=5.0, help='log a heartbeat this often; 0 disables '
-        '(default: 5)')
-    add('--systemd', action='store_true',
+        'running instance holds it',
+    )
+    add(
+        '--user',
+        metavar='NAME',
+        type=option_type(user),
+        help='switch to this user after start-up (needs root)',
+    )
+    add(
+        '--group',
+        metavar='NAME',
+        type=option_type(group),
+        help='switch to this group after start-up (needs root)',
+    )
+    add(
+        '--umask',
+        metavar='022',
+        type=option_type(umask),
+        help='set this umask (octal) after start-up',
+    )
+    add(
+        '--autoreload',
+        action='store_true',
+        help='restart when an imported module or a --watch file changes',
+    )
+    add(
+        '--watch',
+        metavar='FILE',
+        action='append',
+        default=[],
+        help='a file to watch (repeatable; implies --autoreload)',
+    )
+    add(
+        '--heartbeat',
+        metavar='SECONDS',
+        type=option_type(seconds),
+        default=5.0,
+        help='log a heartbeat this often; 0 disables (default: 5)',
+    )
+    add(
+        '--systemd',
+        action='store_true',
         help='report readiness, reloads and stopping to systemd '
-        '(NOTIFY_SOCKET), with watchdog pings')
-    add('--duration', metavar='SECONDS', type=option_type(seconds),
-        help='exit after this many seconds (for scripts and tests)')
-    add('--log-file', metavar='PATH', type=option_type(writable_path),
-        help='append the log here instead of stderr')
-    add('--quiet', action='store_true',
-        help='log warnings and errors only; no banner')
+        '(NOTIFY_SOCKET), with watchdog pings',
+    )
+    add(
+        '--duration',
+        metavar='SECONDS',
+        type=option_type(seconds),
+        help='exit after this many seconds (for scripts and tests)',
+    )
+    add(
+        '--log-file',
+        metavar='PATH',
+        type=option_type(writable_path),
+        help='append the log here instead of stderr',
+    )
+    add(
+        '--quiet',
+        action='store_true',
+        help='log warnings and errors only; no banner',
+    )
     add('--version', action='version', version='%(prog)s ' + __version__)
 
     def one_line_error(message):
         parser.exit(2, '%s: error: %s\n' % (parser.prog, message))
+
     parser.error = one_line_error
     return parser.parse_args(argv)
 
