@@ -15,6 +15,22 @@ $(STAMP): Makefile setup.cfg
 test: $(STAMP)
 	$(VENV_PY) -m pytest -q
 
+# PyPy 3 from Debian's packages, installed when missing (CI runs as root).
+PYPY_VENV = .venv-pypy
+PYPY_STAMP = $(PYPY_VENV)/.stamp
+
+$(PYPY_STAMP): Makefile setup.cfg
+	command -v pypy3 >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pypy3 pypy3-venv; }
+	pypy3 -m venv $(PYPY_VENV)
+	$(PYPY_VENV)/bin/python -m pip install --quiet \
+	  --disable-pip-version-check pytest
+	touch $(PYPY_STAMP)
+
+.PHONY: test-pypy
+test-pypy: $(PYPY_STAMP)
+	$(PYPY_VENV)/bin/python -m pytest -q
+
 .PHONY: stress
 stress: $(STAMP)
 	WSPBUS_STRESS=1 $(VENV_PY) -m pytest -q -m stress
@@ -39,4 +55,5 @@ lint: $(STAMP)
 
 .PHONY: clean
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .pytest_cache __pycache__ build *.egg-info
+	rm -rf $(VENV) $(BENCH_VENV) $(PYPY_VENV) .venv-compat .pytest_cache \
+	  __pycache__ build *.egg-info
