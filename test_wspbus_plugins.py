@@ -2090,8 +2090,10 @@ RELOAD_CHILD = """
     bus = wp.Bus()
     bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr,
                                                   flush=True))
+    if mode == 'fallback':
+        wp._LINUX = False  # As on a platform without inotify.
     reloader = wp.Autoreloader(bus, frequency=float(sys.argv[4]),
-                               use_inotify=(mode == 'inotify'))
+                               use_inotify=(mode != 'polling'))
     reloader.files.add(watched)
     reloader.subscribe()
     wp.SignalHandler(bus).subscribe()
@@ -2131,6 +2133,50 @@ def test_autoreloader_restarts_a_real_process(child, tmp_path, mode, change):
     status, out, err = finish(proc)
     assert status == 0, err
     assert 'Restarting because %s changed.' % watched in err
+
+
+def start_reload_child(child, tmp_path, mode, frequency):
+    watched = tmp_path / 'watched.cfg'
+    watched.write_text('A = 1\n')
+    starts = tmp_path / 'starts'
+    ready = tmp_path / 'starts.ready'
+    proc = child(RELOAD_CHILD, str(watched), str(starts), mode, frequency)
+    wait_until(ready.exists, 'the child to start')
+    ready.unlink()
+    return proc, watched, starts, ready
+
+
+@linux_only
+def test_autoreloader_real_burst_restarts_once_and_ignores_neighbours(
+    child, tmp_path
+):
+    proc, watched, starts, ready = start_reload_child(
+        child, tmp_path, 'inotify', '60'
+    )
+    (tmp_path / 'neighbour.cfg').write_text('not watched')
+    edit(tmp_path / 'neighbour.cfg')
+    time.sleep(0.5)
+    assert lines_of(starts) == [str(proc.pid)]  # No restart.
+    for _ in range(5):  # An editor's multi-step save.
+        edit(watched)
+    wait_until(ready.exists, 'the restarted child')
+    time.sleep(0.5)
+    assert lines_of(starts) == [str(proc.pid)] * 2  # Exactly one restart.
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc)[0] == 0
+
+
+def test_autoreloader_real_fallback_to_polling_restarts(child, tmp_path):
+    proc, watched, starts, ready = start_reload_child(
+        child, tmp_path, 'fallback', '0.05'
+    )
+    edit(watched)
+    wait_until(ready.exists, 'the restarted child')
+    assert lines_of(starts) == [str(proc.pid)] * 2
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert 'Autoreloader polls every 0.05 s: inotify is unavailable' in err
 
 
 # -- ThreadManager ------------------------------------------------------------
