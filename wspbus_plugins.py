@@ -2465,6 +2465,12 @@ def main(argv=None):
     a failed start ends the process with status 70.
     """
     options = _parse_demo_options(argv)
+    if not options.quiet:
+        sys.stderr.write(
+            'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or '
+            'kill -TERM %d; kill -USR1 %d reloads it.\n'
+            % (__version__, os.getpid(), os.getpid(), os.getpid())
+        )
     demo = Bus()
     LoggingBridge(demo, _demo_logger(options)).subscribe()
     SignalHandler(demo).subscribe()
@@ -2502,12 +2508,6 @@ def main(argv=None):
         timer.daemon = True
         demo.subscribe('started', timer.start)
         demo.subscribe('exit', timer.cancel)
-    if not options.quiet:
-        sys.stderr.write(
-            'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or '
-            'kill -TERM %d; kill -USR1 %d reloads it.\n'
-            % (__version__, os.getpid(), os.getpid(), os.getpid())
-        )
     demo.start()
     demo.block()
     return 0
