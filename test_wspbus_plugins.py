@@ -1660,6 +1660,18 @@ def test_pidfile_without_fcntl_uses_exclusive_creation(
     assert not pidfile_path.exists()
 
 
+def test_pidfile_without_fcntl_refuses_a_symlink_too(
+    bus, tmp_path, pidfile_path, monkeypatch
+):
+    monkeypatch.setattr(wp, 'fcntl', None)
+    target = tmp_path / 'precious'
+    target.write_text('keep me')
+    pidfile_path.symlink_to(target)
+    with pytest.raises(RuntimeError, match='it is a symbolic link'):
+        wp.PIDFile(bus, str(pidfile_path)).start()
+    assert pidfile_path.is_symlink() and target.read_text() == 'keep me'
+
+
 PIDFILE_RACE_CHILD = """
     import sys, wspbus_plugins as wp
     bus = wp.Bus()

@@ -1573,8 +1573,7 @@ class PIDFile(SimplePlugin):
                 self._write(fd)
                 return fd
             except BaseException:
-                if fd is not None:
-                    _close_quietly(fd)
+                _close_quietly(fd)
                 raise
         raise RuntimeError(
             'PID file %r keeps being replaced; giving up.' % self.pidfile
@@ -1587,8 +1586,11 @@ class PIDFile(SimplePlugin):
                     self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL
                 )
             except FileExistsError:
-                with open(self._path, 'rb') as existing:
-                    pid = _parse_pid(existing.read())
+                existing = _open_pidfile(self._path, os.O_RDONLY)
+                try:
+                    pid = _read_pid(existing)
+                finally:
+                    os.close(existing)
                 if pid is not None and pid != os.getpid() and _pid_alive(pid):
                     raise self._held(pid) from None
                 self._warn_stale(pid)
@@ -1635,14 +1637,19 @@ class PIDFile(SimplePlugin):
 
 
 def _open_pidfile(path, flags):
+    """Open a PID file, never through a symlink (O_NOFOLLOW closes the
+    race where the platform has it)."""
+    refusal = RuntimeError(
+        'Refusing to use PID file %r: it is a symbolic link.' % path
+    )
+    if os.path.islink(path):
+        raise refusal
     flags |= getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
     try:
         return os.open(path, flags, 0o644)
     except OSError as exc:
-        if exc.errno == errno.ELOOP or os.path.islink(path):
-            raise RuntimeError(
-                'Refusing to use PID file %r: it is a symbolic link.' % path
-            ) from None
+        if exc.errno == errno.ELOOP:
+            raise refusal from None
         if exc.errno == errno.EISDIR:
             raise RuntimeError('PID file %r is a directory.' % path) from None
         raise
@@ -2032,8 +2039,8 @@ class Autoreloader(Monitor):
         if watcher is not None and not watcher.failed:
             new = watched.difference(self.mtimes)
             if self._add_watches(watcher, new):
-                candidates = new.union(
-                    watcher.pop_changed(), watcher.unwatched
+                candidates = tuple(
+                    sorted(new.union(watcher.pop_changed(), watcher.unwatched))
                 )
         changed = self._first_change(candidates)
         if changed is not None:
