@@ -2039,6 +2039,33 @@ def test_autoreloader_inotify_wakes_long_before_the_poll(reloader, tmp_path):
     assert reloader.restarts == [1]
 
 
+@linux_only
+def test_autoreloader_watcher_takes_descriptors_above_1024(tmp_path):
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip('cannot open 1,100 descriptors here')
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        watcher = wp._Inotify()
+        try:
+            assert watcher.fd >= 1024  # select() would refuse it.
+            watched = tmp_path / 'settings.py'
+            watched.write_text('A = 1\n')
+            watcher.add([str(watched)])
+            edit(watched)
+            watcher.wait(TIMEOUT)
+            assert watcher.pop_changed() == {str(watched)}
+        finally:
+            watcher.close()
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 def test_autoreloader_falls_back_to_polling_when_inotify_fails(
     reloader, tmp_path, monkeypatch
 ):

@@ -172,6 +172,22 @@ def _open_fds(limit):
     return range(limit)
 
 
+def _readable(fds, timeout):
+    """Return which of `fds` are readable (or closed) within `timeout` s.
+
+    poll(), unlike select(), takes descriptors numbered 1024 and above,
+    which a busy server has; select() is the fallback where poll is absent.
+    """
+    import select
+
+    if not hasattr(select, 'poll'):
+        return select.select(fds, [], [], timeout)[0]
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    return [fd for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))]
+
+
 def _hard_exit(status):
     """Flush what the user would lose, then end the process at once."""
     for stream in (sys.stdout, sys.stderr):
@@ -1390,8 +1406,6 @@ class _Launcher:
         self.timeout = timeout
 
     def wait(self, fork_number, child_pid):
-        import select
-
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
         deadline = time.monotonic() + self.timeout
         data = b''
@@ -1399,7 +1413,7 @@ class _Launcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self._give_up(data)
-            if select.select([self.read_fd], [], [], remaining)[0]:
+            if _readable([self.read_fd], remaining):
                 chunk = os.read(self.read_fd, 65536)
                 if not chunk:
                     break
@@ -2196,9 +2210,7 @@ class _Inotify:
 
     def wait(self, timeout):
         """Block until an event, a wake() or `timeout` seconds."""
-        import select
-
-        ready = select.select([self.fd, self._wake_r], [], [], timeout)[0]
+        ready = _readable([self.fd, self._wake_r], timeout)
         if self._wake_r in ready:
             os.read(self._wake_r, 512)
 
@@ -2213,13 +2225,11 @@ class _Inotify:
 
     def pop_changed(self):
         """Return the watched paths with events, once a save has settled."""
-        import select
-
         changed = set()
         self._drain(changed)
         deadline = time.monotonic() + 0.5  # A file written without pause.
         while changed and time.monotonic() < deadline:
-            if not select.select([self.fd], [], [], _DEBOUNCE)[0]:
+            if not _readable([self.fd], _DEBOUNCE):
                 break
             self._drain(changed)
         return changed
