@@ -946,6 +946,98 @@ def test_bus_extend_pythonpath(monkeypatch):
     assert env == {}
 
 
+class Execv(Exception):
+    pass
+
+
+@pytest.fixture
+def recorded_execv(monkeypatch):
+    calls = []
+
+    def execv(path, args):
+        calls.append((path, args))
+        raise Execv
+
+    monkeypatch.setattr(os, 'execv', execv)
+    monkeypatch.setattr(
+        sys, 'orig_argv', ['py', 'app.py', 'a b'], raising=False
+    )
+    monkeypatch.setattr(wp.Bus, '_set_cloexec', lambda self: None)
+    monkeypatch.setattr(os, 'chdir', lambda path: None)
+    monkeypatch.setattr(os, 'environ', dict(os.environ))
+    return calls
+
+
+def test_bus_do_execv_reexecutes_the_interpreter(bus, recorded_execv):
+    with pytest.raises(Execv):
+        bus._do_execv()
+    assert recorded_execv == [
+        (sys.executable, [sys.executable, 'app.py', 'a b'])
+    ]
+    assert (
+        'Re-spawning %s app.py a b' % sys.executable in bus.recorder.messages()
+    )
+
+
+def test_bus_do_execv_quotes_arguments_on_windows(
+    bus, recorded_execv, monkeypatch
+):
+    monkeypatch.setattr(wp, '_WINDOWS', True)
+    with pytest.raises(Execv):
+        bus._do_execv()
+    assert recorded_execv[0][1] == [
+        '"%s"' % sys.executable,
+        '"app.py"',
+        '"a b"',
+    ]
+
+
+def test_bus_do_execv_raises_systemrestart_on_java(
+    bus, recorded_execv, monkeypatch
+):
+    class SystemRestart(Exception):
+        pass
+
+    module = type(sys)('_systemrestart')
+    module.SystemRestart = SystemRestart
+    monkeypatch.setitem(sys.modules, '_systemrestart', module)
+    monkeypatch.setattr(wp, '_JYTHON', True)
+    with pytest.raises(SystemRestart):
+        bus._do_execv()
+    assert recorded_execv == []
+
+
+def test_platform_pid_alive_on_windows_asks_openprocess(monkeypatch):
+    opened, closed = [], []
+
+    class Kernel32:
+        def OpenProcess(self, access, inherit, pid):
+            opened.append(pid)
+            return 7 if pid == 42 else 0
+
+        def CloseHandle(self, handle):
+            closed.append(handle)
+
+    monkeypatch.setattr(wp, '_WINDOWS', True)
+    monkeypatch.setattr(
+        ctypes,
+        'windll',
+        type('windll', (), {'kernel32': Kernel32()}),
+        raising=False,
+    )
+    monkeypatch.setattr(os, 'kill', None)  # Would terminate on Windows.
+    assert wp._pid_alive(42) is True
+    assert wp._pid_alive(43) is False
+    assert (opened, closed) == ([42, 43], [7])
+
+
+def test_platform_pid_alive_on_posix():
+    assert wp._pid_alive(os.getpid())
+    dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+    dead.wait()
+    assert not wp._pid_alive(dead.pid)
+
+
 def test_bus_set_cloexec_marks_descriptors_but_kept_ones(bus):
     fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(2)]
     try:
