@@ -127,6 +127,11 @@ _DAEMON_ENV = 'WSPBUS_DAEMON_PID'
 _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
 
 
+def _daemonized_by_us():
+    """Tell whether Daemonizer made this process (kept across re-exec)."""
+    return os.environ.get(_DAEMON_ENV) == str(os.getpid())
+
+
 def _import_optional(name):
     """Return module `name`, or None where this platform lacks it."""
     try:
@@ -882,10 +887,7 @@ class SignalHandler:
         A daemon re-executed by restart() keeps the answer through the
         WSPBUS_DAEMON_PID environment variable that Daemonizer sets.
         """
-        pid = os.getpid()
-        forked = self._original_pid != pid or os.environ.get(
-            _DAEMON_ENV
-        ) == str(pid)
+        forked = self._original_pid != os.getpid() or _daemonized_by_us()
         return forked and not _isatty(sys.stdin)
 
     def subscribe(self):
@@ -1280,7 +1282,7 @@ class Daemonizer(SimplePlugin):
 
     def start(self):
         """Become a daemon, unless this process already is one."""
-        if self.finalized or os.environ.get(_DAEMON_ENV) == str(os.getpid()):
+        if self.finalized or _daemonized_by_us():
             self.bus.log('Already daemonized.')
             self.finalized = True
             return
@@ -1589,9 +1591,7 @@ class PIDFile(SimplePlugin):
             except BaseException:
                 _close_quietly(fd)
                 raise
-        raise RuntimeError(
-            'PID file %r keeps being replaced; giving up.' % self.pidfile
-        )
+        raise self._replaced()
 
     def _claim_exclusive(self):
         for _ in range(10):
@@ -1617,9 +1617,7 @@ class PIDFile(SimplePlugin):
                 _remove_quietly(self._path)
                 raise
             return fd
-        raise RuntimeError(
-            'PID file %r keeps being replaced; giving up.' % self.pidfile
-        )
+        raise self._replaced()
 
     def _write(self, fd):
         """Write our PID into the locked file `fd`; on failure remove it."""
@@ -1641,6 +1639,11 @@ class PIDFile(SimplePlugin):
                 % (self.pidfile, old_pid),
                 level=_WARNING,
             )
+
+    def _replaced(self):
+        return RuntimeError(
+            'PID file %r keeps being replaced; giving up.' % self.pidfile
+        )
 
     def _held(self, pid):
         return RuntimeError(
@@ -2049,13 +2052,15 @@ class Autoreloader(Monitor):
         """Check the watched files once; restart the bus if one changed."""
         watched = self._watched_files()
         watcher = getattr(self.thread, 'watcher', None)
-        candidates = self._in_order(watched)
+        candidates = None
         if watcher is not None and not watcher.failed:
             new = watched.difference(self.mtimes)
             if self._add_watches(watcher, new):
                 candidates = tuple(
                     sorted(new.union(watcher.pop_changed(), watcher.unwatched))
                 )
+        if candidates is None:  # Polling: every watched file, every tick.
+            candidates = self._in_order(watched)
         changed = self._first_change(candidates)
         if changed is not None:
             self.bus.log('Restarting because %s changed.' % changed)
