@@ -70,6 +70,7 @@ import sys
 import threading
 import time
 import warnings
+from _weakrefset import WeakSet  # What threading uses: costs no import.
 
 __version__ = '0.1.0'
 
@@ -125,6 +126,66 @@ except (AttributeError, ValueError, OSError):
 # Environment variables that carry state across restart()'s re-exec.
 _DAEMON_ENV = 'WSPBUS_DAEMON_PID'
 _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
+
+
+# restart() keeps the handled signals blocked across the re-exec and names
+# them here; the new image unblocks them once it can handle them.
+_CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'
+_sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
+
+
+def _take_carried_signals():
+    try:
+        text = os.environ.pop(_CARRIED_ENV, '')
+        return frozenset(int(signum) for signum in text.split())
+    except ValueError:
+        return frozenset()
+
+
+_carried_signals = _take_carried_signals() if _sigmask else frozenset()
+
+# A fork copies the locks of this module as they are: one that another thread
+# holds at that moment would stay held in the child for ever.  They are all
+# held across a fork, so the child gets them consistent and free.
+
+_FORK_GUARDED = WeakSet()  # objects whose ._lock a fork must not split
+_FORK_LOCK = threading.Lock()
+_fork_held = []
+
+
+def _guard_for_fork(guarded):
+    with _FORK_LOCK:
+        _FORK_GUARDED.add(guarded)
+
+
+def _acquire_for_fork():
+    _FORK_LOCK.acquire()
+    _fork_held[:] = list(_FORK_GUARDED)
+    for guarded in _fork_held:
+        guarded._lock.acquire()
+
+
+def _release_after_fork():
+    for guarded in reversed(_fork_held):
+        guarded._lock.release()
+    del _fork_held[:]
+    _FORK_LOCK.release()
+
+
+def _release_in_child():
+    me = threading.get_ident()
+    for guarded in _fork_held:  # A transition of a thread that is gone.
+        if getattr(guarded, '_runner', None) not in (None, me):
+            guarded._runner, guarded._depth = None, 0
+    _release_after_fork()
+
+
+if hasattr(os, 'register_at_fork'):
+    os.register_at_fork(
+        before=_acquire_for_fork,
+        after_in_parent=_release_after_fork,
+        after_in_child=_release_in_child,
+    )
 
 
 def _daemonized_by_us():
@@ -267,6 +328,7 @@ class ChannelFailures(Exception):
 # -- Bus ----------------------------------------------------------------------
 
 _BUILTIN_CHANNELS = ('start', 'stop', 'exit', 'graceful', 'log', 'main')
+_STILL_WAITING_EVERY = 5.0  # Seconds between block()'s reports on threads.
 
 
 class Bus:
@@ -278,10 +340,15 @@ class Bus:
     ``start`` listener has succeeded.  Listeners run in priority order
     (lower first, default 50), equal priorities in subscription order.
 
-    Every method may be called from any thread, and from a signal handler:
-    the one lock is re-entrant and never held while a listener runs.
-    ``listeners`` maps each channel to its set of callbacks; treat it as
-    read-only and change it through subscribe() and unsubscribe().
+    Every method may be called from any thread, and from a signal handler.
+    The transitions (start, stop, graceful, exit, restart) run one at a
+    time: one asked for while another thread runs one waits for it (start,
+    stop) or is run by that thread when it ends (exit, restart, graceful),
+    and once an exit is asked for, no ``start`` or ``graceful`` listener
+    runs any more.  The state lock is re-entrant and never held while a
+    listener runs.  ``listeners`` maps each channel to its set of
+    callbacks; treat it as read-only and change it through subscribe() and
+    unsubscribe().
     """
 
     states = states
@@ -299,11 +366,25 @@ class Bus:
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._state = states.STOPPED
-        self._exit_phase = None  # None, 'running' or 'done'
-        self._graceful_phase = None  # None, 'running' or 'again'
+        # The transitions: which thread runs them, how deeply nested.
+        self._runner = None
+        self._depth = 0
+        self._exit_phase = None  # None, 'asked', 'running' or 'done'
+        self._exit_asker = None  # The thread that asked for the exit.
+        self._graceful_asked = False  # Run graceful when the runner ends.
         self._start_error = None  # Why the last start() failed.
         self._atexit_registered = False
         self._keep_fds = set()  # descriptors restart() must not close
+        # Signals: handlers append to _signals and release _wakeup (both
+        # safe between any two bytecodes); the main thread acts on them.
+        self._signals = []
+        self._handled_signals = set()  # numbers restart() keeps pending
+        self._wakeup = threading.Lock()
+        self._wakeup.acquire()  # Locked: no wake-up pending.
+        self._busy = 0  # >0 while the main thread transitions or waits.
+        self._saved_sigint = None
+        self._hurry = False  # A second SIGTERM/SIGINT while exiting.
+        _guard_for_fork(self)
 
     def __repr__(self):
         return '<%s %r>' % (type(self).__name__, self._state)
@@ -318,6 +399,7 @@ class Bus:
         with self._changed:
             self._state = value
             self._changed.notify_all()
+        self._wake()
 
     def subscribe(self, channel, callback=None, priority=None):
         """Add `callback` to `channel`; lower `priority` runs first.
@@ -375,6 +457,9 @@ class Bus:
         listeners = self._sorted.get(channel)
         if listeners is None:
             listeners = self._listeners_of(channel)
+        return self._call(channel, listeners, args, kwargs)
+
+    def _call(self, channel, listeners, args, kwargs):
         output = []
         failures = None
         # Most channels carry no arguments.  A plain call is ~25% faster:
@@ -406,24 +491,56 @@ class Bus:
             raise failures
         return output
 
+    def _publish_until_exit(self, channel):
+        """Publish `channel`, calling no listener once an exit is asked."""
+        listeners = self._sorted.get(channel)
+        if listeners is None:
+            listeners = self._listeners_of(channel)
+        return self._call(channel, self._until_exit(listeners), (), {})
+
+    def _until_exit(self, listeners):
+        for listener in listeners:
+            if self._exit_phase is not None:
+                return
+            yield listener
+
+    # -- Transitions --
+    # One thread at a time runs them (the "runner"); its nested calls run
+    # inline.  An exit, restart or graceful asked meanwhile is recorded and
+    # run by the runner when its outermost transition ends.
+
     def start(self):
         """Move to STARTING, publish ``start``, then move to STARTED.
 
         If a listener fails (KeyboardInterrupt and SystemExit included),
-        log it, exit() the bus and re-raise; on the main thread exit() then
-        ends the process with status 70.
+        or itself calls exit(), log it, exit the bus and re-raise; on the
+        main thread the process then ends with status 70.  An exit asked
+        for by another thread or a signal meanwhile wins: the remaining
+        ``start`` listeners are skipped and the bus exits, never STARTED.
+        Ignored (with a log line) while an exit is under way.
         """
+        self._transition(self._start)
+
+    def _start(self):
         with self._lock:
-            self._exit_phase = None  # A new life: exit() may run again.
-            self._start_error = None
-            self.execv = False
-            if not self._atexit_registered:
-                atexit.register(self._clean_exit)
-                self._atexit_registered = True
+            if self._exit_phase in ('asked', 'running'):
+                ignored = True
+            else:
+                ignored = False
+                self._exit_phase = None  # A new life: exit() may run again.
+                self._start_error = None
+                self.execv = False
+                self._hurry = False
+                if not self._atexit_registered:
+                    atexit.register(self._clean_exit)
+                    self._atexit_registered = True
+        if ignored:
+            self.log('Start ignored: the bus is exiting.')
+            return
         self.state = states.STARTING
         self.log('Bus STARTING')
         try:
-            self.publish('start')
+            self._publish_until_exit('start')
         except BaseException as error:
             # KeyboardInterrupt and SystemExit too: a half-started service
             # must be stopped now, not by atexit.
@@ -433,17 +550,32 @@ class Bus:
                 traceback=True,
             )
             self._start_error = error
-            self.exit()
+            self._ask_exit()
             raise
-        self.state = states.STARTED
+        with self._changed:
+            started = self._exit_phase is None
+            if started:
+                self._state = states.STARTED
+                self._changed.notify_all()
+        if not started:
+            self.log('Start interrupted: the bus is exiting.')
+            return
+        self._wake()
         self.log('Bus STARTED')
         try:
             self.publish('started')
         except ChannelFailures:
             pass  # Logged by publish; the service is running regardless.
+        _release_carried_signals()
 
     def stop(self):
-        """Move to STOPPING, publish ``stop``, then move to STOPPED."""
+        """Move to STOPPING, publish ``stop``, then move to STOPPED.
+
+        Every ``stop`` listener runs, even after an exit was asked for.
+        """
+        self._transition(self._stop)
+
+    def _stop(self):
         self.state = states.STOPPING
         self.log('Bus STOPPING')
         self.publish('stop')
@@ -453,158 +585,406 @@ class Bus:
     def graceful(self):
         """Publish ``graceful`` (reload without stopping the process).
 
-        Calls made while one is running (a signal storm, say) are merged
-        into one more run after it, so ``graceful`` listeners never overlap;
-        calls made while the bus exits are ignored.
+        Asked for while another transition runs (a signal storm, another
+        thread, a ``graceful`` listener), it runs once more when that one
+        ends, so ``graceful`` listeners never overlap; asked for while
+        STARTING, it runs once STARTED; asked for once an exit has begun,
+        it is ignored, and a run under way calls no more listeners.
         """
         with self._lock:
-            if self._exit_phase is not None:
-                ignored = True
-            elif self._graceful_phase is not None:
-                self._graceful_phase = 'again'
-                return
-            else:
-                ignored = False
-                self._graceful_phase = 'running'
+            ignored = self._exit_phase is not None
+            if not ignored:
+                self._graceful_asked = True
+                run_now = (
+                    self._runner is None and self._state is not states.STARTING
+                )
         if ignored:
             self.log('Graceful ignored: the bus is exiting.')
-            return
-        try:
-            while True:
-                self.log('Bus graceful')
-                self.publish('graceful')
-                with self._lock:
-                    if self._graceful_phase == 'running':
-                        break
-                    self._graceful_phase = 'running'
-        finally:
-            with self._lock:
-                self._graceful_phase = None
+        elif run_now:
+            self._transition(self._graceful, wait=False)
+
+    def _graceful(self):
+        with self._lock:
+            if not self._graceful_asked or self._exit_phase is not None:
+                return  # Run by another thread meanwhile, or exiting.
+            self._graceful_asked = False
+        self.log('Bus graceful')
+        self._publish_until_exit('graceful')
 
     def exit(self):
         """Stop, move to EXITING and publish ``exit``, once.
 
-        A second call while an exit is under way or done returns at once.
-        If the ``stop`` or ``exit`` listeners fail, the process ends with
-        status 70.  Called while STARTING (a start listener failed), it ends
-        the process with status 70 after exiting, when on the main thread;
-        elsewhere it logs the failure loudly and returns.
+        A second call while an exit is asked for, under way or done returns
+        at once.  Called while another transition runs (from another thread
+        or from one of its listeners), the exit runs when that transition
+        ends, and this call returns at once.  If the ``stop`` or ``exit``
+        listeners fail, every ``exit`` listener still runs, then the process
+        ends with status 70.  A start that fails or calls exit() from a
+        ``start`` listener ends the process with status 70 after exiting,
+        when on the main thread; elsewhere it logs the failure loudly.
         """
-        if self._begin_exit():
-            self._run_exit()
+        if self._ask_exit():
+            self._transition(_nothing, wait=False)
 
-    def _begin_exit(self):
+    def _ask_exit(self, execv=False):
+        """Record an exit request; False if one was already made."""
         with self._lock:
             if self._exit_phase is not None:
                 return False
-            self._exit_phase = 'running'
-            return True
-
-    def _run_exit(self):
-        exitstate = self._state
-        try:
-            self.stop()
-            self.state = states.EXITING
-            self.log('Bus EXITING')
-            self.publish('exit')
-            self.log('Bus EXITED')
-        except Exception:
-            self.log(
-                'Exiting with status %d: the stop or exit listeners '
-                'failed (see above).' % _EX_SOFTWARE,
-                level=_CRITICAL,
-            )
-            _hard_exit(_EX_SOFTWARE)
-        finally:
-            with self._changed:
-                self._exit_phase = 'done'
-                self._changed.notify_all()
-        if exitstate is states.STARTING:
-            reason = _describe(self._start_error)
-            if threading.current_thread() is threading.main_thread():
-                # A start listener failed: ending the process is the only
-                # way to leave no half-started service behind.
-                self.log(
-                    'Start failed (%s); exiting with status %d.'
-                    % (reason, _EX_SOFTWARE),
-                    level=_CRITICAL,
-                )
-                _hard_exit(_EX_SOFTWARE)
-            self.log(
-                'The bus failed to start on thread %r (%s) and has '
-                'exited; the host process goes on.'
-                % (threading.current_thread().name, reason),
-                level=_CRITICAL,
-            )
+            self._exit_phase = 'asked'
+            self._exit_asker = threading.get_ident()
+            self.execv = execv or self.execv
+        self._wake()
+        return True
 
     def restart(self):
         """Exit, then re-execute the process from block() on the main thread.
 
         Ignored (with a log line) when an exit is already under way.
         """
-        with self._lock:
-            begun = self._begin_exit()
-            if begun:
-                self.execv = True
-        if begun:
-            self._run_exit()
+        if self._ask_exit(execv=True):
+            self._transition(_nothing, wait=False)
         else:
             self.log('Restart ignored: the bus is already exiting.')
+
+    def _transition(self, body, wait=True):
+        """Run `body` as the bus's one transition, then what was asked.
+
+        Without `wait`, return at once if another thread runs one (it will
+        run what was asked when it ends).
+        """
+        main = self._begin_busy()
+        try:
+            if self._enter(wait):
+                try:
+                    body()
+                finally:
+                    self._leave()
+        finally:
+            self._end_busy(main)
+
+    def _enter(self, wait):
+        me = threading.get_ident()
+        with self._changed:
+            while self._runner not in (None, me):
+                if not wait:
+                    return False
+                self._changed.wait()
+            self._runner = me
+            self._depth += 1
+        return True
+
+    def _leave(self):
+        try:
+            while True:
+                with self._changed:
+                    if self._depth > 1:  # Nested: the outermost decides.
+                        self._depth -= 1
+                        return
+                    job = self._next_job()
+                    if job is None:
+                        self._depth = 0
+                        self._runner = None
+                        self._changed.notify_all()
+                        return
+                job()
+        except BaseException:
+            with self._changed:
+                self._depth = 0
+                self._runner = None
+                self._changed.notify_all()
+            raise
+
+    def _next_job(self):
+        """Return what the runner must do next, or None (lock held)."""
+        if self._exit_phase == 'asked':
+            return self._run_exit
+        if self._graceful_asked:
+            if self._exit_phase is None and self._state is not states.STARTING:
+                return self._asked_graceful
+            self._graceful_asked = False  # Dropped: exiting.
+        return None
+
+    def _asked_graceful(self):
+        try:
+            self._graceful()
+        except ChannelFailures:
+            pass  # Logged by publish; whoever asked has gone on.
+
+    def _run_exit(self):
+        with self._lock:
+            self._exit_phase = 'running'
+            exitstate = self._state
+            asked_by_starter = self._exit_asker == threading.get_ident()
+        failure = None
+        try:
+            self.stop()
+        except BaseException as exc:  # Logged; the exit listeners run.
+            failure = exc
+        try:
+            self.state = states.EXITING
+            self.log('Bus EXITING')
+            self.publish('exit')
+            self.log('Bus EXITED')
+        except BaseException as exc:
+            failure = failure or exc
+        finally:
+            with self._changed:
+                self._exit_phase = 'done'
+                self._changed.notify_all()
+            self._wake()
+        if isinstance(failure, (KeyboardInterrupt, SystemExit)):
+            raise failure
+        if failure is not None:
+            self.log(
+                'Exiting with status %d: the stop or exit listeners '
+                'failed (see above).' % _EX_SOFTWARE,
+                level=_CRITICAL,
+            )
+            _hard_exit(_EX_SOFTWARE)
+        if exitstate is states.STARTING and (
+            self._start_error is not None or asked_by_starter
+        ):
+            self._start_failed()
+
+    def _start_failed(self):
+        reason = _describe(self._start_error)
+        if threading.current_thread() is threading.main_thread():
+            # A start listener failed: ending the process is the only way
+            # to leave no half-started service behind.
+            self.log(
+                'Start failed (%s); exiting with status %d.'
+                % (reason, _EX_SOFTWARE),
+                level=_CRITICAL,
+            )
+            _hard_exit(_EX_SOFTWARE)
+        self.log(
+            'The bus failed to start on thread %r (%s) and has '
+            'exited; the host process goes on.'
+            % (threading.current_thread().name, reason),
+            level=_CRITICAL,
+        )
+
+    # -- Signals --
+    # A signal handler runs on the main thread between any two bytecodes,
+    # inside locked sections and listeners too.  While the main thread
+    # transitions or waits (it is "busy"), the handler only records the
+    # signal and wakes the waiter; the work runs when the transition ends
+    # or in the waiting loop, one signal at a time, in arrival order.
+
+    def _signal_arrived(self, channel):
+        """Act on signal `channel` now, or record it if the main thread is
+        busy; called by signal handlers (SignalHandler, SIGINT)."""
+        if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
+            self._hurry = True
+        elif channel == 'SIGINT' and 'SIGINT' in self._signals:
+            # Ctrl+C again while the first waits for a transition to end:
+            # interrupt it, as Python would have (never an exit's cleanup).
+            raise KeyboardInterrupt
+        if self._busy or _carried_signals:
+            self._signals.append(channel)
+            self._wake()
+            return
+        main = self._begin_busy()
+        try:
+            self._act_on_signal(channel)
+        finally:
+            self._end_busy(main)
+
+    def _act_on_signal(self, channel):
+        self.log('Caught signal %s.' % channel)
+        if channel == 'SIGINT' and not self.listeners.get('SIGINT'):
+            self.log('Keyboard Interrupt: shutting down bus')
+            self.exit()
+            return
+        try:
+            self.publish(channel)
+        except ChannelFailures:
+            pass  # Logged by publish; the process goes on.
+
+    def _act_on_recorded_signals(self):
+        signals = self._signals
+        while signals and self._acting_on_signals():
+            self._act_on_signal(signals.pop(0))
+
+    def _acting_on_signals(self):
+        # After restart() or before the first start after one, recorded
+        # signals are kept: restart() passes them on to the new image.
+        return not (self.execv or _carried_signals)
+
+    def _wake(self):
+        """Wake the main thread's waiting loop (safe in a signal handler)."""
+        try:
+            self._wakeup.release()
+        except RuntimeError:
+            pass  # Released already: a wake-up is pending.
+
+    def _begin_busy(self):
+        """Mark the main thread busy; return whether this is it."""
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        self._busy += 1
+        if self._busy == 1:
+            self._defer_sigint()
+        return True
+
+    def _end_busy(self, main):
+        """The outermost busy section acts on what was recorded meanwhile."""
+        if not main:
+            return
+        try:
+            if self._busy == 1:
+                self._act_on_recorded_signals()
+        finally:
+            self._busy -= 1
+            if not self._busy:
+                self._restore_sigint()
+        if not self._busy and self._signals and self._acting_on_signals():
+            self._end_busy(self._begin_busy())  # Came in the last moment.
+
+    def _defer_sigint(self):
+        # Python's default SIGINT handler raises KeyboardInterrupt in the
+        # middle of whatever runs, a stop or exit listener too; while busy,
+        # Ctrl+C is recorded like any other signal (and means exit()).
+        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+            _signal.signal(_signal.SIGINT, self._record_sigint)
+            self._saved_sigint = _signal.default_int_handler
+
+    def _restore_sigint(self):
+        if self._saved_sigint is not None:
+            if _signal.getsignal(_signal.SIGINT) == self._record_sigint:
+                _signal.signal(_signal.SIGINT, self._saved_sigint)
+            self._saved_sigint = None
+
+    def _record_sigint(self, signum=None, frame=None):
+        self._signal_arrived('SIGINT')
+
+    # -- Waiting --
 
     def block(self, interval=0.1):
         """Wait for EXITING, then for every non-daemon thread; re-exec.
 
-        Call it from the main thread.  KeyboardInterrupt or SystemExit while
-        waiting exits the bus.  Returns only after the ``exit`` listeners
-        have finished, whichever thread ran them (CherryPy issue #1942).
+        Call it from the main thread; signals are acted on from here.
+        KeyboardInterrupt or SystemExit while waiting exits the bus.
+        Returns only after the ``exit`` listeners have finished, whichever
+        thread ran them (CherryPy issue #1942).  Idle ``concurrent.futures``
+        and asyncio executor threads are not waited for (the interpreter
+        stops them at exit); other non-daemon threads are, with a log line
+        every few seconds; a second SIGTERM or Ctrl+C stops that wait.
         ``main`` is published every `interval` seconds while waiting.
         """
+        main = self._begin_busy()
         try:
-            self.wait(states.EXITING, interval=interval, channel='main')
-        except (KeyboardInterrupt, OSError):
-            self.log('Keyboard Interrupt: shutting down bus')
-            self.exit()
-        except SystemExit:
-            self.log('SystemExit raised: shutting down bus')
-            self.exit()
-            raise
-        with self._changed:  # EXITING set directly, with no exit(), passes.
-            self._changed.wait_for(lambda: self._exit_phase != 'running')
-        self.log('Waiting for child threads to terminate...')
+            _release_carried_signals()
+            try:
+                self._wait_for(
+                    lambda: self._state is states.EXITING, interval, 'main'
+                )
+            except (KeyboardInterrupt, OSError):
+                self.log('Keyboard Interrupt: shutting down bus')
+                self.exit()
+            except SystemExit:
+                self.log('SystemExit raised: shutting down bus')
+                self.exit()
+                raise
+            # EXITING set directly, with no exit(), passes.
+            self._wait_for(
+                lambda: self._exit_phase not in ('asked', 'running'),
+                interval,
+            )
+            self.log('Waiting for child threads to terminate...')
+            left = self._join_threads()
+            if self.execv:
+                self._do_execv()  # Signals recorded meanwhile go along.
+            if left:
+                self._hurried_exit(left)
+        finally:
+            self._end_busy(main)
+
+    def _join_threads(self):
+        """Join the non-daemon threads; return those left when hurried."""
         current = threading.current_thread()
-        for thread in threading.enumerate():
-            if (
-                thread is not current
-                and not thread.daemon
-                and thread is not threading.main_thread()
-            ):
-                self.log('Waiting for thread %s.' % thread.name)
-                thread.join()
-        if self.execv:
-            self._do_execv()
+        on_main = current is threading.main_thread()
+        waiting = [
+            thread
+            for thread in threading.enumerate()
+            if not (
+                thread is current
+                or thread.daemon
+                or thread is threading.main_thread()
+                or _is_pool_thread(thread)
+            )
+        ]
+        for thread in waiting:
+            self.log('Waiting for thread %s.' % thread.name)
+        report_at = time.monotonic() + _STILL_WAITING_EVERY
+        while waiting:
+            waiting[0].join(0.05)
+            waiting = [thread for thread in waiting if thread.is_alive()]
+            if on_main:
+                self._act_on_recorded_signals()
+            if self._hurry:
+                return waiting
+            if waiting and time.monotonic() >= report_at:
+                report_at += _STILL_WAITING_EVERY
+                self.log(
+                    'Still waiting for threads: %s.'
+                    % ', '.join(thread.name for thread in waiting),
+                    level=_WARNING,
+                )
+        return []
+
+    def _hurried_exit(self, threads):
+        # Python would wait for these threads again at its own shutdown.
+        self.log(
+            'Not waiting for threads %s: exiting now.'
+            % ', '.join(t.name for t in threads),
+            level=_WARNING,
+        )
+        run_exitfuncs = getattr(atexit, '_run_exitfuncs', None)
+        if run_exitfuncs is not None:
+            run_exitfuncs()
+        _hard_exit(0)
 
     def wait(self, state, interval=0.1, channel=None):
         """Block until the bus is in `state` (or any of a sequence of them).
 
         Returns as soon as the state is reached; meanwhile publishes
-        `channel` every `interval` seconds.
+        `channel` every `interval` seconds.  On the main thread, signals
+        are acted on from here.
         """
         if isinstance(state, (tuple, list, set, frozenset)):
             wanted = frozenset(state)
         else:
             wanted = (state,)
+        main = self._begin_busy()
+        try:
+            self._wait_for(lambda: self._state in wanted, interval, channel)
+        finally:
+            self._end_busy(main)
+
+    def _wait_for(self, predicate, interval, channel=None):
+        """Wait until predicate(); publish `channel` every `interval` s."""
+        on_main = threading.current_thread() is threading.main_thread()
         next_tick = time.monotonic() + interval
         while True:
-            with self._changed:
-                while self._state not in wanted:
-                    remaining = next_tick - time.monotonic()
-                    if remaining <= 0:
-                        break
-                    self._changed.wait(remaining)
-                else:
-                    return
-            self.publish(channel)
-            next_tick = time.monotonic() + interval
+            if on_main:
+                self._act_on_recorded_signals()
+            if predicate():
+                return
+            remaining = next_tick - time.monotonic()
+            if remaining <= 0:
+                if channel is not None:
+                    self.publish(channel)
+                next_tick = time.monotonic() + interval
+                continue
+            remaining = min(remaining, threading.TIMEOUT_MAX)
+            if on_main:  # A signal handler can release this lock.
+                self._wakeup.acquire(timeout=remaining)
+            else:
+                with self._changed:
+                    if not predicate():
+                        self._changed.wait(remaining)
 
     def start_with_callback(self, func, args=None, kwargs=None):
         """Start the bus and call ``func(*args, **kwargs)`` once STARTED.
@@ -680,7 +1060,32 @@ class Bus:
             os.chdir(_STARTUP_DIR)
         if self.max_cloexec_files:
             self._set_cloexec()
-        os.execv(sys.executable, args)
+        carried = self._carry_signals()
+        try:
+            os.execv(sys.executable, args)
+        finally:  # execv failed: this image goes on.
+            os.environ.pop(_CARRIED_ENV, None)
+            if carried:
+                _sigmask(_signal.SIG_UNBLOCK, carried)
+
+    def _carry_signals(self):
+        """Block the handled signals until the new image handles them.
+
+        Without this, a SIGHUP or SIGTERM arriving during the re-exec, before
+        the new image installs its handlers, would kill the process.  Those
+        recorded but not yet acted on are raised again, to stay pending.
+        """
+        pending = [getattr(_signal, channel) for channel in self._signals]
+        carried = sorted(self._handled_signals.union(pending))
+        if _sigmask is None or not carried:
+            return []
+        _sigmask(_signal.SIG_BLOCK, carried)
+        main = threading.main_thread().ident
+        for signum in pending:
+            _signal.pthread_kill(main, signum)
+        del self._signals[:]
+        os.environ[_CARRIED_ENV] = ' '.join(map(str, carried))
+        return carried
 
     @staticmethod
     def _get_interpreter_argv():
@@ -738,6 +1143,37 @@ class Bus:
                     os.set_inheritable(fd, False)
                 except OSError:
                     pass  # Closed meanwhile (the listing's own descriptor).
+
+
+def _nothing():
+    pass
+
+
+def _is_pool_thread(thread):
+    """Tell whether `thread` serves a concurrent.futures executor.
+
+    Idle workers wait for work forever (CherryPy #1942); the interpreter's
+    own shutdown ends them, so block() need not wait for them.
+    """
+    pool = sys.modules.get('concurrent.futures.thread')
+    worker = getattr(pool, '_worker', None)
+    if worker is not None and getattr(thread, '_target', None) is worker:
+        return True
+    processes = sys.modules.get('concurrent.futures.process')
+    manager = getattr(processes, '_ExecutorManagerThread', None)
+    return manager is not None and isinstance(thread, manager)
+
+
+def _release_carried_signals():
+    """Unblock the signals a restart() kept pending across the re-exec.
+
+    SignalHandler unblocks each one as it installs its handler; the rest
+    are unblocked when the bus has started or blocks.
+    """
+    global _carried_signals
+    if _carried_signals:
+        carried, _carried_signals = _carried_signals, frozenset()
+        _sigmask(_signal.SIG_UNBLOCK, carried)
 
 
 def _describe(error):
@@ -922,6 +1358,7 @@ class SignalHandler:
         """Restore the handlers that were installed before ours."""
         atexit.unregister(self._ignore_late_signals)
         for signum, handler in self._previous_handlers.items():
+            self.bus._handled_signals.discard(signum)
             signame = self.signals[signum]
             if handler is None:
                 self.bus.log('Restoring %s handler to SIG_DFL.' % signame)
@@ -967,18 +1404,17 @@ class SignalHandler:
             raise ValueError('No such signal: %r' % signal) from None
         previous = _signal.signal(signum, self._handle_signal)
         self._previous_handlers.setdefault(signum, previous)
+        self.bus._handled_signals.add(signum)
+        if signum in _carried_signals:  # Pending since restart(): now ours.
+            _sigmask(_signal.SIG_UNBLOCK, [signum])
         if listener is not None:
             self.bus.log('Listening for %s.' % signame)
             self.bus.subscribe(signame, listener)
 
     def _handle_signal(self, signum=None, frame=None):
-        """Publish the signal's name; runs on the main thread."""
-        signame = self.signals[signum]
-        self.bus.log('Caught signal %s.' % signame)
-        try:
-            self.bus.publish(signame)
-        except ChannelFailures:
-            pass  # Logged by publish; never raise into interrupted code.
+        """Hand the signal to the bus, which publishes its name as soon as
+        the main thread is not in the middle of a transition or a wait."""
+        self.bus._signal_arrived(self.signals[signum])
 
     def handle_SIGHUP(self):
         """Restart when daemonized, else exit.
@@ -1443,13 +1879,11 @@ class _Launcher:
     def _give_up(self, data):
         pid = self._pid(data)
         if pid != '?':
-            try:
-                os.kill(int(pid), _signal.SIGTERM)
-            except OSError:
-                pass
+            _terminate(int(pid), _KILL_AFTER)
         self._fail(
-            'Daemon %s was not ready after %r seconds; sent it '
-            'SIGTERM and gave up.' % (pid, self.timeout)
+            'Daemon %s was not ready after %r seconds; sent it SIGTERM '
+            '(SIGKILL after %r s) and gave up.'
+            % (pid, self.timeout, _KILL_AFTER)
         )
 
     @staticmethod
@@ -1458,6 +1892,30 @@ class _Launcher:
             sys.stderr.write(message + '\n')
         finally:
             _hard_exit(1)
+
+
+_KILL_AFTER = 5.0  # Seconds a daemon that is not ready has to act on SIGTERM.
+
+
+def _terminate(pid, grace):
+    """Send `pid` SIGTERM, and SIGKILL if it is still there after `grace` s.
+
+    A daemon stuck in a start listener acts on SIGTERM only when that
+    listener returns (signals never interrupt a transition).
+    """
+    try:
+        os.kill(pid, _signal.SIGTERM)
+    except OSError:
+        return
+    deadline = time.monotonic() + grace
+    while _pid_alive(pid):
+        if time.monotonic() > deadline:
+            try:
+                os.kill(pid, _signal.SIGKILL)
+            except OSError:
+                pass
+            return
+        time.sleep(0.02)
 
 
 def _check_parent_dir(path, what):
