@@ -1693,6 +1693,7 @@ def cpu_load():
             spinner.wait(TIMEOUT)
 
 
+@pytest.mark.stress
 def test_lifecycle_sigterm_at_any_moment_of_start_under_load(
     child, tmp_path, cpu_load
 ):
