@@ -1653,10 +1653,18 @@ def test_bus_restart_keeps_handled_signals_pending_across_execv(
     calls = []
     monkeypatch.setattr(wp, '_sigmask', lambda how, s: calls.append((how, s)))
     monkeypatch.setattr(signal, 'pthread_kill', lambda *a: calls.append(a))
+    environ = []
+
+    def execv(path, args):
+        environ.append(os.environ.get(wp._CARRIED_ENV))
+        raise Execv
+
+    monkeypatch.setattr(os, 'execv', execv)
     bus._handled_signals.update({signal.SIGHUP, signal.SIGTERM})
     bus._signals.append('SIGHUP')  # Recorded, not yet acted on.
     with pytest.raises(Execv):
         bus._do_execv()
+    assert environ == ['1 15']  # Numbers, on every Python (not 'Signals.')
     handled = sorted([signal.SIGHUP, signal.SIGTERM])
     assert calls == [
         (signal.SIG_BLOCK, handled),

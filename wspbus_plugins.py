@@ -1084,7 +1084,9 @@ class Bus:
         for signum in pending:
             _signal.pthread_kill(main, signum)
         del self._signals[:]
-        os.environ[_CARRIED_ENV] = ' '.join(map(str, carried))
+        os.environ[_CARRIED_ENV] = ' '.join(
+            '%d' % signum for signum in carried
+        )
         return carried
 
     @staticmethod
