@@ -33,7 +33,7 @@ test-pypy: $(PYPY_STAMP)
 
 .PHONY: stress
 stress: $(STAMP)
-	WSPBUS_STRESS=1 $(VENV_PY) -m pytest -q -m stress
+	WSPBUS_STRESS=1 $(VENV_PY) -m pytest -q
 
 .PHONY: demo
 demo:

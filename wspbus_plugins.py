@@ -290,6 +290,7 @@ class _States:
 
 
 states = _States('STOPPED', 'STARTING', 'STARTED', 'STOPPING', 'EXITING')
+"""The five states of a Bus, compared with ``is``."""
 
 
 # -- Errors -------------------------------------------------------------------
@@ -400,6 +401,7 @@ class Bus:
             self._state = value
             self._changed.notify_all()
         self._wake()
+        self._act_if_idle()
 
     def subscribe(self, channel, callback=None, priority=None):
         """Add `callback` to `channel`; lower `priority` runs first.
@@ -420,6 +422,7 @@ class Bus:
                 self._count += 1
                 self._order[key] = self._count
             self._sorted.pop(channel, None)
+        self._act_if_idle()
         return callback
 
     def unsubscribe(self, channel, callback):
@@ -431,6 +434,7 @@ class Bus:
                 del self._priorities[(channel, callback)]
                 del self._order[(channel, callback)]
                 self._sorted.pop(channel, None)
+        self._act_if_idle()
 
     def _listeners_of(self, channel):
         """Return (and cache) the channel's callbacks in running order."""
@@ -443,7 +447,8 @@ class Bus:
                 ),
             )
             self._sorted[channel] = result = tuple(callbacks)
-            return result
+        self._act_if_idle()
+        return result
 
     def publish(self, channel, *args, **kwargs):
         """Call every listener of `channel`; return their results.
@@ -602,6 +607,7 @@ class Bus:
             self.log('Graceful ignored: the bus is exiting.')
         elif run_now:
             self._transition(self._graceful, wait=False)
+        self._act_if_idle()
 
     def _graceful(self):
         with self._lock:
@@ -625,6 +631,7 @@ class Bus:
         """
         if self._ask_exit():
             self._transition(_nothing, wait=False)
+        self._act_if_idle()
 
     def _ask_exit(self, execv=False):
         """Record an exit request; False if one was already made."""
@@ -646,6 +653,7 @@ class Bus:
             self._transition(_nothing, wait=False)
         else:
             self.log('Restart ignored: the bus is already exiting.')
+        self._act_if_idle()
 
     def _transition(self, body, wait=True):
         """Run `body` as the bus's one transition, then what was asked.
@@ -781,8 +789,8 @@ class Bus:
             # Ctrl+C again while the first waits for a transition to end:
             # interrupt it, as Python would have (never an exit's cleanup).
             raise KeyboardInterrupt
-        if self._busy or _carried_signals:
-            self._signals.append(channel)
+        if self._busy or _carried_signals or self._lock._is_owned():
+            self._signals.append(channel)  # _lock: in mid-bookkeeping.
             self._wake()
             return
         main = self._begin_busy()
@@ -811,6 +819,16 @@ class Bus:
         # After restart() or before the first start after one, recorded
         # signals are kept: restart() passes them on to the new image.
         return not (self.execv or _carried_signals)
+
+    def _act_if_idle(self):
+        """Act on signals recorded while the main thread held the lock."""
+        if (
+            self._signals
+            and not self._busy
+            and self._acting_on_signals()
+            and threading.current_thread() is threading.main_thread()
+        ):
+            self._end_busy(self._begin_busy())
 
     def _wake(self):
         """Wake the main thread's waiting loop (safe in a signal handler)."""
@@ -851,10 +869,11 @@ class Bus:
             self._saved_sigint = _signal.default_int_handler
 
     def _restore_sigint(self):
-        if self._saved_sigint is not None:
+        # Taken in one step: a signal handled in between restores it too.
+        saved, self._saved_sigint = self._saved_sigint, None
+        if saved is not None:
             if _signal.getsignal(_signal.SIGINT) == self._record_sigint:
-                _signal.signal(_signal.SIGINT, self._saved_sigint)
-            self._saved_sigint = None
+                _signal.signal(_signal.SIGINT, saved)
 
     def _record_sigint(self, signum=None, frame=None):
         self._signal_arrived('SIGINT')
