@@ -11,9 +11,11 @@ import atexit
 import ctypes
 import logging
 import os
+import pathlib
 import pty
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -146,13 +148,14 @@ def child(tmp_path):
         cwd=None,
         script=None,
         stdin=subprocess.DEVNULL,
+        executable=sys.executable,
     ):
         path = script or tmp_path / ('child%d.py' % len(procs))
         path.write_text(textwrap.dedent(code))
         environ = dict(os.environ, PYTHONPATH=HERE)
         environ.update(env or {})
         proc = subprocess.Popen(
-            [sys.executable, *python_args, str(path), *args],
+            [executable, *python_args, str(path), *args],
             stdin=stdin,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -2681,6 +2684,492 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+# -- ListenSockets ------------------------------------------------------------
+
+LISTEN_CHILD = """
+    import os, sys, threading, wspbus_plugins as wp
+    out = open(sys.argv[1], 'a', buffering=1)
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: level >= 30 and
+                  print(msg, file=sys.stderr, flush=True))
+    handler = wp.SignalHandler(bus)
+    handler.handlers['SIGHUP'] = bus.restart
+    handler.subscribe()
+    sockets = wp.ListenSockets(bus)
+    sockets.subscribe()
+    for name, address in eval(sys.argv[2]).items():
+        sockets.listen(name, address)
+    out.write('environ %s\\n' % sorted(k for k in os.environ
+                                       if k.startswith('LISTEN_')))
+    starts = int(os.environ.get('STARTS', '0')) + 1
+    os.environ['STARTS'] = str(starts)
+
+    class Server(wp.SimplePlugin):
+        def start(self):
+            self.done = threading.Event()
+            self.threads = [threading.Thread(target=self.serve, args=(s,))
+                            for s in sockets.sockets.values()]
+            for thread in self.threads:
+                thread.start()
+
+        def serve(self, sock):
+            while not self.done.is_set():
+                if wp._readable([sock.fileno()], 0.05):
+                    conn, _ = sock.accept()
+                    with conn:
+                        conn.sendall(b'%d %d\\n' % (os.getpid(), starts))
+
+        def stop(self):  # Stop accepting; queued connections wait.
+            self.done.set()
+            for thread in self.threads:
+                thread.join()
+
+    Server(bus).subscribe()
+    if len(sys.argv) > 3:
+        exec(sys.argv[3])
+    fds = []  # Counted before the server runs: no connection open yet.
+    bus.subscribe('start', lambda: fds.append(len(os.listdir('/proc/self/fd'
+                                                             ))), priority=10)
+    bus.subscribe('started', lambda: out.write('started %d %s %d\\n' % (
+        starts,
+        sorted((n, s.getsockname()) for n, s in sockets.sockets.items()),
+        fds[-1])))
+    bus.start()
+    bus.block()
+"""
+
+
+def free_port(family=socket.AF_INET, host='127.0.0.1'):
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def starts_of(events):
+    return [
+        line.split(' ', 2)
+        for line in lines_of(events)
+        if line.startswith('started ')
+    ]
+
+
+def ask(address, family=socket.AF_INET, timeout=5):
+    """Connect, read the reply line; return it, or the failure's name."""
+    with socket.socket(family) as conn:
+        conn.settimeout(timeout)
+        try:
+            conn.connect(address)
+            reply = conn.makefile('rb').readline()
+        except ConnectionRefusedError:
+            return 'refused'
+        except ConnectionResetError:
+            return 'reset'
+        except socket.timeout:
+            return 'timeout'
+        return reply.decode() or 'reset'
+
+
+class LoadClient:
+    """Threads connecting in a loop; count replies and failures."""
+
+    def __init__(self, address, threads=4, family=socket.AF_INET):
+        self.address, self.family = address, family
+        self.done = threading.Event()
+        self.results = []
+        self.threads = [
+            threading.Thread(target=self.run, daemon=True)
+            for _ in range(threads)
+        ]
+
+    def run(self):
+        while not self.done.is_set():
+            self.results.append(ask(self.address, self.family))
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        for thread in self.threads:
+            thread.join(TIMEOUT)
+
+    def failures(self):
+        return [
+            r for r in self.results if r in ('refused', 'reset', 'timeout')
+        ]
+
+
+def restart_and_wait(proc, events, count):
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_until(lambda: len(starts_of(events)) >= count, 'start %d' % count)
+
+
+def test_listensockets_restarts_under_load_refuse_and_reset_nothing(
+    child, tmp_path
+):
+    port = free_port()
+    events = tmp_path / 'events'
+    proc = child(LISTEN_CHILD, str(events), repr({'web': ('127.0.0.1', port)}))
+    wait_until(lambda: starts_of(events), 'the first start')
+    restarts = scaled(100, 300)
+    with LoadClient(('127.0.0.1', port)) as client:
+        for count in range(2, restarts + 2):
+            restart_and_wait(proc, events, count)
+        wait_until(lambda: len(client.results) > restarts, 'replies')
+    served = [r for r in client.results if r not in client.failures()]
+    assert client.failures() == []
+    assert {int(r.split()[0]) for r in served} == {proc.pid}
+    assert max(int(r.split()[1]) for r in served) > restarts / 2
+    descriptors = {line[2].rsplit(' ', 1)[1] for line in starts_of(events)}
+    assert len(descriptors) == 1, descriptors  # The same count every start.
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[0] == 0
+    assert ask(('127.0.0.1', port)) == 'refused'  # Closed at a real exit.
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+def test_listensockets_unix_and_ipv6_keep_their_names(child, tmp_path):
+    path = str(tmp_path / 'app.sock')
+    try:
+        port = free_port(socket.AF_INET6, '::1')
+    except OSError:
+        pytest.skip('no IPv6 loopback here')
+    events = tmp_path / 'events'
+    addresses = {'local': path, 'v6': ('::1', port)}
+    proc = child(LISTEN_CHILD, str(events), repr(addresses))
+    wait_until(lambda: starts_of(events), 'the first start')
+    for count in (2, 3):
+        restart_and_wait(proc, events, count)
+        assert ask(path, socket.AF_UNIX) == '%d %d\n' % (proc.pid, count)
+        assert ask(('::1', port), socket.AF_INET6).endswith(' %d\n' % count)
+    names = {line[2].rsplit(' ', 1)[0] for line in starts_of(events)}
+    assert len(names) == 1 and 'local' in names.pop()  # Same name, address.
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+    assert not os.path.exists(path)  # This process bound it: removed.
+
+
+@pytest.mark.skipif(
+    not shutil.which('systemd-socket-activate'),
+    reason='needs systemd-socket-activate (Debian package systemd)',
+)
+def test_listensockets_adopts_systemd_socket_activation(tmp_path):
+    port = free_port()
+    events = tmp_path / 'events'
+    script = tmp_path / 'child.py'
+    script.write_text(textwrap.dedent(LISTEN_CHILD))
+    proc = subprocess.Popen(
+        [
+            'systemd-socket-activate',
+            '-l',
+            '127.0.0.1:%d' % port,
+            '--fdname=web',
+            '-E',
+            'PYTHONPATH=' + HERE,
+            sys.executable,
+            str(script),
+            str(events),
+            repr({'web': ('127.0.0.1', port)}),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        wait_until(
+            lambda: ask(('127.0.0.1', port), timeout=1) != 'refused',
+            'systemd-socket-activate to listen',
+        )
+        wait_until(lambda: starts_of(events), 'the activated start')
+        assert lines_of(events)[0] == 'environ []'  # LISTEN_* removed.
+        restart_and_wait(proc, events, 2)
+        assert ask(('127.0.0.1', port)) == '%d 2\n' % proc.pid
+        proc.send_signal(signal.SIGTERM)
+        status, out, err = finish(proc)
+        assert status == 0, err
+        assert 'Execing ' in err  # systemd-socket-activate's own lines only.
+        assert 'Ignoring' not in err and 'Traceback' not in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=TIMEOUT)
+
+
+def python_for_nobody():
+    """An interpreter that user nobody can run this module with."""
+    import pwd
+
+    uid = pwd.getpwnam('nobody').pw_uid
+    for python in ('/usr/bin/python3', sys.executable):
+        try:
+            subprocess.run(
+                [python, '-c', 'import wspbus_plugins'],
+                env=dict(os.environ, PYTHONPATH=HERE),
+                cwd='/',
+                preexec_fn=lambda: os.setuid(uid),
+                check=True,
+                capture_output=True,
+                timeout=TIMEOUT,
+            )
+            return python
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    pytest.skip('no interpreter that user nobody can run this module with')
+
+
+@needs_root
+@needs_fork
+def test_listensockets_low_port_daemon_keeps_it_after_dropping_root(child):
+    import pwd
+    import tempfile
+
+    python = python_for_nobody()
+    directory = pathlib.Path(tempfile.mkdtemp(prefix='wspbus-nobody-'))
+    try:
+        os.chmod(str(directory), 0o755)  # The re-executed nobody reads it.
+        events = directory / 'events'
+        events.touch()
+        os.chmod(str(events), 0o666)
+        port = next(p for p in range(990, 1024) if port_is_free(p))
+        group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
+        setup = (
+            "wp.Daemonizer(bus, stdout=sys.argv[1] + '.log', "
+            "stderr=sys.argv[1] + '.log').subscribe()\n"
+            "wp.PIDFile(bus, sys.argv[1] + '.pid').subscribe()\n"
+            "wp.DropPrivileges(bus, uid='nobody', gid=%r).subscribe()\n"
+            "bus.subscribe('started', lambda: out.write('uid %%d\\n' "
+            '%% os.getuid()))' % group
+        )
+        proc = child(
+            LISTEN_CHILD,
+            str(events),
+            repr({'web': ('127.0.0.1', port)}),
+            setup,
+            script=directory / 'child.py',
+            executable=python,
+            cwd=directory,
+        )
+        assert finish(proc)[0] == 0
+        pid = read_pid(str(events) + '.pid')
+        child.track(pid)
+        restart_and_wait_pid(pid, events, 2)
+        assert ask(('127.0.0.1', port)) == '%d 2\n' % pid
+        nobody = pwd.getpwnam('nobody').pw_uid
+        assert lines_of(events).count('uid %d' % nobody) == 2
+        os.kill(pid, signal.SIGTERM)
+        wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    finally:
+        shutil.rmtree(str(directory))
+
+
+def port_is_free(port):
+    with socket.socket() as probe:
+        try:
+            probe.bind(('127.0.0.1', port))
+            return True
+        except OSError:
+            return False
+
+
+def restart_and_wait_pid(pid, events, count):
+    os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: len(starts_of(events)) >= count, 'start %d' % count)
+
+
+@pytest.fixture
+def inherit(monkeypatch):
+    """inherit(*sockets): place them where systemd would pass them."""
+    base = 900  # Far above what the test process uses.
+    monkeypatch.setattr(wp, '_SD_LISTEN_FDS_START', base)
+    placed = []
+
+    def place(*objects, names=None, pid=None):
+        for i, obj in enumerate(objects):
+            fileno = obj if isinstance(obj, int) else obj.fileno()
+            os.dup2(fileno, base + i)
+            placed.append(base + i)
+        monkeypatch.setenv(
+            'LISTEN_PID', str(os.getpid() if pid is None else pid)
+        )
+        monkeypatch.setenv('LISTEN_FDS', str(len(objects)))
+        if names is not None:
+            monkeypatch.setenv('LISTEN_FDNAMES', names)
+        return [base + i for i in range(len(objects))]
+
+    yield place
+    for fd in placed:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def listen_sockets(bus, inherit):
+    """ListenSockets(bus) whose sockets are closed after the test."""
+    made = []
+
+    def make():
+        made.append(wp.ListenSockets(bus))
+        return made[-1]
+
+    yield make
+    bus.execv = False
+    for sockets in made:
+        sockets.exit()
+
+
+@pytest.fixture
+def listener():
+    sock = socket.socket()
+    sock.bind(('127.0.0.1', 0))
+    sock.listen()
+    yield sock
+    sock.close()
+
+
+def test_listensockets_adopts_by_name_and_removes_the_variables(
+    inherit, listener, listen_sockets
+):
+    inherit(listener, names='web')
+    sockets = listen_sockets()
+    assert not [k for k in os.environ if k.startswith('LISTEN_')]
+    got = sockets.listen('web', ('127.0.0.1', 1))  # The name wins.
+    assert got.getsockname() == listener.getsockname()
+    assert not os.get_inheritable(got.fileno()) and got.gettimeout() is None
+    assert sockets.sockets == {'web': got}
+
+
+def test_listensockets_finds_an_unnamed_socket_by_its_address(
+    inherit, listener, listen_sockets
+):
+    inherit(listener)
+    got = listen_sockets().listen('web', listener.getsockname())
+    assert got.getsockname() == listener.getsockname()
+
+
+@pytest.mark.parametrize(
+    'env, message',
+    [
+        ({'LISTEN_PID': '1'}, "LISTEN_PID='1' is not this process"),
+        ({'LISTEN_FDS': 'two'}, "Ignoring LISTEN_FDS='two': not a number."),
+    ],
+)
+def test_listensockets_ignores_variables_not_meant_for_it(
+    bus, inherit, listener, listen_sockets, monkeypatch, env, message
+):
+    inherit(listener)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    sockets = listen_sockets()
+    assert sockets._inherited == {}
+    assert [m for m in bus.recorder.messages(30) if message in m]
+    assert 'LISTEN_FDS' not in os.environ  # Children never see them.
+
+
+def test_listensockets_names_that_do_not_match_the_count_are_ignored(
+    bus, inherit, listener, listen_sockets
+):
+    inherit(listener, names='web:admin')
+    sockets = listen_sockets()
+    assert '2 names for 1 descriptors' in bus.recorder.messages(30)[0]
+    assert sockets.listen('admin', listener.getsockname()) is not None
+    assert 'web' not in sockets.sockets
+
+
+def test_listensockets_ignores_what_is_not_a_listening_socket(
+    bus, inherit, listen_sockets
+):
+    read, write = os.pipe()
+    idle = socket.socket()  # A socket, but not listening.
+    try:
+        fds = inherit(read, idle, names='pipe:idle')
+        sockets = listen_sockets()
+    finally:
+        for fd in (read, write):
+            os.close(fd)
+        idle.close()
+    assert sockets._inherited == {}
+    warnings = bus.recorder.messages(30)
+    assert 'Ignoring inherited descriptor %d (pipe)' % fds[0] in warnings[0]
+    assert warnings[1] == (
+        'Ignoring inherited descriptor %d (idle): not a listening socket.'
+        % fds[1]
+    )
+
+
+def test_listensockets_family_mismatch_is_a_clear_error(
+    inherit, listener, listen_sockets, tmp_path
+):
+    inherit(listener, names='web')
+    with pytest.raises(
+        ValueError,
+        match="Socket 'web' is AF_INET/SOCK_STREAM, not the "
+        'AF_UNIX/SOCK_STREAM asked for',
+    ):
+        listen_sockets().listen('web', str(tmp_path / 'web.sock'))
+
+
+@pytest.mark.parametrize('address', [8080, ('::1',), None, ('h', 'port')])
+def test_listensockets_bad_address_is_named(bus, address):
+    with pytest.raises(ValueError, match=re.escape('%r' % (address,))):
+        wp.ListenSockets(bus).listen('web', address)
+
+
+def test_listensockets_address_in_use_names_it(bus, listener):
+    address = listener.getsockname()
+    with pytest.raises(
+        OSError, match=re.escape('Cannot listen on %r' % (address,))
+    ):
+        wp.ListenSockets(bus).listen('web', address)
+
+
+def test_listensockets_unix_path_stale_is_replaced_live_is_refused(
+    bus, tmp_path
+):
+    path = str(tmp_path / 'app.sock')
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()  # The file stays; nobody listens.
+    sockets = wp.ListenSockets(bus)
+    sockets.listen('app', path)
+    with pytest.raises(OSError, match='Cannot listen on'):
+        wp.ListenSockets(wp.Bus()).listen('app', path)  # Ours is live.
+    regular = tmp_path / 'file'
+    regular.write_text('data')
+    with pytest.raises(OSError, match='Cannot listen on'):
+        sockets.listen('other', str(regular))
+    assert regular.read_text() == 'data'
+    sockets.exit()
+    assert not os.path.exists(path)
+
+
+def test_listensockets_restart_hands_sockets_to_the_new_image(
+    bus, monkeypatch
+):
+    monkeypatch.setattr(os, 'environ', dict(os.environ))
+    sockets = wp.ListenSockets(bus)
+    sockets.listen('web', ('127.0.0.1', 0))
+    bus.execv = True
+    sockets.exit()
+    old = sockets.sockets['web']
+    fd = old.fileno()
+    assert os.environ[wp._LISTEN_ENV] == '%d\nweb\t%d\t' % (os.getpid(), fd)
+    assert os.get_inheritable(fd) and fd in bus._keep_fds
+    old.detach()  # The old image is gone: its socket object with it.
+    again = wp.ListenSockets(bus)  # What the new image does.
+    assert again._inherited['web'].fileno() == fd
+    assert wp._LISTEN_ENV not in os.environ
+    bus.execv = False
+    again.exit()
+    monkeypatch.setenv(wp._LISTEN_ENV, '1\nweb\t%d\t' % fd)  # Not ours.
+    assert wp.ListenSockets(bus)._inherited == {}
+
+
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
 
 
@@ -3491,6 +3980,11 @@ def test_demo_quiet_and_version():
         (['--user', 'no-such-user-x'], "No such user: 'no-such-user-x'"),
         (['--group', 'no-such-group-x'], "No such group: 'no-such-group-x'"),
         (['--pidfile', '/no/such/dir/x.pid'], "'/no/such/dir' does not exist"),
+        (['--listen', '8080'], "invalid address: '8080' (HOST:PORT"),
+        (
+            ['--listen', 'localhost:99999'],
+            "invalid address: 'localhost:99999'",
+        ),
     ],
 )
 def test_demo_bad_input_is_one_line_and_status_2(args, message):
@@ -3571,6 +4065,36 @@ def test_demo_autoreload_restarts_on_a_watched_change(child, tmp_path):
     assert 'Re-spawning' in log.read_text()
     os.kill(proc.pid, signal.SIGTERM)
     assert finish(proc)[0] == 0
+
+
+def test_demo_listen_serves_through_an_autoreload_restart(child, tmp_path):
+    watched = tmp_path / 'config.ini'
+    watched.write_text('a = 1\n')
+    port = free_port()
+    proc = child(
+        'import sys, wspbus_plugins; sys.exit(wspbus_plugins.main())',
+        '--listen',
+        '127.0.0.1:%d' % port,
+        '--watch',
+        str(watched),
+        '--heartbeat',
+        '0',
+    )
+    wait_until(
+        lambda: ask(('127.0.0.1', port), timeout=1) != 'refused',
+        'the demo to listen',
+    )
+    reply = 'wspbus_plugins demo, PID %d, start %%d\n' % proc.pid
+    with LoadClient(('127.0.0.1', port)) as client:
+        wait_until(lambda: client.results, 'a reply')
+        edit(watched)
+        wait_until(lambda: reply % 2 in client.results, 'the restart')
+    assert client.failures() == []
+    assert set(client.results) == {reply % 1, reply % 2}
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert "Listening on ('127.0.0.1', %d) (demo), inherited." % port in err
 
 
 def test_demo_main_is_callable(capsys):

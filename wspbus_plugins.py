@@ -85,6 +85,7 @@ __all__ = [
     'DropPrivileges',
     'Daemonizer',
     'PIDFile',
+    'ListenSockets',
     'PerpetualTimer',
     'BackgroundTask',
     'Monitor',
@@ -1076,7 +1077,14 @@ class Bus:
         if _WINDOWS:
             args = ['"%s"' % arg for arg in args]
         if _STARTUP_DIR is not None:
-            os.chdir(_STARTUP_DIR)
+            try:
+                os.chdir(_STARTUP_DIR)
+            except OSError as exc:  # Privileges dropped since, say.
+                self.log(
+                    'Re-executing from %r: cannot return to the start-up '
+                    'directory (%s).' % (os.getcwd(), exc),
+                    level=_WARNING,
+                )
         if self.max_cloexec_files:
             self._set_cloexec()
         carried = self._carry_signals()
@@ -1718,7 +1726,8 @@ class Daemonizer(SimplePlugin):
                 'Invalid ready_timeout: %r (seconds > 0)' % (ready_timeout,)
             )
         for path in (stdout, stderr):
-            _check_parent_dir(path, 'Daemonizer output')
+            if not _daemonized_by_us():  # Re-executed: no files to open.
+                _check_parent_dir(path, 'Daemonizer output')
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
@@ -1982,7 +1991,10 @@ class PIDFile(SimplePlugin):
 
     def __init__(self, bus, pidfile):
         super().__init__(bus)
-        _check_parent_dir(pidfile, 'PID file')
+        if not os.environ.get(_PIDFILE_ENV, '').endswith(
+            ' ' + os.path.abspath(pidfile)
+        ):  # Unless restart() handed it over (maybe after dropping root).
+            _check_parent_dir(pidfile, 'PID file')
         self.pidfile = pidfile
         """The path as given."""
         self.finalized = False
@@ -2206,6 +2218,288 @@ def _remove_quietly(path):
         os.remove(path)
     except OSError:
         pass
+
+
+# -- ListenSockets ------------------------------------------------------------
+
+_SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here.
+_LISTEN_ENV = 'WSPBUS_LISTEN_FDS'  # restart(): 'pid' + 'name<TAB>fd<TAB>path'
+
+
+class ListenSockets(SimplePlugin):
+    """Own the service's listening sockets, so a restart refuses nothing.
+
+    At construction it adopts the sockets this process inherited: from
+    systemd socket activation (``LISTEN_PID`` naming this process,
+    ``LISTEN_FDS``, names from ``LISTEN_FDNAMES``; descriptors from 3) and
+    from a restart() of this process.  It removes those variables from
+    ``os.environ`` and marks the descriptors close-on-exec.  What is not
+    right (variables meant for another process, names that do not match
+    the count, a descriptor that is not a socket, or not listening) is
+    logged as a warning and ignored.
+
+    listen() hands out a socket by name.  Channel ``exit``: after restart()
+    the sockets stay open for the new image, and connections arriving
+    meanwhile wait in the kernel's backlog; on a real exit they are closed
+    and the AF_UNIX files this process bound are removed (never those it
+    was given).  Call listen() before DropPrivileges' start (priority 77)
+    to bind a low port as root.
+    """
+
+    def __init__(self, bus):
+        super().__init__(bus)
+        self.sockets = {}
+        """Name -> the listening socket.socket that listen() handed out."""
+        self._inherited = {}  # name -> socket not yet asked for
+        self._bound_paths = {}  # name -> AF_UNIX path this process bound
+        inherited = self._from_restart() + self._from_systemd()
+        for name, fd, path in inherited:
+            sock = self._adopt(name, fd)
+            if sock is not None:
+                self._inherited[name] = sock
+                if path:
+                    self._bound_paths[name] = path
+
+    def __repr__(self):
+        return 'ListenSockets(%s)' % ', '.join(
+            sorted(set(self.sockets) | set(self._inherited))
+        )
+
+    def listen(self, name, address, family=None, type=None, backlog=128):
+        """Return the listening socket called `name`, binding it if needed.
+
+        `address` is a ``(host, port)`` tuple (AF_INET, or AF_INET6 when
+        the host has a colon) or a ``str`` path (AF_UNIX); `family` and
+        `type` (default SOCK_STREAM) override the guess.  An inherited
+        socket of that name, or bound to that address, is returned instead
+        of a new one; a family or type that differs from what was asked is
+        a ValueError.  A new AF_UNIX socket first removes a stale socket
+        file at the path (one nobody listens on).
+        """
+        import socket
+
+        family = _address_family(address) if family is None else family
+        type = socket.SOCK_STREAM if type is None else type
+        sock = self.sockets.get(name)
+        inherited = None if sock else self._inherited_for(name, address)
+        sock = sock or inherited
+        if sock is None:
+            sock = self._bind(address, family, type, backlog)
+            if isinstance(address, str) and not address.startswith('\0'):
+                self._bound_paths[name] = address  # Not abstract: a file.
+            self.bus.log('Listening on %r (%s).' % (address, name))
+        elif (sock.family, sock.type) != (family, type):
+            raise ValueError(
+                'Socket %r is %s, not the %s asked for %r.'
+                % (
+                    name,
+                    _socket_kind(sock.family, sock.type),
+                    _socket_kind(family, type),
+                    address,
+                )
+            )
+        if inherited is not None:
+            for other in [k for k, v in self._inherited.items() if v is sock]:
+                del self._inherited[other]
+                if other != name and other in self._bound_paths:
+                    self._bound_paths[name] = self._bound_paths.pop(other)
+            self.bus.log('Listening on %r (%s), inherited.' % (address, name))
+        self.sockets[name] = sock
+        return sock
+
+    def _inherited_for(self, name, address):
+        sock = self._inherited.get(name)
+        if sock is None:  # systemd's default names: match the address.
+            for candidate in self._inherited.values():
+                if _same_address(candidate, address):
+                    return candidate
+        return sock
+
+    def _bind(self, address, family, type, backlog):
+        import socket
+
+        sock = socket.socket(family, type)
+        try:
+            if family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            elif isinstance(address, str):
+                _remove_stale_socket_file(address)
+            sock.bind(address)
+            if type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+                sock.listen(backlog)
+        except OSError as exc:
+            sock.close()
+            raise OSError(
+                exc.errno, 'Cannot listen on %r: %s' % (address, exc.strerror)
+            ) from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def exit(self):
+        """Keep the sockets for the new image on restart; else close them."""
+        everything = dict(self._inherited, **self.sockets)
+        if self.bus.execv:
+            entries = ['%d' % os.getpid()]
+            for name, sock in everything.items():
+                os.set_inheritable(sock.fileno(), True)
+                self.bus._keep_fds.add(sock.fileno())
+                path = self._bound_paths.get(name, '')
+                entries.append('%s\t%d\t%s' % (name, sock.fileno(), path))
+            os.environ[_LISTEN_ENV] = '\n'.join(entries)
+            return
+        self.sockets, self._inherited = {}, {}
+        for name, sock in everything.items():
+            sock.close()
+            path = self._bound_paths.pop(name, None)
+            if path is not None:
+                _remove_quietly(path)
+
+    # Inherited descriptors.
+
+    def _from_restart(self):
+        lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
+        if lines[0] != '%d' % os.getpid():
+            return []  # Nothing, or another process's (an inherited env).
+        try:
+            return [
+                (name, int(fd), path)
+                for name, fd, path in (line.split('\t') for line in lines[1:])
+            ]
+        except ValueError:
+            self.bus.log(
+                'Ignoring %s=%r: not what restart() writes.'
+                % (_LISTEN_ENV, '\n'.join(lines)),
+                level=_WARNING,
+            )
+            return []
+
+    def _from_systemd(self):
+        pid, count, names = (
+            os.environ.pop(variable, None)
+            for variable in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')
+        )
+        if count is None:
+            return []
+        if pid != '%d' % os.getpid():
+            self.bus.log(
+                'Ignoring LISTEN_FDS=%r: LISTEN_PID=%r is not this process '
+                '(%d).' % (count, pid, os.getpid()),
+                level=_WARNING,
+            )
+            return []
+        if not count.isdigit():
+            self.bus.log(
+                'Ignoring LISTEN_FDS=%r: not a number.' % count,
+                level=_WARNING,
+            )
+            return []
+        fds = range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(count))
+        names = names.split(':') if names else []
+        if names and len(names) != len(fds):
+            self.bus.log(
+                'Ignoring LISTEN_FDNAMES=%r: %d names for %d descriptors; '
+                'listen() finds them by address.'
+                % (':'.join(names), len(names), len(fds)),
+                level=_WARNING,
+            )
+            names = []
+        return [
+            (names[i] if names else 'fd%d' % fd, fd, '')
+            for i, fd in enumerate(fds)
+        ]
+
+    def _adopt(self, name, fd):
+        import socket
+
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:  # Not a socket, or not open.
+            self.bus.log(
+                'Ignoring inherited descriptor %d (%s): %s.'
+                % (fd, name, exc.strerror or exc),
+                level=_WARNING,
+            )
+            return None
+        accepting = getattr(socket, 'SO_ACCEPTCONN', None)
+        if (
+            sock.type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+            and accepting is not None
+            and not sock.getsockopt(socket.SOL_SOCKET, accepting)
+        ):
+            sock.detach()
+            self.bus.log(
+                'Ignoring inherited descriptor %d (%s): not a listening '
+                'socket.' % (fd, name),
+                level=_WARNING,
+            )
+            return None
+        os.set_inheritable(fd, False)
+        sock.setblocking(True)  # As a new one; the last owner may differ.
+        return sock
+
+
+def _address_family(address):
+    """Guess the family of `address`; ValueError when it is neither."""
+    import socket
+
+    if isinstance(address, str) and hasattr(socket, 'AF_UNIX'):
+        return socket.AF_UNIX
+    if (
+        isinstance(address, tuple)
+        and len(address) in (2, 4)
+        and isinstance(address[0], str)
+        and isinstance(address[1], int)
+    ):
+        return socket.AF_INET6 if ':' in address[0] else socket.AF_INET
+    raise ValueError(
+        'Invalid address %r: a (host, port) tuple or an AF_UNIX path.'
+        % (address,)
+    )
+
+
+def _socket_kind(family, type):
+    import socket
+
+    try:
+        return '%s/%s' % (
+            socket.AddressFamily(family).name,
+            socket.SocketKind(type).name,
+        )
+    except ValueError:
+        return '%r/%r' % (family, type)
+
+
+def _same_address(sock, address):
+    """Tell whether `sock` is bound to `address` ('' meaning any host)."""
+    try:
+        bound = sock.getsockname()
+    except OSError:
+        return False
+    if isinstance(address, str) or isinstance(bound, (str, bytes)):
+        return bound == address
+    host = address[0] or ('::' if ':' in bound[0] else '0.0.0.0')
+    return (bound[0], bound[1]) == (host, address[1]) and address[1] != 0
+
+
+def _remove_stale_socket_file(path):
+    """Remove a socket file at `path` that no process listens on."""
+    import socket
+    import stat
+
+    try:
+        if not stat.S_ISSOCK(os.stat(path).st_mode):
+            return  # Not a socket: bind() will say the address is in use.
+    except OSError:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            _remove_quietly(path)  # Left by a process that died.
+        except OSError:
+            pass
 
 
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
@@ -2991,6 +3285,10 @@ def main(argv=None):
         reloader.subscribe()
     if options.systemd:
         SystemdNotifier(demo).subscribe()
+    if options.listen:
+        sockets = ListenSockets(demo)
+        sockets.subscribe()
+        _DemoServer(demo, sockets.listen('demo', options.listen)).subscribe()
     if options.heartbeat > 0:
 
         def heartbeat():
@@ -3012,6 +3310,45 @@ def main(argv=None):
     demo.start()
     demo.block()
     return 0
+
+
+class _DemoServer(SimplePlugin):
+    """Answer each connection with one line: our PID and start count.
+
+    The start count lives in the environment, so it survives restart().
+    """
+
+    def __init__(self, bus, sock):
+        super().__init__(bus)
+        self.sock = sock
+        self.thread = None
+        self._done = threading.Event()
+
+    def start(self):
+        starts = int(os.environ.get('WSPBUS_DEMO_STARTS', '0')) + 1
+        os.environ['WSPBUS_DEMO_STARTS'] = str(starts)
+        reply = b'wspbus_plugins demo, PID %d, start %d\n' % (
+            os.getpid(),
+            starts,
+        )
+        self._done.clear()
+        self.thread = threading.Thread(
+            target=self._serve, args=(reply,), name='demo server'
+        )
+        self.thread.start()
+
+    def _serve(self, reply):
+        while not self._done.is_set():
+            if _readable([self.sock.fileno()], 0.05):
+                connection = self.sock.accept()[0]
+                with connection:
+                    connection.sendall(reply)
+
+    def stop(self):
+        """Stop accepting; connections meanwhile wait for the next start."""
+        self._done.set()
+        if self.thread is not None:
+            self.thread.join()
 
 
 def _demo_logger(options):
@@ -3072,6 +3409,14 @@ def _parse_demo_options(argv):
     def writable_path(text):
         _check_parent_dir(text, 'the')
         return text
+
+    def address(text):
+        host, colon, port = text.rpartition(':')
+        if not (colon and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(
+                'invalid address: %r (HOST:PORT, like 127.0.0.1:8080)' % text
+            )
+        return host.strip('[]'), int(port)
 
     parser = argparse.ArgumentParser(
         prog='python -m wspbus_plugins',
@@ -3136,6 +3481,14 @@ def _parse_demo_options(argv):
         action='store_true',
         help='report readiness, reloads and stopping to systemd '
         '(NOTIFY_SOCKET), with watchdog pings',
+    )
+    add(
+        '--listen',
+        metavar='HOST:PORT',
+        type=option_type(address),
+        help='answer each TCP connection with a line naming the PID and the '
+        'start count; the socket stays open across restarts (zero-downtime '
+        'kill -HUP and --autoreload)',
     )
     add(
         '--duration',
