@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -332,6 +333,160 @@ def bench_idle_inotify_tick(files, rounds):
         reloader.stop()
 
 
+# -- Restarts under load ------------------------------------------------------
+# A tiny TCP service answers each connection with its start count; SIGHUP
+# restarts it while 4 client threads connect in a loop.  With ListenSockets
+# the listening socket crosses the re-exec; the others bind a new one at
+# each start, as services do without it.
+
+RESTART_SERVICE = """
+    import os, socket, sys, threading
+    IMPORTS
+    port, how = int(sys.argv[1]), sys.argv[2]
+    starts = int(os.environ.get('BENCH_STARTS', '0')) + 1
+    os.environ['BENCH_STARTS'] = str(starts)
+    bus = wspbus.Bus()
+    handler = plugins.SignalHandler(bus)
+    handler.handlers['SIGHUP'] = bus.restart
+    handler.subscribe()
+    if how == 'handoff':
+        listening = plugins.ListenSockets(bus)
+        listening.subscribe()
+        server = listening.listen('web', ('127.0.0.1', port))
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            server.settimeout(0.05)
+            try:
+                conn = server.accept()[0]
+            except socket.timeout:
+                continue
+            with conn:
+                conn.settimeout(None)
+                conn.sendall(b'%d\\n' % starts)
+
+    def start():
+        global server
+        if how == 'rebind':
+            server = socket.socket()
+            server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            server.bind(('127.0.0.1', port))
+            server.listen(128)
+        threading.Thread(target=serve).start()
+
+    def stop():
+        done.set()
+        for thread in threading.enumerate():
+            if thread.name != 'MainThread':
+                thread.join()
+        if how == 'rebind':
+            server.close()
+
+    fds = []  # Counted before the server runs: no connection open yet.
+    count_fds = lambda: fds.append(len(os.listdir('/proc/self/fd')))
+    bus.subscribe('start', count_fds, priority=10)
+    bus.subscribe('start', start)
+    bus.subscribe('stop', stop)
+    bus.subscribe('started', lambda: print('ready', starts, fds[-1],
+                                           flush=True))
+    bus.start()
+    bus.block()
+"""
+
+
+def restarts_under_load(how, restarts, cherrypy=False):
+    """Return (refused, reset, descriptor counts, restart->served)."""
+    code = textwrap.dedent(RESTART_SERVICE).replace(
+        'IMPORTS',
+        'from cherrypy.process import wspbus, plugins'
+        if cherrypy
+        else 'import wspbus_plugins as wspbus\nplugins = wspbus',
+    )
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        port = probe.getsockname()[1]
+    with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
+        f.write(code)
+    proc = subprocess.Popen(
+        [sys.executable, f.name, str(port), how],
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env=dict(os.environ, PYTHONPATH=HERE),
+    )
+    replies, done = [], threading.Event()
+
+    def client():
+        while not done.is_set():
+            reply = ask(port)
+            replies.append((time.perf_counter(), reply))
+
+    clients = [threading.Thread(target=client) for _ in range(4)]
+    descriptors, asked_at = [], {}
+    guard = threading.Timer(600, proc.kill)
+    guard.start()
+    try:
+        descriptors.append(proc.stdout.readline().split()[2])
+        for thread in clients:
+            thread.start()
+        for count in range(2, restarts + 2):
+            asked_at[count] = time.perf_counter()
+            os.kill(proc.pid, signal.SIGHUP)
+            line = proc.stdout.readline().split()
+            if line[:2] != [b'ready', b'%d' % count]:
+                raise RuntimeError('restart %d failed: %r' % (count, line))
+            descriptors.append(line[2])
+        time.sleep(0.1)
+    finally:
+        done.set()
+        for thread in clients:
+            thread.join()
+        proc.kill()
+        proc.wait()
+        guard.cancel()
+        proc.stdout.close()
+        os.remove(f.name)
+    results = [reply for _, reply in replies]
+    served = {}
+    for at, reply in replies:
+        if reply.isdigit():
+            served.setdefault(int(reply), at)
+    latencies = [
+        served[count] - at for count, at in asked_at.items() if count in served
+    ]
+    return (
+        results.count('refused'),
+        results.count('reset'),
+        set(descriptors),
+        statistics.median(latencies) if latencies else None,
+    )
+
+
+def ask(port):
+    with socket.socket() as conn:
+        conn.settimeout(10)
+        try:
+            conn.connect(('127.0.0.1', port))
+            reply = conn.makefile('rb').readline().strip().decode()
+        except ConnectionRefusedError:
+            return 'refused'
+        except (ConnectionResetError, socket.timeout):
+            return 'reset'
+        return reply or 'reset'
+
+
+def bench_restarts(restarts):
+    result = {
+        'ours': restarts_under_load('handoff', restarts),
+        'rebind': restarts_under_load('rebind', restarts),
+    }
+    if cp_wspbus:
+        result['cherrypy'] = restarts_under_load(
+            'rebind', restarts, cherrypy=True
+        )
+    return result
+
+
 # -- Import time --------------------------------------------------------------
 
 
@@ -428,6 +583,8 @@ def fmt(value, unit):
         return '-'
     if value == float('inf'):
         return '>timeout'
+    if unit == 'n':  # A count.
+        return '%d' % value
     scale = {'ms': 1e3, 'us': 1e6, 'ns': 1e9}[unit]
     return '%.3g %s' % (value * scale, unit)
 
@@ -566,6 +723,31 @@ def run(quick):
         )
     finally:
         shutil.rmtree(root)
+
+    restarts = 20 if quick else 100
+    r = bench_restarts(restarts)
+    ours, rebind, cherrypy = r['ours'], r['rebind'], r.get('cherrypy')
+    for i, what in ((0, 'refused'), (1, 'reset')):
+        rows.append(
+            Row(
+                '%s, %d restarts, ListenSockets (rebinding: limit)'
+                % (what, restarts),
+                ours[i],
+                rebind[i],
+                cherrypy and cherrypy[i],
+                unit='n',
+                target='0, descriptors constant' if i else '0',
+                passed=ours[i] == 0 and (i == 0 or len(ours[2]) == 1),
+            )
+        )
+    rows.append(
+        Row(
+            'restart -> first reply of the new image (p50)',
+            ours[3],
+            rebind[3],
+            cherrypy and cherrypy[3],
+        )
+    )
 
     r = bench_import(5 if quick else 10)
     heavy = heavy_modules_pulled_in()
