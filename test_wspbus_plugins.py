@@ -1519,6 +1519,21 @@ def test_daemonizer_launcher_gives_up_after_ready_timeout(child, tmp_path):
 
 
 @needs_fork
+def test_daemonizer_launcher_reads_messages_not_text(child, tmp_path):
+    # The error text holds a line 'READY': still an error.
+    code = FAILING_DAEMON.replace(
+        "'cannot bind port 80'", "'bad key:\\nREADY\\nin app.ini'"
+    )
+    status, out, err, pidfile, starts, log = start_daemon(
+        child, tmp_path, code
+    )
+    assert status == 1, err
+    assert 'failed to start' in err
+    assert 'ValueError: bad key:\nREADY\nin app.ini' in err
+    assert not pidfile.exists()
+
+
+@needs_fork
 def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
     code = FAILING_DAEMON.replace(
         'stderr=sys.argv[3])', 'stderr=sys.argv[3], wait_ready=False)'

@@ -1398,8 +1398,10 @@ def _redirect_stdio(stdin, stdout, stderr, umask):
 class _Launcher:
     """The launched process's side of Daemonizer's readiness handshake.
 
-    The daemon writes ``PID n``, then ``READY`` or ``ERROR`` and the text of
-    its first error, on a pipe; wait() reads it and ends this process.
+    The daemon writes a line ``PID n``, then one message: the line
+    ``READY``, or the line ``ERROR`` followed by the text of its first
+    error; wait() reads them and ends this process.  Messages are parsed
+    by line, so an error text that holds a line ``READY`` is still an error.
     """
 
     def __init__(self, read_fd, write_fd, timeout):
@@ -1411,37 +1413,35 @@ class _Launcher:
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
         deadline = time.monotonic() + self.timeout
         data = b''
-        while b'READY\n' not in data:
+        eof = False
+        while not eof:
+            if _parse_report(data)[1] == b'READY':
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self._give_up(data)
             if _readable([self.read_fd], remaining):
                 chunk = os.read(self.read_fd, 65536)
-                if not chunk:
-                    break
+                eof = not chunk
                 data += chunk
         try:
             os.waitpid(child_pid, 0)  # Reap the first child.
         except OSError:
             pass
-        if b'READY\n' in data:
+        pid, message, text = _parse_report(data)
+        if message == b'READY':
             _hard_exit(0)
-        text = data.partition(b'ERROR\n')[2].decode('utf-8', 'replace')
+        if message == b'ERROR':
+            text = text.decode('utf-8', 'replace').rstrip()
+        else:
+            text = ''
         self._fail(
             'Daemon %s failed to start:\n%s'
-            % (
-                self._pid(data),
-                text.rstrip() or 'it exited before it was ready.',
-            )
+            % (pid, text or 'it exited before it was ready.')
         )
 
-    @staticmethod
-    def _pid(data):
-        first = data.split(b'\n', 1)[0]
-        return first[4:].decode() if first.startswith(b'PID ') else '?'
-
     def _give_up(self, data):
-        pid = self._pid(data)
+        pid = _parse_report(data)[0]
         if pid != '?':
             try:
                 os.kill(int(pid), _signal.SIGTERM)
@@ -1458,6 +1458,19 @@ class _Launcher:
             sys.stderr.write(message + '\n')
         finally:
             _hard_exit(1)
+
+
+def _parse_report(data):
+    """Split the daemon's report into (pid text, message line, the rest).
+
+    The pid is '?' and the message None until their lines are complete.
+    """
+    first, newline, rest = data.partition(b'\n')
+    pid = '?'
+    if newline and first.startswith(b'PID ') and first[4:].isdigit():
+        pid = first[4:].decode()
+    message, newline, rest = rest.partition(b'\n')
+    return pid, message if newline else None, rest
 
 
 def _check_parent_dir(path, what):
