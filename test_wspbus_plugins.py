@@ -1533,6 +1533,53 @@ def test_daemonizer_launcher_reads_messages_not_text(child, tmp_path):
     assert not pidfile.exists()
 
 
+def start_daemon_with_worker(child, tmp_path, then):
+    """Start a daemon whose start listener forks a worker (which inherits
+    the readiness pipe) and then runs `then`; return what start_daemon
+    does.  ready_timeout is 60 s: longer than finish() waits."""
+    code = (
+        textwrap.dedent(DAEMON_CHILD)
+        .replace(
+            'stderr=sys.argv[3])',
+            'stderr=sys.argv[3], ready_timeout=60)',
+        )
+        .replace(
+            'bus.start()',
+            """
+def fork_worker():
+    worker = os.fork()
+    if worker == 0:
+        time.sleep(60)
+        os._exit(0)
+    with open(sys.argv[2] + '.worker', 'w') as f:
+        f.write('%d' % worker)
+    """
+            + then
+            + """
+bus.subscribe('start', fork_worker, priority=90)
+bus.start()""",
+        )
+    )
+    worker_file = tmp_path / 'starts.worker'
+    try:
+        return start_daemon(child, tmp_path, code)
+    finally:
+        if worker_file.exists():
+            child.track(int(worker_file.read_text()))
+
+
+@needs_fork
+def test_daemonizer_launcher_reports_an_error_at_once_despite_workers(
+    child, tmp_path
+):
+    status, out, err, pidfile, starts, log = start_daemon_with_worker(
+        child, tmp_path, "raise ValueError('cannot bind port 80')"
+    )
+    assert status == 1, err  # At once: not after the 60 s ready_timeout.
+    assert 'ValueError: cannot bind port 80' in err
+    assert 'was not ready after' not in err
+
+
 @needs_fork
 def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
     code = FAILING_DAEMON.replace(

@@ -1339,7 +1339,8 @@ class Daemonizer(SimplePlugin):
 
     def _report_failure(self):
         error = self._first_error or 'The daemon exited before it was ready.'
-        self._report(b'ERROR\n' + error.encode('utf-8', 'replace'))
+        text = error.encode('utf-8', 'replace')
+        self._report(b'ERROR %d\n' % len(text) + text)
 
     def _report(self, message):
         fd, self._report_fd = self._report_fd, None
@@ -1352,7 +1353,8 @@ class Daemonizer(SimplePlugin):
         if fd is None:
             return
         try:
-            os.write(fd, message)
+            while message:  # A long traceback may not fit in one write.
+                message = message[os.write(fd, message) :]
         except OSError:
             pass  # The launcher gave up (ready_timeout); nothing to tell.
         finally:
@@ -1399,9 +1401,11 @@ class _Launcher:
     """The launched process's side of Daemonizer's readiness handshake.
 
     The daemon writes a line ``PID n``, then one message: the line
-    ``READY``, or the line ``ERROR`` followed by the text of its first
-    error; wait() reads them and ends this process.  Messages are parsed
-    by line, so an error text that holds a line ``READY`` is still an error.
+    ``READY``, or a line ``ERROR size`` followed by `size` bytes of text
+    (its first error); wait() reads them and ends this process.  Parsed as
+    messages, an error text that holds a line ``READY`` is still an error,
+    and a complete error is reported at once, even when workers the daemon
+    forked keep the pipe open (no end of file comes then).
     """
 
     def __init__(self, read_fd, write_fd, timeout):
@@ -1413,35 +1417,32 @@ class _Launcher:
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
         deadline = time.monotonic() + self.timeout
         data = b''
-        eof = False
-        while not eof:
-            if _parse_report(data)[1] == b'READY':
-                break
+        pid, verdict, text = _parse_report(data)
+        while verdict is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return self._give_up(data)
+                return self._give_up(pid)
             if _readable([self.read_fd], remaining):
                 chunk = os.read(self.read_fd, 65536)
-                eof = not chunk
+                if not chunk:
+                    break  # The daemon is gone, and its workers if any.
                 data += chunk
+                pid, verdict, text = _parse_report(data)
         try:
             os.waitpid(child_pid, 0)  # Reap the first child.
         except OSError:
             pass
-        pid, message, text = _parse_report(data)
-        if message == b'READY':
+        if verdict == 'READY':
             _hard_exit(0)
-        if message == b'ERROR':
-            text = text.decode('utf-8', 'replace').rstrip()
-        else:
-            text = ''
+        text = text.decode('utf-8', 'replace').rstrip()
+        if verdict == 'BAD':
+            text = 'it sent an unreadable report: %r' % text
         self._fail(
             'Daemon %s failed to start:\n%s'
             % (pid, text or 'it exited before it was ready.')
         )
 
-    def _give_up(self, data):
-        pid = _parse_report(data)[0]
+    def _give_up(self, pid):
         if pid != '?':
             try:
                 os.kill(int(pid), _signal.SIGTERM)
@@ -1461,16 +1462,29 @@ class _Launcher:
 
 
 def _parse_report(data):
-    """Split the daemon's report into (pid text, message line, the rest).
+    """Parse what the daemon sent so far: (pid text, verdict, error text).
 
-    The pid is '?' and the message None until their lines are complete.
+    The pid is '?' until its line is complete.  `verdict` is None until a
+    whole message has arrived (the error text is what came of it), then
+    'READY', 'ERROR' or 'BAD' (not the protocol: a bug).
     """
     first, newline, rest = data.partition(b'\n')
-    pid = '?'
-    if newline and first.startswith(b'PID ') and first[4:].isdigit():
-        pid = first[4:].decode()
-    message, newline, rest = rest.partition(b'\n')
-    return pid, message if newline else None, rest
+    if not newline:
+        return '?', None, b''
+    if not (first.startswith(b'PID ') and first[4:].isdigit()):
+        return '?', 'BAD', data
+    pid = first[4:].decode()
+    line, newline, body = rest.partition(b'\n')
+    if not newline:
+        return pid, None, b''
+    if line == b'READY':
+        return pid, 'READY', b''
+    word, _, size = line.partition(b' ')
+    if word != b'ERROR' or not size.isdigit():
+        return pid, 'BAD', rest
+    if len(body) < int(size):
+        return pid, None, body
+    return pid, 'ERROR', body[: int(size)]
 
 
 def _check_parent_dir(path, what):
