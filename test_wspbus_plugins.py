@@ -1581,6 +1581,33 @@ def test_daemonizer_launcher_reports_an_error_at_once_despite_workers(
 
 
 @needs_fork
+@pytest.mark.parametrize('with_worker', [False, True])
+def test_daemonizer_launcher_fails_when_the_daemon_dies_silently(
+    child, tmp_path, with_worker
+):
+    # The daemon ends before it is ready without reporting anything.
+    if with_worker:
+        status, out, err, pidfile, starts, log = start_daemon_with_worker(
+            child, tmp_path, 'os._exit(0)'
+        )
+    else:
+        code = textwrap.dedent(DAEMON_CHILD).replace(
+            'bus.start()',
+            "bus.subscribe('start', lambda: os._exit(0), priority=90)\n"
+            'bus.start()',
+        )
+        status, out, err, pidfile, starts, log = start_daemon(
+            child, tmp_path, code
+        )
+    assert status == 1, err
+    assert re.search(
+        r'^Daemon \d+ failed to start:\nit exited before it was ready\.$',
+        err,
+        re.M,
+    ), err
+
+
+@needs_fork
 def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
     code = FAILING_DAEMON.replace(
         'stderr=sys.argv[3])', 'stderr=sys.argv[3], wait_ready=False)'

@@ -1422,12 +1422,16 @@ class _Launcher:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return self._give_up(pid)
-            if _readable([self.read_fd], remaining):
+            # Wake now and then: workers the daemon forked hold the pipe
+            # open, so no end of file comes when the daemon dies silently.
+            if _readable([self.read_fd], min(remaining, 0.5)):
                 chunk = os.read(self.read_fd, 65536)
                 if not chunk:
                     break  # The daemon is gone, and its workers if any.
                 data += chunk
                 pid, verdict, text = _parse_report(data)
+            elif pid != '?' and _has_ended(int(pid)):
+                break
         try:
             os.waitpid(child_pid, 0)  # Reap the first child.
         except OSError:
@@ -1459,6 +1463,23 @@ class _Launcher:
             sys.stderr.write(message + '\n')
         finally:
             _hard_exit(1)
+
+
+def _has_ended(pid):
+    """Tell whether process `pid` has ended; a zombie has.
+
+    The daemon is not our child: where no one reaps orphans (some
+    containers' init) it stays a zombie, which /proc shows, where there is
+    one; elsewhere kill(pid, 0) is all we know.
+    """
+    if not _pid_alive(pid):
+        return True
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            state = f.read().rpartition(b')')[2].split()[:1]
+    except OSError:
+        return False
+    return state == [b'Z']
 
 
 def _parse_report(data):
