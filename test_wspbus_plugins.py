@@ -1607,6 +1607,53 @@ def test_daemonizer_launcher_fails_when_the_daemon_dies_silently(
     ), err
 
 
+CLOSE_AND_EXEC = """
+    import os, sys
+    for fd in sys.argv[1].split(','):
+        os.close(int(fd))
+    os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize('stdio', ['1', '2', '0,1,2', 'replaced'])
+def test_daemonizer_works_with_stdio_closed_or_replaced(
+    child, tmp_path, stdio
+):
+    # As `python app.py >&-` from an init script, or a program that set
+    # sys.stdout to an object without a file descriptor.
+    code = textwrap.dedent(DAEMON_CHILD).replace(
+        'bus.start()',
+        "bus.subscribe('started', lambda: print('printed', flush=True))\n"
+        'bus.start()',
+    )
+    if stdio == 'replaced':
+        code = 'import io, sys\nsys.stdout = io.StringIO()\n' + code
+        code = code.replace(
+            'bus = wp.Bus()', 'bus = wp.Bus()\nsys.stderr = None'
+        )
+    script = tmp_path / 'daemon.py'
+    script.write_text(code)
+    paths = [tmp_path / name for name in ('app.pid', 'starts', 'daemon.log')]
+    if stdio == 'replaced':
+        proc = child(code, *map(str, paths))
+    else:  # Closed before the interpreter starts.
+        proc = child(CLOSE_AND_EXEC, stdio, str(script), *map(str, paths))
+    status, out, err = finish(proc)
+    pidfile, starts, log = paths
+    assert status == 0, err
+    pid = read_pid(pidfile)
+    child.track(pid)
+    assert os.readlink('/proc/%d/fd/0' % pid) == os.devnull
+    for fd in (1, 2):
+        assert os.readlink('/proc/%d/fd/%d' % (pid, fd)) == str(log)
+    if stdio != 'replaced':  # A closed sys.stdout now writes to the log.
+        wait_until(lambda: 'printed' in log.read_text(), 'the print')
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not pidfile.exists()
+
+
 @needs_fork
 def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
     code = FAILING_DAEMON.replace(

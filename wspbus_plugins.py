@@ -1231,7 +1231,8 @@ class Daemonizer(SimplePlugin):
 
     Channel: ``start`` (priority 65, before PIDFile, so the file holds the
     daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy) and
-    its stdin/stdout/stderr the files named.
+    its descriptors 0, 1 and 2 the files named, even if they were closed
+    (``app >&-``) or sys.stdout was replaced.
 
     With `wait_ready` (the default) the process you launched waits until the
     daemon's bus is STARTED, then exits 0; if a start listener fails or the
@@ -1292,6 +1293,7 @@ class Daemonizer(SimplePlugin):
                 'cause strange failures.' % threading.enumerate(),
                 level=_WARNING,
             )
+        _occupy_stdio()  # First: the pipe must not land on 0, 1 or 2.
         if self.wait_ready:
             read_fd, self._report_fd = os.pipe()
             launcher = _Launcher(read_fd, self._report_fd, self.ready_timeout)
@@ -1318,6 +1320,7 @@ class Daemonizer(SimplePlugin):
 
         The original process exits 0 at once (no readiness handshake).
         """
+        _occupy_stdio()
         _detach(logger, _exit_parent)
         _redirect_stdio(stdin, stdout, stderr, 0)
         logger('Daemonized to PID: %s' % os.getpid())
@@ -1365,10 +1368,35 @@ def _exit_parent(fork_number, child_pid):
     os._exit(0)
 
 
+def _occupy_stdio():
+    """Open /dev/null on whichever of descriptors 0, 1, 2 is closed.
+
+    A program started with a closed stdout (``app >&-``, as some init
+    scripts do) would otherwise get its next descriptor there: the
+    readiness pipe, which the redirection of stdout would then replace.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _flush_stdio():
+    # sys.stdout may be None (started closed) or anything a program set.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
 def _detach(logger, on_parent):
     """Fork twice around setsid(); parents call on_parent(n, child_pid)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_stdio()
     for number, msg in ((1, 'Forking once.'), (2, 'Forking twice.')):
         try:
             pid = os.fork()
@@ -1387,14 +1415,37 @@ def _detach(logger, on_parent):
 
 
 def _redirect_stdio(stdin, stdout, stderr, umask):
+    """Put the named files on descriptors 0, 1 and 2.
+
+    The descriptors themselves, not sys.stdout's: it may be None or an
+    object without a descriptor.  A standard stream that is None (its
+    descriptor was closed at start-up) is opened on its new file.
+    """
     os.umask(umask)
-    for path, mode, stream in (
-        (stdin, 'r', sys.stdin),
-        (stdout, 'a+', sys.stdout),
-        (stderr, 'a+', sys.stderr),
+    append = os.O_RDWR | os.O_CREAT | os.O_APPEND  # open()'s 'a+'.
+    for fd, path, flags in (
+        (0, stdin, os.O_RDONLY),
+        (1, stdout, append),
+        (2, stderr, append),
     ):
-        with open(path, mode) as target:
-            os.dup2(target.fileno(), stream.fileno())
+        target = os.open(path, flags, 0o666)
+        if target != fd:
+            os.dup2(target, fd)
+            os.close(target)
+    for name, fd, mode in (
+        ('stdin', 0, 'r'),
+        ('stdout', 1, 'w'),
+        ('stderr', 2, 'w'),
+    ):
+        if getattr(sys, name) is None:
+            stream = open(
+                fd,
+                mode,
+                buffering=-1 if fd == 0 else 1,
+                errors='backslashreplace',
+                closefd=False,
+            )
+            setattr(sys, name, stream)
 
 
 class _Launcher:
