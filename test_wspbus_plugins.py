@@ -1989,6 +1989,60 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
     assert fds  # The test process itself leaked nothing to check here.
 
 
+PIDFILE_KIND_CHILD = """
+    import sys, wspbus_plugins as wp
+    if sys.argv[2] == 'exclusive':
+        wp.fcntl = None  # As on Windows: exclusive creation.
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: level >= 40 and
+                  print(msg.splitlines()[-1], file=sys.stderr, flush=True))
+    wp.PIDFile(bus, sys.argv[1]).subscribe()
+    bus.start()
+    bus.exit()
+"""
+
+
+def make_node(path, kind):
+    import stat
+
+    if kind == 'FIFO':
+        os.mkfifo(str(path))
+    elif kind == 'character device':  # A copy of /dev/null.
+        os.mknod(str(path), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    else:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(str(path))
+    return os.lstat(str(path))
+
+
+@pytest.mark.parametrize('claim', ['flock', 'exclusive'])
+@pytest.mark.parametrize(
+    'kind',
+    [
+        'FIFO',
+        pytest.param('character device', marks=needs_root),
+        'socket',
+    ],
+)
+def test_pidfile_refuses_anything_but_a_regular_file(
+    child, tmp_path, kind, claim
+):
+    path = tmp_path / 'app.pid'
+    before = make_node(path, kind)
+    status, out, err = finish(child(PIDFILE_KIND_CHILD, str(path), claim))
+    assert status == 70, err
+    assert (
+        'Refusing to use PID file %r: it is a %s, not a regular file.'
+        % (str(path), kind)
+    ) in err
+    after = os.lstat(str(path))  # Still there, untouched.
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_rdev,
+    )
+
+
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
 
 

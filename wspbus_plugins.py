@@ -1593,9 +1593,10 @@ class PIDFile(SimplePlugin):
     ``exit`` removes the file.  On Unix the file is locked (``flock``) for
     the process's life, so a second instance fails its start with a message
     naming the file and the running PID; a file left by a dead process is
-    replaced with a warning; a symlink at the path is refused; at exit the
-    file is removed only if it still holds our PID.  restart() keeps the
-    file and its lock through the re-exec.  Without ``fcntl`` exclusive
+    replaced with a warning; anything but a regular file at the path (a
+    symlink, device, FIFO or socket) is refused, and never removed; at exit
+    the file is removed only if it still holds our PID.  restart() keeps
+    the file and its lock through the re-exec.  Without ``fcntl`` exclusive
     creation and a liveness check stand in for the lock.  A missing or
     unwritable directory raises ValueError here.
     """
@@ -1724,7 +1725,8 @@ class PIDFile(SimplePlugin):
         try:
             _write_pid(fd)
         except OSError as exc:
-            _remove_quietly(self._path)  # We hold the lock: it is ours.
+            if _same_file(fd, self._path):  # Locked by us: ours to remove.
+                _remove_quietly(self._path)
             raise OSError(
                 exc.errno,
                 'Could not write PID file %r: %s'
@@ -1753,22 +1755,60 @@ class PIDFile(SimplePlugin):
 
 
 def _open_pidfile(path, flags):
-    """Open a PID file, never through a symlink (O_NOFOLLOW closes the
-    race where the platform has it)."""
-    refusal = RuntimeError(
-        'Refusing to use PID file %r: it is a symbolic link.' % path
-    )
-    if os.path.islink(path):
-        raise refusal
+    """Open a PID file, refusing anything but a regular file.
+
+    A symlink, device, FIFO, socket or directory is refused before it is
+    opened (opening a device can have effects), and again on the
+    descriptor, for a path replaced meanwhile: O_NOFOLLOW keeps the open
+    off a symlink where the platform has it, O_NONBLOCK keeps a FIFO from
+    hanging it.
+    """
+    try:
+        _check_regular(path, os.lstat(path).st_mode)
+    except FileNotFoundError:
+        pass
+    nonblock = getattr(os, 'O_NONBLOCK', 0)
     flags |= getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
     try:
-        return os.open(path, flags, 0o644)
+        fd = os.open(path, flags | nonblock, 0o644)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise refusal from None
-        if exc.errno == errno.EISDIR:
-            raise RuntimeError('PID file %r is a directory.' % path) from None
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            _check_regular(path, os.lstat(path).st_mode)
         raise
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(path, mode):
+    """Raise RuntimeError naming `path` unless `mode` is a regular file's."""
+    import stat
+
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise RuntimeError(
+            'Refusing to use PID file %r: it is a symbolic link.' % path
+        )
+    kind = 'a special file'
+    for test, name in (
+        (stat.S_ISDIR, 'a directory'),
+        (stat.S_ISFIFO, 'a FIFO'),
+        (stat.S_ISCHR, 'a character device'),
+        (stat.S_ISBLK, 'a block device'),
+        (stat.S_ISSOCK, 'a socket'),
+    ):
+        if test(mode):
+            kind = name
+    raise RuntimeError(
+        'Refusing to use PID file %r: it is %s, not a regular file.'
+        % (path, kind)
+    )
 
 
 def _read_pid(fd):
