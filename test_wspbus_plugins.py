@@ -2043,6 +2043,39 @@ def test_pidfile_refuses_anything_but_a_regular_file(
     )
 
 
+@pytest.mark.parametrize('close_first', [True, False])
+def test_pidfile_closed_before_removed_where_the_platform_needs_it(
+    bus, pidfile_path, monkeypatch, close_first
+):
+    # Windows refuses to delete an open file: close it first there.  On
+    # Unix the file stays open, so its lock covers the removal.
+    monkeypatch.setattr(wp, '_CLOSE_BEFORE_REMOVE', close_first)
+    if close_first:
+        monkeypatch.setattr(wp, 'fcntl', None)
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    plugin.start()
+    fd = plugin._fd
+    open_during_remove = []
+    real_remove = os.remove
+
+    def remove(path):
+        try:
+            os.fstat(fd)
+        except OSError:
+            open_during_remove.append(False)
+        else:
+            open_during_remove.append(True)
+            if close_first:
+                raise PermissionError(13, 'The file is in use', path)
+        real_remove(path)
+
+    monkeypatch.setattr(os, 'remove', remove)
+    plugin.exit()
+    assert not pidfile_path.exists()
+    assert open_during_remove == [not close_first]
+    assert bus.recorder.messages(30) == []
+
+
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
 
 

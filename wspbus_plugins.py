@@ -103,6 +103,9 @@ _WINDOWS = sys.platform == 'win32'
 _JYTHON = sys.platform.startswith('java')
 _LINUX = sys.platform.startswith('linux')
 _HAVE_FORK = hasattr(os, 'fork')
+# Windows refuses to delete an open file: PIDFile closes it first there.
+# Elsewhere it stays open (and locked) until it is gone.
+_CLOSE_BEFORE_REMOVE = _WINDOWS
 
 try:
     import fcntl
@@ -1638,6 +1641,9 @@ class PIDFile(SimplePlugin):
             return
         try:
             if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
+                if _CLOSE_BEFORE_REMOVE:
+                    os.close(fd)
+                    fd = None
                 os.remove(self._path)
                 self.bus.log('PID file removed: %r.' % self.pidfile)
             else:
@@ -1652,7 +1658,8 @@ class PIDFile(SimplePlugin):
                 level=_WARNING,
             )
         finally:
-            os.close(fd)  # Releases the lock, after the file is gone.
+            if fd is not None:
+                os.close(fd)  # Releases the lock, after the file is gone.
             self.finalized = False
 
     def _adopt_inherited(self):
