@@ -2630,21 +2630,28 @@ def datagrams(notify, count):
 
 
 SYSTEMD_CHILD = """
-    import os, sys, wspbus_plugins as wp
+    import os, sys, threading, wspbus_plugins as wp
+    mode = sys.argv[1]
+    if mode == 'watchdog-pid-ours':  # As systemd sets it for MAINPID.
+        os.environ['WATCHDOG_PID'] = str(os.getpid())
     bus = wp.Bus()
-    wp.SystemdNotifier(bus).subscribe()
-    bus.subscribe('graceful', lambda: print('graceful', flush=True))
-    if sys.argv[1] == 'fail':
+    notifier = wp.SystemdNotifier(bus)
+    notifier.subscribe()
+    # Markers: where the notifier's messages fall among other listeners.
+    for channel in ('graceful', 'stop'):
+        bus.subscribe(channel, lambda c=channel: notifier.notify(
+            'X-LISTENER=' + c), priority=1)
+    if mode == 'fail':
         def broken():
             raise ValueError
         bus.subscribe('start', broken)
     bus.start()
-    if sys.argv[1] == 'watchdog':
-        import time
-        time.sleep(0.5)
+    if mode.startswith('watchdog'):  # Pings come from block()'s loop.
+        threading.Timer(0.5, bus.exit).start()
+        bus.block()
     else:
         bus.graceful()
-    bus.exit()
+        bus.exit()
 """
 
 
@@ -2652,7 +2659,7 @@ def test_systemdnotifier_sends_the_life_cycle_in_order(child, notify_socket):
     proc = child(
         SYSTEMD_CHILD, 'ok', env={'NOTIFY_SOCKET': notify_socket.address}
     )
-    got = datagrams(notify_socket, 4)
+    got = datagrams(notify_socket, 6)
     status, out, err = finish(proc)
     assert status == 0, err
     assert got[0] == 'READY=1\nMAINPID=%d\nSTATUS=started' % proc.pid
@@ -2661,25 +2668,35 @@ def test_systemdnotifier_sends_the_life_cycle_in_order(child, notify_socket):
     )
     usec = int(re.search(r'MONOTONIC_USEC=(\d+)', got[1]).group(1))
     assert abs(usec - time.monotonic_ns() // 1000) < TIMEOUT * 10**6
+    # RELOADING=1 before every graceful listener, READY=1 after them;
+    # STOPPING=1 before every other stop listener.
     assert got[2:] == [
+        'X-LISTENER=graceful',
         'READY=1\nSTATUS=started',
         'STOPPING=1\nSTATUS=stopping',
+        'X-LISTENER=stop',
     ]
 
 
-def test_systemdnotifier_watchdog_pings(child, notify_socket):
+def pings_until_stopping(notify):
+    got = []
+    while not got or not got[-1].startswith('STOPPING=1'):
+        got += datagrams(notify, 1)
+    return got
+
+
+@pytest.mark.parametrize('mode', ['watchdog', 'watchdog-pid-ours'])
+def test_systemdnotifier_watchdog_pings(child, notify_socket, mode):
     proc = child(
         SYSTEMD_CHILD,
-        'watchdog',
+        mode,
         env={
             'NOTIFY_SOCKET': notify_socket.address,
             'WATCHDOG_USEC': '100000',
         },
     )
-    got = []
-    while not got or got[-1] != 'STOPPING=1\nSTATUS=stopping':
-        got += datagrams(notify_socket, 1)
-    finish(proc)
+    got = pings_until_stopping(notify_socket)
+    assert finish(proc)[0] == 0
     assert got.count('WATCHDOG=1') >= 2
 
 
@@ -2695,7 +2712,7 @@ def test_systemdnotifier_no_pings_for_another_watchdog_pid(
             'WATCHDOG_PID': '1',
         },
     )
-    got = datagrams(notify_socket, 2)
+    got = pings_until_stopping(notify_socket)
     finish(proc)
     assert [g.split('\n')[0] for g in got] == ['READY=1', 'STOPPING=1']
 
