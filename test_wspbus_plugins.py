@@ -2749,6 +2749,7 @@ def test_systemdnotifier_without_socket_is_a_silent_noop(bus, monkeypatch):
     notifier.subscribe()
     assert all(not bus.listeners[c] for c in ('start', 'stop', 'graceful'))
     assert 'started' not in bus.listeners
+    notifier.notify('READY=1')  # Called directly: nothing happens.
     assert bus.recorder.logs == []
 
 

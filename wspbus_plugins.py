@@ -2531,7 +2531,12 @@ class SystemdNotifier(SimplePlugin):
             self.bus.unsubscribe(channel, listener)
 
     def notify(self, *fields):
-        """Send one datagram of ``KEY=value`` fields; log failures."""
+        """Send one datagram of ``KEY=value`` fields; log failures.
+
+        Does nothing without NOTIFY_SOCKET.
+        """
+        if not self.socket_path:
+            return
         import socket
 
         address = self.socket_path
