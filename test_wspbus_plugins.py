@@ -2629,6 +2629,19 @@ def datagrams(notify, count):
     return [notify.sock.recv(4096).decode() for _ in range(count)]
 
 
+def pending_datagrams(notify):
+    """Return the datagrams already waiting, without waiting."""
+    got = []
+    notify.sock.settimeout(0)
+    try:
+        while True:
+            got.append(notify.sock.recv(4096).decode())
+    except BlockingIOError:
+        return got
+    finally:
+        notify.sock.settimeout(TIMEOUT)
+
+
 SYSTEMD_CHILD = """
     import os, sys, threading, wspbus_plugins as wp
     mode = sys.argv[1]
@@ -2715,6 +2728,75 @@ def test_systemdnotifier_no_pings_for_another_watchdog_pid(
     got = pings_until_stopping(notify_socket)
     finish(proc)
     assert [g.split('\n')[0] for g in got] == ['READY=1', 'STOPPING=1']
+
+
+@pytest.mark.parametrize('watchdog_pid', [None, 'ours'])
+def test_systemdnotifier_watchdog_pings_every_half_watchdog_usec(
+    bus, monkeypatch, notify_socket, watchdog_pid
+):
+    monkeypatch.setenv('NOTIFY_SOCKET', notify_socket.address)
+    monkeypatch.setenv('WATCHDOG_USEC', '1000000')  # Pings every 0.5 s.
+    if watchdog_pid:
+        monkeypatch.setenv('WATCHDOG_PID', str(os.getpid()))
+    else:
+        monkeypatch.delenv('WATCHDOG_PID', raising=False)
+    clock = [1000.0]
+    monkeypatch.setattr(time, 'monotonic', lambda: clock[0])
+    wp.SystemdNotifier(bus).subscribe()
+    bus.publish('main')  # Not started yet: no ping.
+    bus.start()
+    assert datagrams(notify_socket, 1)[0].startswith('READY=1')
+    pinged = []
+    for at in (0.1, 0.4, 0.59, 0.61, 0.9, 1.0, 1.12, 1.5):
+        clock[0] = 1000.0 + at
+        bus.publish('main')  # As block() does every 0.1 s.
+        sent = pending_datagrams(notify_socket)
+        assert sent in ([], ['WATCHDOG=1'])
+        if sent:
+            pinged.append(at)
+    assert pinged == [0.1, 0.61, 1.12]
+
+
+WEDGED_CHILD = """
+    import os, sys, time, wspbus_plugins as wp
+    marker = sys.argv[1]
+    bus = wp.Bus()
+    wp.SystemdNotifier(bus).subscribe()
+    def main():
+        if os.path.exists(marker):  # The main thread wedges for good ...
+            open(marker + '.wedged', 'w').close()
+            time.sleep(60)
+            os._exit(1)  # ... or a minute, should the test not kill it.
+    bus.subscribe('main', main)
+    bus.start()
+    bus.block()
+"""
+
+
+def test_systemdnotifier_wedged_main_thread_stops_the_pings(
+    child, tmp_path, notify_socket
+):
+    marker = tmp_path / 'wedge'
+    proc = child(
+        WEDGED_CHILD,
+        str(marker),
+        env={
+            'NOTIFY_SOCKET': notify_socket.address,
+            'WATCHDOG_USEC': '100000',
+        },
+    )
+    got = []
+    while got.count('WATCHDOG=1') < 2:
+        got += datagrams(notify_socket, 1)
+    marker.touch()
+    wait_until((tmp_path / 'wedge.wedged').exists, 'the main thread')
+    time.sleep(0.2)  # Pings already sent are not the point: drain them.
+    pending_datagrams(notify_socket)
+    time.sleep(1)  # Ten ping intervals.
+    assert pending_datagrams(notify_socket) == []
+    assert proc.poll() is None
+    proc.kill()
+    proc.wait(TIMEOUT)
 
 
 def test_systemdnotifier_failed_start_sends_no_ready(child, notify_socket):
@@ -3364,7 +3446,8 @@ def test_reliability_plugin_threads_are_gone_after_exit(
         wp.Autoreloader(bus, frequency=60).subscribe()
         wp.SystemdNotifier(bus).subscribe()
         bus.start()
-        assert len(set(threading.enumerate()) - before) == 3
+        # Monitor and Autoreloader; the watchdog pings from block().
+        assert len(set(threading.enumerate()) - before) == 2
         bus.exit()
         wait_until(
             lambda: set(threading.enumerate()) <= before,

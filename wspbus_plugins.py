@@ -2496,18 +2496,21 @@ class SystemdNotifier(SimplePlugin):
     namespace) it sends ``READY=1`` and ``MAINPID`` on ``started`` (so never
     after a failed start), ``RELOADING=1`` with ``MONOTONIC_USEC`` before
     the ``graceful`` listeners (priority 0) and ``READY=1`` after them
-    (priority 100), ``STOPPING=1`` first thing on ``stop`` (priority 0), and
-    ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while started, if
-    ``WATCHDOG_PID`` is unset or names this process.  Each message carries a
-    ``STATUS=``.  Without ``NOTIFY_SOCKET`` subscribe() does nothing; a send
-    that fails is logged, never raised.
+    (priority 100), and ``STOPPING=1`` first thing on ``stop`` (priority 0).
+    These carry a ``STATUS=``.  ``WATCHDOG=1`` is sent on ``main``, which
+    block() publishes every interval, once half of ``WATCHDOG_USEC`` has
+    passed since the last ping, while STARTED, if ``WATCHDOG_PID`` is unset
+    or names this process: a wedged main thread stops the pings, and
+    systemd's ``WatchdogSec`` fires.  Without ``NOTIFY_SOCKET`` subscribe()
+    and notify() do nothing; a send that fails is logged, never raised.
     """
 
     def __init__(self, bus):
         super().__init__(bus)
         self.socket_path = os.environ.get('NOTIFY_SOCKET') or None
         """Where messages go, read from NOTIFY_SOCKET; None disables."""
-        self._watchdog = None
+        self._ping_every = None  # Seconds between pings, while started.
+        self._last_ping = None
 
     def __repr__(self):
         return 'SystemdNotifier(%r)' % self.socket_path
@@ -2515,6 +2518,7 @@ class SystemdNotifier(SimplePlugin):
     def _listeners(self):
         return (
             ('started', self.started, None),
+            ('main', self._watchdog, None),
             ('graceful', self._reloading, 0),
             ('graceful', self._reloaded, 100),
             ('stop', self.stop, 0),
@@ -2552,15 +2556,10 @@ class SystemdNotifier(SimplePlugin):
             )
 
     def started(self):
-        """Send READY=1 with our PID, and start the watchdog pings."""
+        """Send READY=1 with our PID; block()'s loop sends the pings."""
+        self._ping_every = self._watchdog_interval()
+        self._last_ping = None
         self.notify('READY=1', 'MAINPID=%d' % os.getpid(), 'STATUS=started')
-        interval = self._watchdog_interval()
-        if interval and self._watchdog is None:
-            self._watchdog = BackgroundTask(
-                interval, self.notify, ['WATCHDOG=1'], bus=self.bus
-            )
-            self._watchdog.name = 'systemd watchdog'
-            self._watchdog.start()
 
     def _watchdog_interval(self):
         usec, pid = (
@@ -2570,13 +2569,24 @@ class SystemdNotifier(SimplePlugin):
         if not usec or (pid and pid != str(os.getpid())):
             return None
         try:
-            return int(usec) / 2e6
+            return int(usec) / 2e6 if int(usec) > 0 else None
         except ValueError:
             self.bus.log(
                 'Ignoring WATCHDOG_USEC=%r: not a number.' % usec,
                 level=_WARNING,
             )
             return None
+
+    def _watchdog(self):
+        # On ``main``, from the thread in block(): the pings prove that
+        # thread alive, which a timer thread of our own would not.
+        every = self._ping_every
+        if every is None or self.bus.state is not states.STARTED:
+            return
+        now = time.monotonic()
+        if self._last_ping is None or now - self._last_ping >= every:
+            self._last_ping = now
+            self.notify('WATCHDOG=1')
 
     def _reloading(self):
         self.notify(
@@ -2590,9 +2600,7 @@ class SystemdNotifier(SimplePlugin):
 
     def stop(self):
         """Send STOPPING=1 and stop the watchdog pings."""
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.cancel()
+        self._ping_every = None
         self.notify('STOPPING=1', 'STATUS=stopping')
 
 
