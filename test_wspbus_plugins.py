@@ -2799,6 +2799,50 @@ def test_systemdnotifier_wedged_main_thread_stops_the_pings(
     proc.wait(TIMEOUT)
 
 
+RESTART_NOTIFY_CHILD = """
+    import sys, wspbus_plugins as wp
+    with open(sys.argv[1], 'a') as f:
+        f.write('run\\n')
+    with open(sys.argv[1]) as f:
+        first = len(f.readlines()) == 1
+    bus = wp.Bus()
+    notifier = wp.SystemdNotifier(bus)
+    notifier.subscribe()
+    bus.subscribe('stop', lambda: notifier.notify('X-LISTENER=stop'),
+                  priority=1)
+    bus.subscribe('started', bus.restart if first else bus.exit)
+    bus.start()
+    bus.block()
+"""
+
+
+def test_systemdnotifier_restart_is_a_reload_to_systemd(
+    child, tmp_path, notify_socket
+):
+    proc = child(
+        RESTART_NOTIFY_CHILD,
+        str(tmp_path / 'runs'),
+        env={'NOTIFY_SOCKET': notify_socket.address},
+    )
+    got = datagrams(notify_socket, 6)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    # systemd stays in "reloading" until the new image's READY=1; a
+    # STOPPING=1 would make it kill the re-executed process.
+    assert [g.split('\n')[0] for g in got] == [
+        'READY=1',
+        'RELOADING=1',
+        'X-LISTENER=stop',
+        'READY=1',
+        'STOPPING=1',
+        'X-LISTENER=stop',
+    ]
+    assert re.fullmatch(
+        r'RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=restarting', got[1]
+    )
+    assert 'MAINPID=%d' % proc.pid in got[3]
+
+
 def test_systemdnotifier_failed_start_sends_no_ready(child, notify_socket):
     proc = child(
         SYSTEMD_CHILD, 'fail', env={'NOTIFY_SOCKET': notify_socket.address}

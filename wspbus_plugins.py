@@ -2496,13 +2496,15 @@ class SystemdNotifier(SimplePlugin):
     namespace) it sends ``READY=1`` and ``MAINPID`` on ``started`` (so never
     after a failed start), ``RELOADING=1`` with ``MONOTONIC_USEC`` before
     the ``graceful`` listeners (priority 0) and ``READY=1`` after them
-    (priority 100), and ``STOPPING=1`` first thing on ``stop`` (priority 0).
-    These carry a ``STATUS=``.  ``WATCHDOG=1`` is sent on ``main``, which
-    block() publishes every interval, once half of ``WATCHDOG_USEC`` has
-    passed since the last ping, while STARTED, if ``WATCHDOG_PID`` is unset
-    or names this process: a wedged main thread stops the pings, and
-    systemd's ``WatchdogSec`` fires.  Without ``NOTIFY_SOCKET`` subscribe()
-    and notify() do nothing; a send that fails is logged, never raised.
+    (priority 100), and first thing on ``stop`` (priority 0) ``STOPPING=1``,
+    or ``RELOADING=1`` when the bus exits for restart(): systemd then waits
+    for the re-executed process's ``READY=1`` instead of killing it.  These
+    carry a ``STATUS=``.  ``WATCHDOG=1`` is sent on ``main``, which block()
+    publishes every interval, once half of ``WATCHDOG_USEC`` has passed
+    since the last ping, while STARTED, if ``WATCHDOG_PID`` is unset or
+    names this process: a wedged main thread stops the pings, and systemd's
+    ``WatchdogSec`` fires.  Without ``NOTIFY_SOCKET`` subscribe() and
+    notify() do nothing; a send that fails is logged, never raised.
     """
 
     def __init__(self, bus):
@@ -2588,20 +2590,23 @@ class SystemdNotifier(SimplePlugin):
             self._last_ping = now
             self.notify('WATCHDOG=1')
 
-    def _reloading(self):
+    def _reloading(self, status='reloading'):
         self.notify(
             'RELOADING=1',
             'MONOTONIC_USEC=%d' % (time.monotonic_ns() // 1000),
-            'STATUS=reloading',
+            'STATUS=' + status,
         )
 
     def _reloaded(self):
         self.notify('READY=1', 'STATUS=started')
 
     def stop(self):
-        """Send STOPPING=1 and stop the watchdog pings."""
+        """Stop the pings; send STOPPING=1, or RELOADING=1 for restart()."""
         self._ping_every = None
-        self.notify('STOPPING=1', 'STATUS=stopping')
+        if self.bus.execv:  # The re-executed process sends READY=1.
+            self._reloading('restarting')
+        else:
+            self.notify('STOPPING=1', 'STATUS=stopping')
 
 
 # -- LoggingBridge ------------------------------------------------------------
