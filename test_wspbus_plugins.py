@@ -2438,6 +2438,97 @@ def test_autoreloader_stop_ends_the_thread_at_once(reloader):
     assert not thread.is_alive()
 
 
+def make_configmap(base):
+    """Lay out `base` as Kubernetes mounts a ConfigMap volume."""
+    base.mkdir()
+    (base / '..2024_01').mkdir()
+    (base / '..2024_01' / 'app.ini').write_text('a = 1\n')
+    os.symlink('..2024_01', str(base / '..data'))
+    os.symlink(os.path.join('..data', 'app.ini'), str(base / 'app.ini'))
+    return base / 'app.ini'
+
+
+def update_configmap(base):
+    """Swap the ..data link atomically, as the kubelet does."""
+    (base / '..2024_02').mkdir()
+    (base / '..2024_02' / 'app.ini').write_text('a = 2\n')
+    os.symlink('..2024_02', str(base / '..data_tmp'))
+    os.replace(str(base / '..data_tmp'), str(base / '..data'))  # mv -T
+    import shutil
+
+    shutil.rmtree(str(base / '..2024_01'))
+
+
+def make_link_farm(base):
+    base.mkdir()
+    (base / 'store').mkdir()
+    (base / 'store' / 'app.ini').write_text('a = 1\n')
+    (base / 'farm').mkdir()
+    os.symlink(str(base / 'store' / 'app.ini'), str(base / 'farm' / 'app.ini'))
+    return base / 'farm' / 'app.ini'
+
+
+def edit_link_farm(base):
+    edit(base / 'store' / 'app.ini')  # The target, in another directory.
+
+
+def make_release_link(base):
+    base.mkdir()
+    for version in ('v1', 'v2'):
+        (base / version).mkdir()
+        (base / version / 'app.py').write_text('VERSION = %r\n' % version)
+    os.symlink('v1', str(base / 'current'))
+    return base / 'current' / 'app.py'
+
+
+def switch_release_link(base):
+    os.symlink('v2', str(base / 'next'))
+    os.replace(str(base / 'next'), str(base / 'current'))
+
+
+SYMLINK_LAYOUTS = {
+    'configmap': (make_configmap, update_configmap),
+    'link-farm': (make_link_farm, edit_link_farm),
+    'release-link': (make_release_link, switch_release_link),
+}
+
+
+@linux_only
+@pytest.mark.parametrize('layout', sorted(SYMLINK_LAYOUTS))
+def test_autoreloader_inotify_sees_changes_through_symlinks(
+    reloader, tmp_path, layout
+):
+    make, change = SYMLINK_LAYOUTS[layout]
+    base = tmp_path / 'config'
+    watched = make(base)
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 60)  # Only inotify can restart it in time.
+    assert isinstance(reloader.thread, wp._WatchTask)
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    change(base)
+    wait_until(lambda: reloader.restarts, 'the restart')
+    assert (
+        'Restarting because %s changed.' % watched
+        in reloader.bus.recorder.messages()
+    )
+
+
+@linux_only
+@pytest.mark.parametrize('edited', ['settings.ini', 'mod.py'])
+def test_autoreloader_inotify_one_directory_named_two_ways(
+    reloader, tmp_path, monkeypatch, edited
+):
+    # One inotify watch descriptor for both spellings of the directory.
+    monkeypatch.chdir(tmp_path)
+    for name in ('settings.ini', 'mod.py'):
+        (tmp_path / name).write_text('x = 1\n')
+    reloader.files.update(['settings.ini', str(tmp_path / 'mod.py')])
+    start_reloader(reloader, 60)
+    wait_until(lambda: 'settings.ini' in reloader.mtimes, 'the first scan')
+    edit(tmp_path / edited)
+    wait_until(lambda: reloader.restarts, 'the restart')
+
+
 RELOAD_CHILD = """
     import os, sys, wspbus_plugins as wp
     watched, starts, mode = sys.argv[1:4]
@@ -2533,6 +2624,24 @@ def test_autoreloader_real_fallback_to_polling_restarts(child, tmp_path):
     status, out, err = finish(proc)
     assert status == 0, err
     assert 'Autoreloader polls every 0.05 s: inotify is unavailable' in err
+
+
+@linux_only
+def test_autoreloader_real_configmap_update_restarts(child, tmp_path):
+    base = tmp_path / 'config'
+    watched = make_configmap(base)
+    starts = tmp_path / 'starts'
+    ready = tmp_path / 'starts.ready'
+    proc = child(RELOAD_CHILD, str(watched), str(starts), 'inotify', '60')
+    wait_until(ready.exists, 'the child to start')
+    ready.unlink()
+    update_configmap(base)
+    wait_until(ready.exists, 'the restarted child')
+    assert lines_of(starts) == [str(proc.pid)] * 2
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert 'Restarting because %s changed.' % watched in err
 
 
 # -- ThreadManager ------------------------------------------------------------

@@ -2200,10 +2200,13 @@ class Autoreloader(Monitor):
         watcher = getattr(self.thread, 'watcher', None)
         candidates = None
         if watcher is not None and not watcher.failed:
+            changed = watched.intersection(watcher.pop_changed())
             new = watched.difference(self.mtimes)
-            if self._add_watches(watcher, new):
+            # Changed paths are watched anew: a symlink on their way may
+            # lead elsewhere now (a ConfigMap's ..data, say).
+            if self._add_watches(watcher, new.union(changed)):
                 candidates = tuple(
-                    sorted(new.union(watcher.pop_changed(), watcher.unwatched))
+                    sorted(new.union(changed, watcher.unwatched))
                 )
         if candidates is None:  # Polling: every watched file, every tick.
             candidates = self._in_order(watched)
@@ -2304,8 +2307,14 @@ _IN_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
 class _Inotify:
     """Linux inotify through ctypes: which watched files may have changed.
 
-    Watches directories, not files, so that a save by rename (a new inode)
-    is seen.  Raises OSError when inotify is unavailable.
+    Watches directory entries, not files, so that a save by rename (a new
+    inode) is seen.  For each watched path it watches the entry of every
+    symlink met while resolving it and the entry of the file it resolves
+    to: a ConfigMap's swapped ``..data`` link or a link target edited in
+    another directory count as changes of the path.  Events are mapped
+    back to the paths as they were given, by watch descriptor, so one
+    directory named two ways (``settings.ini`` and ``/srv/app/mod.py``)
+    serves both.  Raises OSError when inotify is unavailable.
     """
 
     def __init__(self):
@@ -2331,33 +2340,68 @@ class _Inotify:
         os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
         self._closed = False
-        self._dirs = {}  # watch descriptor -> directory
-        self._names = {}  # directory -> names watched in it
+        self._wds = {}  # real directory -> watch descriptor, or None
+        self._paths = {}  # watch descriptor -> {name: watched paths}
+        self._resolved = {}  # directory as given -> _resolve_links()
         self.unwatched = set()  # files whose directory cannot be watched
         self.failed = False  # set by the reloader: poll instead
 
     def add(self, filenames):
-        """Watch these files' directories; OSError on the watch limit."""
+        """Watch what these paths go through; OSError at the watch limit.
+
+        Adding a path again watches it anew, as it resolves now.
+        """
         for path in filenames:
-            directory, name = os.path.split(path)
-            names = self._names.get(directory)
-            if names is None:
-                wd = self._add_watch(
-                    self.fd, os.fsencode(directory or '.'), _IN_WATCH_MASK
-                )
-                if wd < 0:
-                    code = self._get_errno()
-                    if code == errno.ENOSPC:
-                        raise OSError(
-                            code,
-                            'inotify watch limit reached '
-                            '(fs.inotify.max_user_watches)',
-                        )
-                    self.unwatched.add(path)  # Polled instead.
-                    continue
-                self._dirs[wd] = directory
-                names = self._names.setdefault(directory, set())
-            names.add(name)
+            watched = True
+            for directory, name in self._entries_of(path):
+                wd = self._watch(directory)
+                if wd is None:
+                    watched = False
+                else:
+                    names = self._paths.setdefault(wd, {})
+                    names.setdefault(name, set()).add(path)
+            if watched:
+                self.unwatched.discard(path)
+            else:
+                self.unwatched.add(path)  # Polled instead.
+
+    def _entries_of(self, path):
+        """List the (real directory, name) entries `path` goes through:
+        each symlink met while resolving it, then the file it names."""
+        directory, name = os.path.split(path)
+        entries = []
+        for _ in range(_MAX_SYMLINKS):
+            real, links = self._resolved.get(directory, (None, None))
+            if real is None:
+                real, links = _resolve_links(directory or os.curdir)
+                self._resolved[directory] = real, links
+            entries.extend(links)
+            entries.append((real, name))
+            try:
+                target = os.readlink(os.path.join(real, name))
+            except OSError:  # Not a symlink, or missing: the chain ends.
+                break
+            directory, name = os.path.split(os.path.join(real, target))
+        return entries
+
+    def _watch(self, directory):
+        """Return the watch descriptor of `directory`; None if it has none."""
+        wd = self._wds.get(directory, -1)
+        if wd == -1:
+            wd = self._add_watch(
+                self.fd, os.fsencode(directory), _IN_WATCH_MASK
+            )
+            if wd < 0:
+                code = self._get_errno()
+                if code == errno.ENOSPC:
+                    raise OSError(
+                        code,
+                        'inotify watch limit reached '
+                        '(fs.inotify.max_user_watches)',
+                    )
+                wd = None
+            self._wds[directory] = wd
+        return wd
 
     def wait(self, timeout):
         """Block until an event, a wake() or `timeout` seconds."""
@@ -2383,6 +2427,9 @@ class _Inotify:
             if not _readable([self.fd], _DEBOUNCE):
                 break
             self._drain(changed)
+        if changed:  # A symlink may have moved: resolve afresh.
+            self._resolved.clear()
+            self._wds = {d: wd for d, wd in self._wds.items() if wd}
         return changed
 
     def _drain(self, changed):
@@ -2402,23 +2449,22 @@ class _Inotify:
 
     def _note(self, wd, mask, name, changed):
         if mask & _IN_Q_OVERFLOW:  # Events were lost: check everything.
-            for directory, names in self._names.items():
-                changed.update(os.path.join(directory, n) for n in names)
+            for names in self._paths.values():
+                for paths in names.values():
+                    changed.update(paths)
             return
-        directory = self._dirs.get(wd)
-        if directory is None:
+        names = self._paths.get(wd)
+        if names is None:
             return
-        names = self._names[directory]
         if mask & _IN_GONE:  # The directory itself was removed or moved.
-            changed.update(os.path.join(directory, n) for n in names)
-            if mask & _IN_IGNORED:
-                del self._dirs[wd]
-                self.unwatched.update(
-                    os.path.join(directory, n) for n in names
-                )
-                del self._names[directory]
+            for paths in names.values():
+                changed.update(paths)
+            if mask & _IN_IGNORED:  # Its watch is gone: forget it.
+                del self._paths[wd]
+                for directory in [d for d, w in self._wds.items() if w == wd]:
+                    del self._wds[directory]
         elif name in names:
-            changed.add(os.path.join(directory, name))
+            changed.update(names[name])
 
     def close(self):
         """Release the descriptors; later wake() calls do nothing."""
@@ -2428,6 +2474,43 @@ class _Inotify:
             self._closed = True
             for fd in (self.fd, self._wake_r, self._wake_w):
                 _close_quietly(fd)
+
+
+_MAX_SYMLINKS = 40  # Linux's own limit when it resolves a path.
+
+
+def _resolve_links(path):
+    """Resolve `path` as the kernel would: (real path, links met).
+
+    Each symlink met is given as the (real directory, name) of its entry.
+    A missing component ends the resolution there; so does a loop.
+    """
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    parts = path.split(os.sep)
+    parts.reverse()
+    real, links = os.sep, []
+    while parts:
+        part = parts.pop()
+        if part in ('', os.curdir):
+            continue
+        if part == os.pardir:
+            real = os.path.dirname(real)
+            continue
+        candidate = os.path.join(real, part)
+        try:
+            target = os.readlink(candidate)
+        except OSError:  # A directory, or missing: taken as it is.
+            real = candidate
+            continue
+        if len(links) == _MAX_SYMLINKS:  # A loop: stop following.
+            real = candidate
+            continue
+        links.append((real, part))
+        if os.path.isabs(target):
+            real = os.sep
+        parts.extend(reversed(target.split(os.sep)))
+    return real, links
 
 
 # -- ThreadManager ------------------------------------------------------------
