@@ -2529,6 +2529,25 @@ def test_autoreloader_inotify_one_directory_named_two_ways(
     wait_until(lambda: reloader.restarts, 'the restart')
 
 
+@linux_only
+def test_autoreloader_inotify_full_check_catches_what_events_miss(
+    reloader, tmp_path, monkeypatch
+):
+    # A change inotify cannot see (a network file system, lost events):
+    # the periodic full check still finds it.
+    monkeypatch.setattr(wp, '_FULL_CHECK', 0.3)
+    watched = tmp_path / 'settings.ini'
+    watched.write_text('a = 1\n')
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 0.05)
+    watcher = reloader.thread.watcher
+    see = watcher.pop_changed
+    monkeypatch.setattr(watcher, 'pop_changed', lambda: see() and set())
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    edit(watched)
+    wait_until(lambda: reloader.restarts, 'the full check')
+
+
 RELOAD_CHILD = """
     import os, sys, wspbus_plugins as wp
     watched, starts, mode = sys.argv[1:4]

@@ -2034,6 +2034,7 @@ class Monitor(SimplePlugin):
 
 _UNSEEN = object()  # Autoreloader.mtimes default: not stat'ed yet.
 _DEBOUNCE = 0.02  # Seconds of quiet that end an editor's multi-step save.
+_FULL_CHECK = 60.0  # Seconds between full checks when inotify watches.
 
 
 class Autoreloader(Monitor):
@@ -2060,6 +2061,7 @@ class Autoreloader(Monitor):
             'st_mtime_ns', 'st_size', 'st_ino'
         )
         self._verified = None  # (files, signatures) of the last full check
+        self._full_check_at = 0.0  # When inotify's safety net runs next.
         self.match = match
         self._ordered_from, self._ordered = None, ()
         self.use_inotify = use_inotify
@@ -2103,6 +2105,7 @@ class Autoreloader(Monitor):
             watcher.close()
             watcher = None
         self._first_change(self._in_order(watched))
+        self._full_check_at = time.monotonic() + _FULL_CHECK
         if watcher is None:
             return super()._new_thread()
         return _WatchTask(watcher, self.frequency, self.callback, bus=self.bus)
@@ -2208,8 +2211,13 @@ class Autoreloader(Monitor):
                 candidates = tuple(
                     sorted(new.union(changed, watcher.unwatched))
                 )
-        if candidates is None:  # Polling: every watched file, every tick.
+        now = time.monotonic()
+        if candidates is None or now >= self._full_check_at:
+            # Polling: every watched file, every tick.  With inotify, now
+            # and then too: the safety net for changes it cannot see (a
+            # network file system, a lost event).
             candidates = self._in_order(watched)
+            self._full_check_at = now + _FULL_CHECK
         changed = self._first_change(candidates)
         if changed is not None:
             self.bus.log('Restarting because %s changed.' % changed)
