@@ -2663,6 +2663,44 @@ def test_autoreloader_real_configmap_update_restarts(child, tmp_path):
     assert 'Restarting because %s changed.' % watched in err
 
 
+@linux_only
+def test_autoreloader_real_save_in_steps_restarts_once_on_the_whole_file(
+    child, tmp_path
+):
+    # A save written in several steps a few ms apart: the 20 ms debounce
+    # waits for the last one.  Without it the process restarts on a
+    # partial file.
+    code = textwrap.dedent(RELOAD_CHILD).replace(
+        'bus.start()',
+        """
+def record_what_the_restart_sees():
+    if bus.execv:
+        with open(watched) as f, open(starts + '.seen', 'a') as seen:
+            seen.write(repr(f.read()) + '\\n')
+bus.subscribe('stop', record_what_the_restart_sees)
+bus.start()""",
+    )
+    watched = tmp_path / 'watched.cfg'
+    watched.write_text('')
+    starts = tmp_path / 'starts'
+    ready = tmp_path / 'starts.ready'
+    proc = child(code, str(watched), str(starts), 'inotify', '60')
+    wait_until(ready.exists, 'the child to start')
+    ready.unlink()
+    chunks = ['[app]\n', 'a = 1\n', 'b = 2\n', 'c = 3\n', 'd = 4\n']
+    with open(str(watched), 'a') as f:
+        for chunk in chunks:
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.002)
+    wait_until(ready.exists, 'the restarted child')
+    time.sleep(0.5)
+    assert lines_of(starts) == [str(proc.pid)] * 2  # Exactly one restart.
+    assert lines_of(tmp_path / 'starts.seen') == [repr(''.join(chunks))]
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc)[0] == 0
+
+
 # -- ThreadManager ------------------------------------------------------------
 
 
