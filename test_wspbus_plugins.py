@@ -2198,6 +2198,62 @@ def test_monitor_callback_must_be_callable(bus):
         wp.Monitor(bus, 'nope')
 
 
+class Overlaps:
+    """A callback that notes whether two of its runs ever overlapped."""
+
+    def __init__(self, seconds, then=None):
+        self.seconds = seconds
+        self.then = then
+        self.active = 0
+        self.most = 0
+        self.runs = 0
+        self.entered = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.active += 1
+            self.runs += 1
+            self.most = max(self.most, self.active)
+        self.entered.set()
+        if self.then is not None:
+            self.then(self.runs)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+
+
+def test_monitor_stop_and_graceful_wait_for_the_running_callback(bus):
+    callback = Overlaps(0.2)
+    monitor = wp.Monitor(bus, callback, frequency=0.01)
+    monitor.subscribe()
+    bus.start()
+    for _ in range(2):  # Each graceful lands while a callback runs.
+        assert callback.entered.wait(TIMEOUT)
+        callback.entered.clear()
+        bus.graceful()
+    assert callback.entered.wait(TIMEOUT)
+    bus.stop()
+    assert callback.active == 0  # None still running once stop returned.
+    time.sleep(0.1)
+    assert callback.active == 0  # And none started after.
+    assert callback.most == 1  # Never two at once.
+
+
+def test_monitor_graceful_from_its_own_thread_does_not_overlap(bus):
+    def graceful_on_first_run(run):
+        if run == 1:
+            bus.graceful()
+
+    callback = Overlaps(0.1, then=graceful_on_first_run)
+    monitor = wp.Monitor(bus, callback, frequency=0.01)
+    monitor.subscribe()
+    bus.start()
+    wait_until(lambda: callback.runs >= 3, 'runs after the graceful')
+    bus.stop()
+    assert callback.most == 1
+
+
 def test_monitor_stop_from_its_own_thread_does_not_hang(bus):
     class NonDaemonMonitor(wp.Monitor):
         def _new_thread(self):

@@ -1926,6 +1926,7 @@ class BackgroundTask(threading.Thread):
         self.bus = bus
         self.daemon = True
         self._cancelled = threading.Event()
+        self._after = None  # A thread to wait for before the first run.
 
     def cancel(self):
         """Stop the loop; the thread ends without waiting out its sleep."""
@@ -1937,6 +1938,9 @@ class BackgroundTask(threading.Thread):
         return self._cancelled.wait(self.interval)
 
     def run(self):
+        after = self._after
+        if after is not None and after is not threading.current_thread():
+            after.join()  # Monitor.graceful(): its last run must end first.
         self.running = not self._cancelled.is_set()
         while self.running:
             if self._sleep() or not self.running:
@@ -1962,9 +1966,12 @@ class Monitor(SimplePlugin):
     """Call `callback` every `frequency` seconds while the bus runs.
 
     Channels: ``start`` (priority 70) starts a BackgroundTask named `name`
-    (default: the class name), ``stop`` cancels it, ``graceful`` restarts
-    it.  A `frequency` <= 0 disables the monitor; one that is not a number
-    raises ValueError.  Subclasses may override _new_thread().
+    (default: the class name), ``stop`` cancels it and waits for a callback
+    in progress to end (unless called from that callback), ``graceful``
+    restarts it while the bus is STARTED.  Two runs of the callback never
+    overlap, and none runs after stop() returned.  A `frequency` <= 0
+    disables the monitor; one that is not a number raises ValueError.
+    Subclasses may override _new_thread().
     """
 
     def __init__(self, bus, callback, frequency=60, name=None):
@@ -1983,6 +1990,8 @@ class Monitor(SimplePlugin):
         self.thread = None
         """The running BackgroundTask, or None."""
         self.name = name
+        self._lock = threading.RLock()  # A signal handler can reach stop().
+        self._last = None  # The last thread stopped; it may still run.
 
     def __repr__(self):
         return '%s(%r, frequency=%r)' % (
@@ -2001,33 +2010,54 @@ class Monitor(SimplePlugin):
         """Start the monitor thread, unless disabled or running."""
         if self.frequency <= 0:
             return
-        if self.thread is None:
-            self.thread = self._new_thread()
-            self.thread.name = self._name()
-            self.thread.start()
-            self.bus.log('Started monitor thread %r.' % self._name())
-        else:
-            self.bus.log('Monitor thread %r already started.' % self._name())
+        with self._lock:
+            if self.thread is not None:
+                self.bus.log(
+                    'Monitor thread %r already started.' % self._name()
+                )
+                return
+            thread = self._new_thread()
+            thread.name = self._name()
+            # Stopped from its own callback, the last thread may still be
+            # running it: the new one waits for it to end.
+            thread._after = self._last
+            self.thread = thread
+            thread.start()
+        self.bus.log('Started monitor thread %r.' % self._name())
 
     start.priority = 70
 
     def stop(self):
-        """Cancel the monitor thread; join it unless it is a daemon or us."""
-        thread, self.thread = self.thread, None
+        """Cancel the monitor thread and wait for its callback to end.
+
+        Called from that callback (or one the new thread waits for), it
+        cancels without waiting, which would never end.
+        """
+        with self._lock:
+            thread, self.thread = self.thread, None
+            if thread is not None:
+                self._last = thread
         if thread is None:
             self.bus.log('No thread running for %s.' % self._name())
             return
         thread.cancel()
-        if thread is not threading.current_thread():
+        current = threading.current_thread()
+        if current not in (thread, getattr(thread, '_after', None)):
             if not thread.daemon:
                 self.bus.log('Joining %r' % thread.name)
-                thread.join()
+            thread.join()
             self.bus.log('Stopped thread %r.' % thread.name)
 
     def graceful(self):
-        """Restart the monitor thread."""
+        """Restart the monitor thread, unless the bus is stopping.
+
+        An exit that began meanwhile has stopped it, or will: either way
+        no thread outlives the bus.
+        """
         self.stop()
-        self.start()
+        with self._lock:
+            if self.bus.state is states.STARTED:
+                self.start()
 
 
 # -- Autoreloader -------------------------------------------------------------
