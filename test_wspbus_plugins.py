@@ -1677,6 +1677,8 @@ def test_daemonizer_needs_fork(bus, monkeypatch):
     [
         ({'ready_timeout': 0}, 'Invalid ready_timeout: 0'),
         ({'ready_timeout': 'soon'}, "Invalid ready_timeout: 'soon'"),
+        ({'ready_timeout': float('nan')}, 'Invalid ready_timeout: nan'),
+        ({'ready_timeout': float('inf')}, 'Invalid ready_timeout: inf'),
         ({'stdout': '/no/such/dir/out.log'}, "'/no/such/dir' does not exist"),
     ],
 )
@@ -2151,6 +2153,26 @@ def test_backgroundtask_logs_the_first_error_and_stops(bus):
     )
 
 
+NOT_FINITE = [
+    float('nan'),
+    float('inf'),
+    float('-inf'),
+    threading.TIMEOUT_MAX * 2,
+    1e22,
+]
+
+
+@pytest.mark.parametrize('interval', NOT_FINITE)
+@pytest.mark.parametrize('task', [wp.BackgroundTask, wp.PerpetualTimer])
+def test_backgroundtask_interval_must_be_finite(bus, task, interval):
+    # NaN made the thread spin; inf and huge values killed it with an
+    # OverflowError.  Non-numbers stay threading's business.
+    with pytest.raises(
+        ValueError, match=re.escape('Invalid interval: %r' % interval)
+    ):
+        task(interval, lambda: None)
+
+
 # -- Monitor ------------------------------------------------------------------
 
 
@@ -2185,12 +2207,16 @@ def test_monitor_frequency_zero_or_less_disables(bus, frequency):
     assert monitor.thread is None
 
 
-@pytest.mark.parametrize('frequency', ['60', None, True, [1]])
-def test_monitor_non_numeric_frequency_is_named(bus, frequency):
+@pytest.mark.parametrize('frequency', ['60', None, True, [1]] + NOT_FINITE)
+@pytest.mark.parametrize('plugin', [wp.Monitor, wp.Autoreloader])
+def test_monitor_non_numeric_or_infinite_frequency_is_named(
+    bus, plugin, frequency
+):
+    args = (lambda: None,) if plugin is wp.Monitor else ()
     with pytest.raises(
         ValueError, match=re.escape('Invalid frequency: %r' % (frequency,))
     ):
-        wp.Monitor(bus, lambda: None, frequency=frequency)
+        plugin(bus, *args, frequency=frequency)
 
 
 def test_monitor_callback_must_be_callable(bus):
@@ -3210,6 +3236,12 @@ def test_demo_quiet_and_version():
         (['--umask', '099'], "invalid umask: '099'"),
         (['--duration', '-1'], "invalid number of seconds: '-1'"),
         (['--heartbeat', 'often'], "invalid number of seconds: 'often'"),
+        (
+            ['--heartbeat', '99999999999999999999'],
+            "invalid number of seconds: '99999999999999999999'",
+        ),
+        (['--duration', 'inf'], "invalid number of seconds: 'inf'"),
+        (['--duration', 'nan'], "invalid number of seconds: 'nan'"),
         (['--user', 'no-such-user-x'], "No such user: 'no-such-user-x'"),
         (['--group', 'no-such-group-x'], "No such group: 'no-such-group-x'"),
         (['--pidfile', '/no/such/dir/x.pid'], "'/no/such/dir' does not exist"),

@@ -210,6 +210,15 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite_wait(seconds):
+    """Tell whether a number of seconds is one threading can wait.
+
+    NaN makes a wait loop spin; inf and anything beyond TIMEOUT_MAX raise
+    OverflowError in the waiting thread.
+    """
+    return -threading.TIMEOUT_MAX <= seconds <= threading.TIMEOUT_MAX
+
+
 # -- States -------------------------------------------------------------------
 
 
@@ -1260,9 +1269,14 @@ class Daemonizer(SimplePlugin):
             raise RuntimeError(
                 'Daemonizer needs os.fork(), which %r lacks.' % sys.platform
             )
-        if not _is_number(ready_timeout) or ready_timeout <= 0:
+        if (
+            not _is_number(ready_timeout)
+            or not _is_finite_wait(ready_timeout)
+            or ready_timeout <= 0
+        ):
             raise ValueError(
-                'Invalid ready_timeout: %r (seconds > 0)' % (ready_timeout,)
+                'Invalid ready_timeout: %r (seconds, a finite number > 0)'
+                % (ready_timeout,)
             )
         for path in (stdout, stderr):
             _check_parent_dir(path, 'Daemonizer output')
@@ -1881,14 +1895,16 @@ def _remove_quietly(path):
 class PerpetualTimer(threading.Timer):
     """A threading.Timer that calls its function every `interval` seconds.
 
-    Takes Timer's arguments plus `bus`.  The first exception from the
-    function is logged on the bus (raised, without one) and ends the timer;
-    cancel() ends it at once.
+    Takes Timer's arguments plus `bus`; an `interval` threading cannot wait
+    (NaN, inf, beyond TIMEOUT_MAX) raises ValueError.  The first exception
+    from the function is logged on the bus (raised, without one) and ends
+    the timer; cancel() ends it at once.
     """
 
     def __init__(self, *args, **kwargs):
         self.bus = kwargs.pop('bus', None)
         super().__init__(*args, **kwargs)
+        _check_interval(self.interval)
 
     def run(self):
         while not self.finished.wait(self.interval):
@@ -1909,15 +1925,17 @@ class PerpetualTimer(threading.Timer):
 class BackgroundTask(threading.Thread):
     """A daemon thread that calls ``function(*args, **kwargs)`` repeatedly.
 
-    It waits `interval` seconds before each call.  cancel() ends the thread
-    at once, even in the middle of a wait.  The first exception is logged on
-    `bus` (raised, without one) and ends the thread.  ``running`` is True
-    while the thread loops.  Subclasses may override _sleep() to wait on
-    something else.
+    It waits `interval` seconds before each call; a number that threading
+    cannot wait (NaN, inf, beyond TIMEOUT_MAX) raises ValueError here.
+    cancel() ends the thread at once, even in the middle of a wait.  The
+    first exception is logged on `bus` (raised, without one) and ends the
+    thread.  ``running`` is True while the thread loops.  Subclasses may
+    override _sleep() to wait on something else.
     """
 
     def __init__(self, interval, function, args=[], kwargs={}, bus=None):
         super().__init__()
+        _check_interval(interval)
         self.interval = interval
         self.function = function
         self.args = args
@@ -1959,6 +1977,15 @@ class BackgroundTask(threading.Thread):
                 )
 
 
+def _check_interval(interval):
+    # Non-numbers are left to threading, as CherryPy does.
+    if _is_number(interval) and not _is_finite_wait(interval):
+        raise ValueError(
+            'Invalid interval: %r (seconds, a finite number up to '
+            'threading.TIMEOUT_MAX)' % (interval,)
+        )
+
+
 # -- Monitor ------------------------------------------------------------------
 
 
@@ -1970,8 +1997,8 @@ class Monitor(SimplePlugin):
     in progress to end (unless called from that callback), ``graceful``
     restarts it while the bus is STARTED.  Two runs of the callback never
     overlap, and none runs after stop() returned.  A `frequency` <= 0
-    disables the monitor; one that is not a number raises ValueError.
-    Subclasses may override _new_thread().
+    disables the monitor; one that is not a finite number raises
+    ValueError.  Subclasses may override _new_thread().
     """
 
     def __init__(self, bus, callback, frequency=60, name=None):
@@ -1980,10 +2007,10 @@ class Monitor(SimplePlugin):
             raise TypeError(
                 'Monitor callback must be callable, not %r' % (callback,)
             )
-        if not _is_number(frequency):
+        if not _is_number(frequency) or not _is_finite_wait(frequency):
             raise ValueError(
-                'Invalid frequency: %r (seconds as a number; '
-                '<= 0 disables)' % (frequency,)
+                'Invalid frequency: %r (seconds, a finite number up to '
+                'threading.TIMEOUT_MAX; <= 0 disables)' % (frequency,)
             )
         self.callback = callback
         self.frequency = frequency
@@ -2443,7 +2470,8 @@ class _Inotify:
 
     def wait(self, timeout):
         """Block until an event, a wake() or `timeout` seconds."""
-        ready = _readable([self.fd, self._wake_r], timeout)
+        # poll() takes at most ~24 days: a longer wait wakes early, once.
+        ready = _readable([self.fd, self._wake_r], min(timeout, 86400.0))
         if self._wake_r in ready:
             os.read(self._wake_r, 512)
 
@@ -2851,10 +2879,14 @@ def _parse_demo_options(argv):
         return convert
 
     def seconds(text):
-        value = float(text) if text.replace('.', '', 1).isdigit() else -1
-        if value < 0:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= threading.TIMEOUT_MAX:  # NaN fails too.
             raise ValueError(
-                'invalid number of seconds: %r (a number >= 0)' % text
+                'invalid number of seconds: %r (a number from 0 to %d)'
+                % (text, threading.TIMEOUT_MAX)
             )
         return value
 
