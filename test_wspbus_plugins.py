@@ -1351,7 +1351,8 @@ def test_consolectrlhandler_is_a_logged_noop_elsewhere(bus):
 
 DROP_CHILD = """
     import json, os, sys, wspbus_plugins as wp
-    uid, gid, umask = json.loads(sys.argv[1])
+    uid, gid, umask, groups = json.loads(sys.argv[1])
+    os.setgroups(groups)  # Root's own supplementary groups, to lose.
     bus = wp.Bus()
     wp.DropPrivileges(bus, uid=uid, gid=gid, umask=umask).subscribe()
     bus.start()
@@ -1360,8 +1361,8 @@ DROP_CHILD = """
         regained = True
     except PermissionError:
         regained = False
-    print(json.dumps([os.getuid(), os.getgid(), os.getgroups(),
-                      os.umask(0), regained]))
+    print(json.dumps([os.getresuid(), os.getresgid(),
+                      sorted(os.getgroups()), os.umask(0), regained]))
     bus.exit()
 """
 
@@ -1377,9 +1378,36 @@ def test_dropprivileges_switches_user_group_and_umask(child, by):
     group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
     gid = grp.getgrnam(group).gr_gid
     ids = ['nobody', group] if by == 'name' else [nobody.pw_uid, gid]
-    status, out, err = finish(child(DROP_CHILD, json.dumps(ids + [0o027])))
+    status, out, err = finish(
+        child(DROP_CHILD, json.dumps(ids + [0o027, [0, 1, 2]]))
+    )
     assert status == 0, err
-    assert json.loads(out) == [nobody.pw_uid, gid, [], 0o027, False]
+    assert json.loads(out) == [
+        [nobody.pw_uid] * 3,
+        [gid] * 3,
+        [],  # setgroups([]): none of root's groups is left.
+        0o027,
+        False,
+    ]
+
+
+@needs_root
+@pytest.mark.parametrize('by', ['name', 'number'])
+def test_dropprivileges_uid_alone_takes_the_users_groups(child, by):
+    import json
+    import pwd
+
+    nobody = pwd.getpwnam('nobody')
+    uid = 'nobody' if by == 'name' else nobody.pw_uid
+    status, out, err = finish(
+        child(DROP_CHILD, json.dumps([uid, None, None, [0, 1, 2]]))
+    )
+    assert status == 0, err
+    resuid, resgid, groups, _, regained = json.loads(out)
+    assert resuid == [nobody.pw_uid] * 3 and not regained
+    assert resgid == [nobody.pw_gid] * 3  # Not root's group 0.
+    assert groups == sorted(set(os.getgrouplist('nobody', nobody.pw_gid)))
+    assert 0 not in groups
 
 
 def _group_exists(name):
@@ -1408,6 +1436,27 @@ def test_dropprivileges_bad_input_is_named_at_construction(
 ):
     with pytest.raises(ValueError, match=re.escape(message)):
         wp.DropPrivileges(bus, **kwargs)
+
+
+def test_dropprivileges_numeric_uid_without_user_needs_a_gid(bus):
+    import pwd
+
+    uid = 54321
+    while True:  # A uid no user has.
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            break
+        uid += 1
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            'uid %r has no passwd entry, so its group is unknown: give a '
+            'gid too.' % uid
+        ),
+    ):
+        wp.DropPrivileges(bus, uid=uid)
+    assert wp.DropPrivileges(bus, uid=uid, gid=uid).uid == uid
 
 
 def test_dropprivileges_without_pwd_and_grp_ignores_ids(bus, monkeypatch):

@@ -1108,13 +1108,17 @@ class ConsoleCtrlHandler(SimplePlugin):
 
 
 class DropPrivileges(SimplePlugin):
-    """Give up root: switch group, clear supplementary groups, switch user.
+    """Give up root: switch group, supplementary groups, then user.
 
     Channel: ``start`` (priority 77, after PIDFile and Daemonizer, so the
     PID file and low ports are taken as root).  `uid` and `gid` are numbers
     or names, resolved at once: an unknown name raises ValueError here.
-    `umask` (an int such as 0o022) is applied at start too.  Where the
-    ``pwd``/``grp`` modules are missing, uid/gid are ignored with a warning.
+    With `gid`, the supplementary groups are cleared; with `uid` alone, the
+    process takes that user's primary group and supplementary groups
+    (initgroups), so no root group is kept, and a numeric uid that has no
+    passwd entry raises ValueError (give a gid).  `umask` (an int such as
+    0o022) is applied at start too.  Where the ``pwd``/``grp`` modules are
+    missing, uid/gid are ignored with a warning.
     """
 
     def __init__(self, bus, umask=None, uid=None, gid=None):
@@ -1124,6 +1128,7 @@ class DropPrivileges(SimplePlugin):
         self.uid = uid
         self.gid = gid
         self.umask = umask
+        self._users_group()
 
     def __repr__(self):
         return 'DropPrivileges(uid=%r, gid=%r, umask=%r)' % (
@@ -1140,6 +1145,17 @@ class DropPrivileges(SimplePlugin):
     @uid.setter
     def uid(self, value):
         self._uid = self._resolve(value, 'pwd', 'getpwnam', 'user', 'uid')
+        self._user = None  # (name, primary gid) of that user, if known.
+        if self._uid is not None:
+            pwd = _import_optional('pwd')
+            try:
+                if isinstance(value, str):
+                    entry = pwd.getpwnam(value)
+                else:
+                    entry = pwd.getpwuid(self._uid)
+                self._user = entry.pw_name, entry.pw_gid
+            except KeyError:
+                pass  # Without a gid, _users_group() says so.
 
     @property
     def gid(self):
@@ -1195,10 +1211,32 @@ class DropPrivileges(SimplePlugin):
                 )
         self._umask = value
 
+    def _users_group(self):
+        """Return (user name, primary gid) to switch groups by, or None.
+
+        Only for a uid given without a gid: ValueError when the uid has no
+        passwd entry, since its group would silently stay root's.
+        """
+        if self._uid is None or self._gid is not None:
+            return None
+        if self._user is None:
+            raise ValueError(
+                'uid %r has no passwd entry, so its group is unknown: give '
+                'a gid too.' % self._uid
+            )
+        return self._user
+
     def _current_ids(self):
         pwd, grp = _import_optional('pwd'), _import_optional('grp')
-        name = pwd.getpwuid(os.getuid())[0] if pwd else None
-        group = grp.getgrgid(os.getgid())[0] if grp else None
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            name = pwd.getpwuid(uid)[0] if pwd else None
+        except KeyError:  # A uid without a passwd entry: its number.
+            name = uid
+        try:
+            group = grp.getgrgid(gid)[0] if grp else None
+        except KeyError:
+            group = gid
         return name, group
 
     def start(self):
@@ -1215,11 +1253,19 @@ class DropPrivileges(SimplePlugin):
             if _import_optional('pwd') or _import_optional('grp'):
                 self.bus.log('uid/gid not set', level=_WARNING)
         else:
+            users_group = self._users_group()
             self.bus.log('Started as uid: %r gid: %r' % self._current_ids())
-            if self.gid is not None:
-                os.setgid(self.gid)
-            if os.getuid() == 0:
-                os.setgroups([])  # Root's groups must not outlive root.
+            root = os.getuid() == 0
+            if users_group is not None:  # uid alone: the user's groups.
+                name, gid = users_group
+                if root:
+                    os.initgroups(name, gid)
+                os.setgid(gid)
+            else:
+                if self.gid is not None:
+                    os.setgid(self.gid)
+                if root:
+                    os.setgroups([])  # Root's groups must not outlive root.
             if self.uid is not None:
                 os.setuid(self.uid)
             self.bus.log('Running as uid: %r gid: %r' % self._current_ids())
