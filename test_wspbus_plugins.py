@@ -2139,7 +2139,8 @@ def test_consolectrlhandler_is_a_logged_noop_elsewhere(bus):
 
 DROP_CHILD = """
     import json, os, sys, wspbus_plugins as wp
-    uid, gid, umask = json.loads(sys.argv[1])
+    uid, gid, umask, groups = json.loads(sys.argv[1])
+    os.setgroups(groups)  # Root's own supplementary groups, to lose.
     bus = wp.Bus()
     wp.DropPrivileges(bus, uid=uid, gid=gid, umask=umask).subscribe()
     bus.start()
@@ -2148,8 +2149,8 @@ DROP_CHILD = """
         regained = True
     except PermissionError:
         regained = False
-    print(json.dumps([os.getuid(), os.getgid(), os.getgroups(),
-                      os.umask(0), regained]))
+    print(json.dumps([os.getresuid(), os.getresgid(),
+                      sorted(os.getgroups()), os.umask(0), regained]))
     bus.exit()
 """
 
@@ -2165,9 +2166,36 @@ def test_dropprivileges_switches_user_group_and_umask(child, by):
     group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
     gid = grp.getgrnam(group).gr_gid
     ids = ['nobody', group] if by == 'name' else [nobody.pw_uid, gid]
-    status, out, err = finish(child(DROP_CHILD, json.dumps(ids + [0o027])))
+    status, out, err = finish(
+        child(DROP_CHILD, json.dumps(ids + [0o027, [0, 1, 2]]))
+    )
     assert status == 0, err
-    assert json.loads(out) == [nobody.pw_uid, gid, [], 0o027, False]
+    assert json.loads(out) == [
+        [nobody.pw_uid] * 3,
+        [gid] * 3,
+        [],  # setgroups([]): none of root's groups is left.
+        0o027,
+        False,
+    ]
+
+
+@needs_root
+@pytest.mark.parametrize('by', ['name', 'number'])
+def test_dropprivileges_uid_alone_takes_the_users_groups(child, by):
+    import json
+    import pwd
+
+    nobody = pwd.getpwnam('nobody')
+    uid = 'nobody' if by == 'name' else nobody.pw_uid
+    status, out, err = finish(
+        child(DROP_CHILD, json.dumps([uid, None, None, [0, 1, 2]]))
+    )
+    assert status == 0, err
+    resuid, resgid, groups, _, regained = json.loads(out)
+    assert resuid == [nobody.pw_uid] * 3 and not regained
+    assert resgid == [nobody.pw_gid] * 3  # Not root's group 0.
+    assert groups == sorted(set(os.getgrouplist('nobody', nobody.pw_gid)))
+    assert 0 not in groups
 
 
 def _group_exists(name):
@@ -2196,6 +2224,27 @@ def test_dropprivileges_bad_input_is_named_at_construction(
 ):
     with pytest.raises(ValueError, match=re.escape(message)):
         wp.DropPrivileges(bus, **kwargs)
+
+
+def test_dropprivileges_numeric_uid_without_user_needs_a_gid(bus):
+    import pwd
+
+    uid = 54321
+    while True:  # A uid no user has.
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            break
+        uid += 1
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            'uid %r has no passwd entry, so its group is unknown: give a '
+            'gid too.' % uid
+        ),
+    ):
+        wp.DropPrivileges(bus, uid=uid)
+    assert wp.DropPrivileges(bus, uid=uid, gid=uid).uid == uid
 
 
 def test_dropprivileges_without_pwd_and_grp_ignores_ids(bus, monkeypatch):
@@ -2319,6 +2368,142 @@ def test_daemonizer_launcher_gives_up_after_ready_timeout(
 
 
 @needs_fork
+def test_daemonizer_launcher_reads_messages_not_text(child, tmp_path):
+    # The error text holds a line 'READY': still an error.
+    code = FAILING_DAEMON.replace(
+        "'cannot bind port 80'", "'bad key:\\nREADY\\nin app.ini'"
+    )
+    status, out, err, pidfile, starts, log = start_daemon(
+        child, tmp_path, code
+    )
+    assert status == 1, err
+    assert 'failed to start' in err
+    assert 'ValueError: bad key:\nREADY\nin app.ini' in err
+    assert not pidfile.exists()
+
+
+def start_daemon_with_worker(child, tmp_path, then):
+    """Start a daemon whose start listener forks a worker (which inherits
+    the readiness pipe) and then runs `then`; return what start_daemon
+    does.  ready_timeout is 60 s: longer than finish() waits."""
+    code = (
+        textwrap.dedent(DAEMON_CHILD)
+        .replace(
+            'stderr=sys.argv[3])',
+            'stderr=sys.argv[3], ready_timeout=60)',
+        )
+        .replace(
+            'bus.start()',
+            """
+def fork_worker():
+    worker = os.fork()
+    if worker == 0:
+        time.sleep(60)
+        os._exit(0)
+    with open(sys.argv[2] + '.worker', 'w') as f:
+        f.write('%d' % worker)
+    """
+            + then
+            + """
+bus.subscribe('start', fork_worker, priority=90)
+bus.start()""",
+        )
+    )
+    worker_file = tmp_path / 'starts.worker'
+    try:
+        return start_daemon(child, tmp_path, code)
+    finally:
+        if worker_file.exists():
+            child.track(int(worker_file.read_text()))
+
+
+@needs_fork
+def test_daemonizer_launcher_reports_an_error_at_once_despite_workers(
+    child, tmp_path
+):
+    status, out, err, pidfile, starts, log = start_daemon_with_worker(
+        child, tmp_path, "raise ValueError('cannot bind port 80')"
+    )
+    assert status == 1, err  # At once: not after the 60 s ready_timeout.
+    assert 'ValueError: cannot bind port 80' in err
+    assert 'was not ready after' not in err
+
+
+@needs_fork
+@pytest.mark.parametrize('with_worker', [False, True])
+def test_daemonizer_launcher_fails_when_the_daemon_dies_silently(
+    child, tmp_path, with_worker
+):
+    # The daemon ends before it is ready without reporting anything.
+    if with_worker:
+        status, out, err, pidfile, starts, log = start_daemon_with_worker(
+            child, tmp_path, 'os._exit(0)'
+        )
+    else:
+        code = textwrap.dedent(DAEMON_CHILD).replace(
+            'bus.start()',
+            "bus.subscribe('start', lambda: os._exit(0), priority=90)\n"
+            'bus.start()',
+        )
+        status, out, err, pidfile, starts, log = start_daemon(
+            child, tmp_path, code
+        )
+    assert status == 1, err
+    assert re.search(
+        r'^Daemon \d+ failed to start:\nit exited before it was ready\.$',
+        err,
+        re.M,
+    ), err
+
+
+CLOSE_AND_EXEC = """
+    import os, sys
+    for fd in sys.argv[1].split(','):
+        os.close(int(fd))
+    os.execv(sys.executable, [sys.executable] + sys.argv[2:])
+"""
+
+
+@needs_fork
+@pytest.mark.parametrize('stdio', ['1', '2', '0,1,2', 'replaced'])
+def test_daemonizer_works_with_stdio_closed_or_replaced(
+    child, tmp_path, stdio
+):
+    # As `python app.py >&-` from an init script, or a program that set
+    # sys.stdout to an object without a file descriptor.
+    code = textwrap.dedent(DAEMON_CHILD).replace(
+        'bus.start()',
+        "bus.subscribe('started', lambda: print('printed', flush=True))\n"
+        'bus.start()',
+    )
+    if stdio == 'replaced':
+        code = 'import io, sys\nsys.stdout = io.StringIO()\n' + code
+        code = code.replace(
+            'bus = wp.Bus()', 'bus = wp.Bus()\nsys.stderr = None'
+        )
+    script = tmp_path / 'daemon.py'
+    script.write_text(code)
+    paths = [tmp_path / name for name in ('app.pid', 'starts', 'daemon.log')]
+    if stdio == 'replaced':
+        proc = child(code, *map(str, paths))
+    else:  # Closed before the interpreter starts.
+        proc = child(CLOSE_AND_EXEC, stdio, str(script), *map(str, paths))
+    status, out, err = finish(proc)
+    pidfile, starts, log = paths
+    assert status == 0, err
+    pid = read_pid(pidfile)
+    child.track(pid)
+    assert os.readlink('/proc/%d/fd/0' % pid) == os.devnull
+    for fd in (1, 2):
+        assert os.readlink('/proc/%d/fd/%d' % (pid, fd)) == str(log)
+    if stdio != 'replaced':  # A closed sys.stdout now writes to the log.
+        wait_until(lambda: 'printed' in log.read_text(), 'the print')
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not pidfile.exists()
+
+
+@needs_fork
 def test_daemonizer_without_wait_ready_returns_at_once(child, tmp_path):
     code = FAILING_DAEMON.replace(
         'stderr=sys.argv[3])', 'stderr=sys.argv[3], wait_ready=False)'
@@ -2341,6 +2526,8 @@ def test_daemonizer_needs_fork(bus, monkeypatch):
     [
         ({'ready_timeout': 0}, 'Invalid ready_timeout: 0'),
         ({'ready_timeout': 'soon'}, "Invalid ready_timeout: 'soon'"),
+        ({'ready_timeout': float('nan')}, 'Invalid ready_timeout: nan'),
+        ({'ready_timeout': float('inf')}, 'Invalid ready_timeout: inf'),
         ({'stdout': '/no/such/dir/out.log'}, "'/no/such/dir' does not exist"),
     ],
 )
@@ -3170,6 +3357,93 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     assert wp.ListenSockets(bus)._inherited == {}
 
 
+PIDFILE_KIND_CHILD = """
+    import sys, wspbus_plugins as wp
+    if sys.argv[2] == 'exclusive':
+        wp.fcntl = None  # As on Windows: exclusive creation.
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: level >= 40 and
+                  print(msg.splitlines()[-1], file=sys.stderr, flush=True))
+    wp.PIDFile(bus, sys.argv[1]).subscribe()
+    bus.start()
+    bus.exit()
+"""
+
+
+def make_node(path, kind):
+    import stat
+
+    if kind == 'FIFO':
+        os.mkfifo(str(path))
+    elif kind == 'character device':  # A copy of /dev/null.
+        os.mknod(str(path), 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    else:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(str(path))
+    return os.lstat(str(path))
+
+
+@pytest.mark.parametrize('claim', ['flock', 'exclusive'])
+@pytest.mark.parametrize(
+    'kind',
+    [
+        'FIFO',
+        pytest.param('character device', marks=needs_root),
+        'socket',
+    ],
+)
+def test_pidfile_refuses_anything_but_a_regular_file(
+    child, tmp_path, kind, claim
+):
+    path = tmp_path / 'app.pid'
+    before = make_node(path, kind)
+    status, out, err = finish(child(PIDFILE_KIND_CHILD, str(path), claim))
+    assert status == 70, err
+    assert (
+        'Refusing to use PID file %r: it is a %s, not a regular file.'
+        % (str(path), kind)
+    ) in err
+    after = os.lstat(str(path))  # Still there, untouched.
+    assert (after.st_ino, after.st_mode, after.st_rdev) == (
+        before.st_ino,
+        before.st_mode,
+        before.st_rdev,
+    )
+
+
+@pytest.mark.parametrize('close_first', [True, False])
+def test_pidfile_closed_before_removed_where_the_platform_needs_it(
+    bus, pidfile_path, monkeypatch, close_first
+):
+    # Windows refuses to delete an open file: close it first there.  On
+    # Unix the file stays open, so its lock covers the removal.
+    monkeypatch.setattr(wp, '_CLOSE_BEFORE_REMOVE', close_first)
+    if close_first:
+        monkeypatch.setattr(wp, 'fcntl', None)
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    plugin.start()
+    fd = plugin._fd
+    open_during_remove = []
+    real_remove = os.remove
+
+    def remove(path):
+        try:
+            os.fstat(fd)
+        except OSError:
+            open_during_remove.append(False)
+        else:
+            open_during_remove.append(True)
+            if close_first:
+                raise PermissionError(13, 'The file is in use', path)
+        real_remove(path)
+
+    monkeypatch.setattr(os, 'remove', remove)
+    plugin.exit()
+    assert not pidfile_path.exists()
+    assert open_during_remove == [not close_first]
+    assert bus.recorder.messages(30) == []
+
+
 # -- PerpetualTimer and BackgroundTask ----------------------------------------
 
 
@@ -3245,6 +3519,26 @@ def test_backgroundtask_logs_the_first_error_and_stops(bus):
     )
 
 
+NOT_FINITE = [
+    float('nan'),
+    float('inf'),
+    float('-inf'),
+    threading.TIMEOUT_MAX * 2,
+    1e22,
+]
+
+
+@pytest.mark.parametrize('interval', NOT_FINITE)
+@pytest.mark.parametrize('task', [wp.BackgroundTask, wp.PerpetualTimer])
+def test_backgroundtask_interval_must_be_finite(bus, task, interval):
+    # NaN made the thread spin; inf and huge values killed it with an
+    # OverflowError.  Non-numbers stay threading's business.
+    with pytest.raises(
+        ValueError, match=re.escape('Invalid interval: %r' % interval)
+    ):
+        task(interval, lambda: None)
+
+
 # -- Monitor ------------------------------------------------------------------
 
 
@@ -3279,17 +3573,77 @@ def test_monitor_frequency_zero_or_less_disables(bus, frequency):
     assert monitor.thread is None
 
 
-@pytest.mark.parametrize('frequency', ['60', None, True, [1]])
-def test_monitor_non_numeric_frequency_is_named(bus, frequency):
+@pytest.mark.parametrize('frequency', ['60', None, True, [1]] + NOT_FINITE)
+@pytest.mark.parametrize('plugin', [wp.Monitor, wp.Autoreloader])
+def test_monitor_non_numeric_or_infinite_frequency_is_named(
+    bus, plugin, frequency
+):
+    args = (lambda: None,) if plugin is wp.Monitor else ()
     with pytest.raises(
         ValueError, match=re.escape('Invalid frequency: %r' % (frequency,))
     ):
-        wp.Monitor(bus, lambda: None, frequency=frequency)
+        plugin(bus, *args, frequency=frequency)
 
 
 def test_monitor_callback_must_be_callable(bus):
     with pytest.raises(TypeError, match="not 'nope'"):
         wp.Monitor(bus, 'nope')
+
+
+class Overlaps:
+    """A callback that notes whether two of its runs ever overlapped."""
+
+    def __init__(self, seconds, then=None):
+        self.seconds = seconds
+        self.then = then
+        self.active = 0
+        self.most = 0
+        self.runs = 0
+        self.entered = threading.Event()
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            self.active += 1
+            self.runs += 1
+            self.most = max(self.most, self.active)
+        self.entered.set()
+        if self.then is not None:
+            self.then(self.runs)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.active -= 1
+
+
+def test_monitor_stop_and_graceful_wait_for_the_running_callback(bus):
+    callback = Overlaps(0.2)
+    monitor = wp.Monitor(bus, callback, frequency=0.01)
+    monitor.subscribe()
+    bus.start()
+    for _ in range(2):  # Each graceful lands while a callback runs.
+        assert callback.entered.wait(TIMEOUT)
+        callback.entered.clear()
+        bus.graceful()
+    assert callback.entered.wait(TIMEOUT)
+    bus.stop()
+    assert callback.active == 0  # None still running once stop returned.
+    time.sleep(0.1)
+    assert callback.active == 0  # And none started after.
+    assert callback.most == 1  # Never two at once.
+
+
+def test_monitor_graceful_from_its_own_thread_does_not_overlap(bus):
+    def graceful_on_first_run(run):
+        if run == 1:
+            bus.graceful()
+
+    callback = Overlaps(0.1, then=graceful_on_first_run)
+    monitor = wp.Monitor(bus, callback, frequency=0.01)
+    monitor.subscribe()
+    bus.start()
+    wait_until(lambda: callback.runs >= 3, 'runs after the graceful')
+    bus.stop()
+    assert callback.most == 1
 
 
 def test_monitor_stop_from_its_own_thread_does_not_hang(bus):
@@ -3532,6 +3886,116 @@ def test_autoreloader_stop_ends_the_thread_at_once(reloader):
     assert not thread.is_alive()
 
 
+def make_configmap(base):
+    """Lay out `base` as Kubernetes mounts a ConfigMap volume."""
+    base.mkdir()
+    (base / '..2024_01').mkdir()
+    (base / '..2024_01' / 'app.ini').write_text('a = 1\n')
+    os.symlink('..2024_01', str(base / '..data'))
+    os.symlink(os.path.join('..data', 'app.ini'), str(base / 'app.ini'))
+    return base / 'app.ini'
+
+
+def update_configmap(base):
+    """Swap the ..data link atomically, as the kubelet does."""
+    (base / '..2024_02').mkdir()
+    (base / '..2024_02' / 'app.ini').write_text('a = 2\n')
+    os.symlink('..2024_02', str(base / '..data_tmp'))
+    os.replace(str(base / '..data_tmp'), str(base / '..data'))  # mv -T
+    import shutil
+
+    shutil.rmtree(str(base / '..2024_01'))
+
+
+def make_link_farm(base):
+    base.mkdir()
+    (base / 'store').mkdir()
+    (base / 'store' / 'app.ini').write_text('a = 1\n')
+    (base / 'farm').mkdir()
+    os.symlink(str(base / 'store' / 'app.ini'), str(base / 'farm' / 'app.ini'))
+    return base / 'farm' / 'app.ini'
+
+
+def edit_link_farm(base):
+    edit(base / 'store' / 'app.ini')  # The target, in another directory.
+
+
+def make_release_link(base):
+    base.mkdir()
+    for version in ('v1', 'v2'):
+        (base / version).mkdir()
+        (base / version / 'app.py').write_text('VERSION = %r\n' % version)
+    os.symlink('v1', str(base / 'current'))
+    return base / 'current' / 'app.py'
+
+
+def switch_release_link(base):
+    os.symlink('v2', str(base / 'next'))
+    os.replace(str(base / 'next'), str(base / 'current'))
+
+
+SYMLINK_LAYOUTS = {
+    'configmap': (make_configmap, update_configmap),
+    'link-farm': (make_link_farm, edit_link_farm),
+    'release-link': (make_release_link, switch_release_link),
+}
+
+
+@linux_only
+@pytest.mark.parametrize('layout', sorted(SYMLINK_LAYOUTS))
+def test_autoreloader_inotify_sees_changes_through_symlinks(
+    reloader, tmp_path, layout
+):
+    make, change = SYMLINK_LAYOUTS[layout]
+    base = tmp_path / 'config'
+    watched = make(base)
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 60)  # Only inotify can restart it in time.
+    assert isinstance(reloader.thread, wp._WatchTask)
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    change(base)
+    wait_until(lambda: reloader.restarts, 'the restart')
+    assert (
+        'Restarting because %s changed.' % watched
+        in reloader.bus.recorder.messages()
+    )
+
+
+@linux_only
+@pytest.mark.parametrize('edited', ['settings.ini', 'mod.py'])
+def test_autoreloader_inotify_one_directory_named_two_ways(
+    reloader, tmp_path, monkeypatch, edited
+):
+    # One inotify watch descriptor for both spellings of the directory.
+    monkeypatch.chdir(tmp_path)
+    for name in ('settings.ini', 'mod.py'):
+        (tmp_path / name).write_text('x = 1\n')
+    reloader.files.update(['settings.ini', str(tmp_path / 'mod.py')])
+    start_reloader(reloader, 60)
+    wait_until(lambda: 'settings.ini' in reloader.mtimes, 'the first scan')
+    edit(tmp_path / edited)
+    wait_until(lambda: reloader.restarts, 'the restart')
+
+
+@linux_only
+def test_autoreloader_inotify_full_check_catches_what_events_miss(
+    reloader, tmp_path, monkeypatch
+):
+    # A change inotify cannot see (a network file system, lost events):
+    # the periodic full check still finds it.
+    monkeypatch.setattr(wp, '_FULL_CHECK', 0.3)
+    watched = tmp_path / 'settings.ini'
+    watched.write_text('a = 1\n')
+    reloader.files.add(str(watched))
+    start_reloader(reloader, 0.05)
+    watcher = reloader.thread.watcher
+    see = watcher.pop_changed
+    monkeypatch.setattr(watcher, 'pop_changed', lambda: see() and set())
+    wait_until(lambda: str(watched) in reloader.mtimes, 'the first scan')
+    edit(watched)
+    wait_until(lambda: reloader.restarts, 'the full check')
+
+
 RELOAD_CHILD = """
     import os, sys, wspbus_plugins as wp
     watched, starts, mode = sys.argv[1:4]
@@ -3627,6 +4091,62 @@ def test_autoreloader_real_fallback_to_polling_restarts(child, tmp_path):
     status, out, err = finish(proc)
     assert status == 0, err
     assert 'Autoreloader polls every 0.05 s: inotify is unavailable' in err
+
+
+@linux_only
+def test_autoreloader_real_configmap_update_restarts(child, tmp_path):
+    base = tmp_path / 'config'
+    watched = make_configmap(base)
+    starts = tmp_path / 'starts'
+    ready = tmp_path / 'starts.ready'
+    proc = child(RELOAD_CHILD, str(watched), str(starts), 'inotify', '60')
+    wait_until(ready.exists, 'the child to start')
+    ready.unlink()
+    update_configmap(base)
+    wait_until(ready.exists, 'the restarted child')
+    assert lines_of(starts) == [str(proc.pid)] * 2
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert 'Restarting because %s changed.' % watched in err
+
+
+@linux_only
+def test_autoreloader_real_save_in_steps_restarts_once_on_the_whole_file(
+    child, tmp_path
+):
+    # A save written in several steps a few ms apart: the 20 ms debounce
+    # waits for the last one.  Without it the process restarts on a
+    # partial file.
+    code = textwrap.dedent(RELOAD_CHILD).replace(
+        'bus.start()',
+        """
+def record_what_the_restart_sees():
+    if bus.execv:
+        with open(watched) as f, open(starts + '.seen', 'a') as seen:
+            seen.write(repr(f.read()) + '\\n')
+bus.subscribe('stop', record_what_the_restart_sees)
+bus.start()""",
+    )
+    watched = tmp_path / 'watched.cfg'
+    watched.write_text('')
+    starts = tmp_path / 'starts'
+    ready = tmp_path / 'starts.ready'
+    proc = child(code, str(watched), str(starts), 'inotify', '60')
+    wait_until(ready.exists, 'the child to start')
+    ready.unlink()
+    chunks = ['[app]\n', 'a = 1\n', 'b = 2\n', 'c = 3\n', 'd = 4\n']
+    with open(str(watched), 'a') as f:
+        for chunk in chunks:
+            f.write(chunk)
+            f.flush()
+            time.sleep(0.002)
+    wait_until(ready.exists, 'the restarted child')
+    time.sleep(0.5)
+    assert lines_of(starts) == [str(proc.pid)] * 2  # Exactly one restart.
+    assert lines_of(tmp_path / 'starts.seen') == [repr(''.join(chunks))]
+    os.kill(proc.pid, signal.SIGTERM)
+    assert finish(proc)[0] == 0
 
 
 # -- ThreadManager ------------------------------------------------------------
@@ -3753,22 +4273,42 @@ def datagrams(notify, count):
     return [notify.sock.recv(4096).decode() for _ in range(count)]
 
 
+def pending_datagrams(notify):
+    """Return the datagrams already waiting, without waiting."""
+    got = []
+    notify.sock.settimeout(0)
+    try:
+        while True:
+            got.append(notify.sock.recv(4096).decode())
+    except BlockingIOError:
+        return got
+    finally:
+        notify.sock.settimeout(TIMEOUT)
+
+
 SYSTEMD_CHILD = """
-    import os, sys, wspbus_plugins as wp
+    import os, sys, threading, wspbus_plugins as wp
+    mode = sys.argv[1]
+    if mode == 'watchdog-pid-ours':  # As systemd sets it for MAINPID.
+        os.environ['WATCHDOG_PID'] = str(os.getpid())
     bus = wp.Bus()
-    wp.SystemdNotifier(bus).subscribe()
-    bus.subscribe('graceful', lambda: print('graceful', flush=True))
-    if sys.argv[1] == 'fail':
+    notifier = wp.SystemdNotifier(bus)
+    notifier.subscribe()
+    # Markers: where the notifier's messages fall among other listeners.
+    for channel in ('graceful', 'stop'):
+        bus.subscribe(channel, lambda c=channel: notifier.notify(
+            'X-LISTENER=' + c), priority=1)
+    if mode == 'fail':
         def broken():
             raise ValueError
         bus.subscribe('start', broken)
     bus.start()
-    if sys.argv[1] == 'watchdog':
-        import time
-        time.sleep(0.5)
+    if mode.startswith('watchdog'):  # Pings come from block()'s loop.
+        threading.Timer(0.5, bus.exit).start()
+        bus.block()
     else:
         bus.graceful()
-    bus.exit()
+        bus.exit()
 """
 
 
@@ -3776,7 +4316,7 @@ def test_systemdnotifier_sends_the_life_cycle_in_order(child, notify_socket):
     proc = child(
         SYSTEMD_CHILD, 'ok', env={'NOTIFY_SOCKET': notify_socket.address}
     )
-    got = datagrams(notify_socket, 4)
+    got = datagrams(notify_socket, 6)
     status, out, err = finish(proc)
     assert status == 0, err
     assert got[0] == 'READY=1\nMAINPID=%d\nSTATUS=started' % proc.pid
@@ -3785,25 +4325,35 @@ def test_systemdnotifier_sends_the_life_cycle_in_order(child, notify_socket):
     )
     usec = int(re.search(r'MONOTONIC_USEC=(\d+)', got[1]).group(1))
     assert abs(usec - time.monotonic_ns() // 1000) < TIMEOUT * 10**6
+    # RELOADING=1 before every graceful listener, READY=1 after them;
+    # STOPPING=1 before every other stop listener.
     assert got[2:] == [
+        'X-LISTENER=graceful',
         'READY=1\nSTATUS=started',
         'STOPPING=1\nSTATUS=stopping',
+        'X-LISTENER=stop',
     ]
 
 
-def test_systemdnotifier_watchdog_pings(child, notify_socket):
+def pings_until_stopping(notify):
+    got = []
+    while not got or not got[-1].startswith('STOPPING=1'):
+        got += datagrams(notify, 1)
+    return got
+
+
+@pytest.mark.parametrize('mode', ['watchdog', 'watchdog-pid-ours'])
+def test_systemdnotifier_watchdog_pings(child, notify_socket, mode):
     proc = child(
         SYSTEMD_CHILD,
-        'watchdog',
+        mode,
         env={
             'NOTIFY_SOCKET': notify_socket.address,
             'WATCHDOG_USEC': '100000',
         },
     )
-    got = []
-    while not got or got[-1] != 'STOPPING=1\nSTATUS=stopping':
-        got += datagrams(notify_socket, 1)
-    finish(proc)
+    got = pings_until_stopping(notify_socket)
+    assert finish(proc)[0] == 0
     assert got.count('WATCHDOG=1') >= 2
 
 
@@ -3819,9 +4369,122 @@ def test_systemdnotifier_no_pings_for_another_watchdog_pid(
             'WATCHDOG_PID': '1',
         },
     )
-    got = datagrams(notify_socket, 2)
+    got = pings_until_stopping(notify_socket)
     finish(proc)
     assert [g.split('\n')[0] for g in got] == ['READY=1', 'STOPPING=1']
+
+
+@pytest.mark.parametrize('watchdog_pid', [None, 'ours'])
+def test_systemdnotifier_watchdog_pings_every_half_watchdog_usec(
+    bus, monkeypatch, notify_socket, watchdog_pid
+):
+    monkeypatch.setenv('NOTIFY_SOCKET', notify_socket.address)
+    monkeypatch.setenv('WATCHDOG_USEC', '1000000')  # Pings every 0.5 s.
+    if watchdog_pid:
+        monkeypatch.setenv('WATCHDOG_PID', str(os.getpid()))
+    else:
+        monkeypatch.delenv('WATCHDOG_PID', raising=False)
+    clock = [1000.0]
+    monkeypatch.setattr(time, 'monotonic', lambda: clock[0])
+    wp.SystemdNotifier(bus).subscribe()
+    bus.publish('main')  # Not started yet: no ping.
+    bus.start()
+    assert datagrams(notify_socket, 1)[0].startswith('READY=1')
+    pinged = []
+    for at in (0.1, 0.4, 0.59, 0.61, 0.9, 1.0, 1.12, 1.5):
+        clock[0] = 1000.0 + at
+        bus.publish('main')  # As block() does every 0.1 s.
+        sent = pending_datagrams(notify_socket)
+        assert sent in ([], ['WATCHDOG=1'])
+        if sent:
+            pinged.append(at)
+    assert pinged == [0.1, 0.61, 1.12]
+
+
+WEDGED_CHILD = """
+    import os, sys, time, wspbus_plugins as wp
+    marker = sys.argv[1]
+    bus = wp.Bus()
+    wp.SystemdNotifier(bus).subscribe()
+    def main():
+        if os.path.exists(marker):  # The main thread wedges for good ...
+            open(marker + '.wedged', 'w').close()
+            time.sleep(60)
+            os._exit(1)  # ... or a minute, should the test not kill it.
+    bus.subscribe('main', main)
+    bus.start()
+    bus.block()
+"""
+
+
+def test_systemdnotifier_wedged_main_thread_stops_the_pings(
+    child, tmp_path, notify_socket
+):
+    marker = tmp_path / 'wedge'
+    proc = child(
+        WEDGED_CHILD,
+        str(marker),
+        env={
+            'NOTIFY_SOCKET': notify_socket.address,
+            'WATCHDOG_USEC': '100000',
+        },
+    )
+    got = []
+    while got.count('WATCHDOG=1') < 2:
+        got += datagrams(notify_socket, 1)
+    marker.touch()
+    wait_until((tmp_path / 'wedge.wedged').exists, 'the main thread')
+    time.sleep(0.2)  # Pings already sent are not the point: drain them.
+    pending_datagrams(notify_socket)
+    time.sleep(1)  # Ten ping intervals.
+    assert pending_datagrams(notify_socket) == []
+    assert proc.poll() is None
+    proc.kill()
+    proc.wait(TIMEOUT)
+
+
+RESTART_NOTIFY_CHILD = """
+    import sys, wspbus_plugins as wp
+    with open(sys.argv[1], 'a') as f:
+        f.write('run\\n')
+    with open(sys.argv[1]) as f:
+        first = len(f.readlines()) == 1
+    bus = wp.Bus()
+    notifier = wp.SystemdNotifier(bus)
+    notifier.subscribe()
+    bus.subscribe('stop', lambda: notifier.notify('X-LISTENER=stop'),
+                  priority=1)
+    bus.subscribe('started', bus.restart if first else bus.exit)
+    bus.start()
+    bus.block()
+"""
+
+
+def test_systemdnotifier_restart_is_a_reload_to_systemd(
+    child, tmp_path, notify_socket
+):
+    proc = child(
+        RESTART_NOTIFY_CHILD,
+        str(tmp_path / 'runs'),
+        env={'NOTIFY_SOCKET': notify_socket.address},
+    )
+    got = datagrams(notify_socket, 6)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    # systemd stays in "reloading" until the new image's READY=1; a
+    # STOPPING=1 would make it kill the re-executed process.
+    assert [g.split('\n')[0] for g in got] == [
+        'READY=1',
+        'RELOADING=1',
+        'X-LISTENER=stop',
+        'READY=1',
+        'STOPPING=1',
+        'X-LISTENER=stop',
+    ]
+    assert re.fullmatch(
+        r'RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=restarting', got[1]
+    )
+    assert 'MAINPID=%d' % proc.pid in got[3]
 
 
 def test_systemdnotifier_failed_start_sends_no_ready(child, notify_socket):
@@ -3856,6 +4519,7 @@ def test_systemdnotifier_without_socket_is_a_silent_noop(bus, monkeypatch):
     notifier.subscribe()
     assert all(not bus.listeners[c] for c in ('start', 'stop', 'graceful'))
     assert 'started' not in bus.listeners
+    notifier.notify('READY=1')  # Called directly: nothing happens.
     assert bus.recorder.logs == []
 
 
@@ -3977,6 +4641,12 @@ def test_demo_quiet_and_version():
         (['--umask', '099'], "invalid umask: '099'"),
         (['--duration', '-1'], "invalid number of seconds: '-1'"),
         (['--heartbeat', 'often'], "invalid number of seconds: 'often'"),
+        (
+            ['--heartbeat', '99999999999999999999'],
+            "invalid number of seconds: '99999999999999999999'",
+        ),
+        (['--duration', 'inf'], "invalid number of seconds: 'inf'"),
+        (['--duration', 'nan'], "invalid number of seconds: 'nan'"),
         (['--user', 'no-such-user-x'], "No such user: 'no-such-user-x'"),
         (['--group', 'no-such-group-x'], "No such group: 'no-such-group-x'"),
         (['--pidfile', '/no/such/dir/x.pid'], "'/no/such/dir' does not exist"),
@@ -4513,7 +5183,8 @@ def test_reliability_plugin_threads_are_gone_after_exit(
         wp.Autoreloader(bus, frequency=60).subscribe()
         wp.SystemdNotifier(bus).subscribe()
         bus.start()
-        assert len(set(threading.enumerate()) - before) == 3
+        # Monitor and Autoreloader; the watchdog pings from block().
+        assert len(set(threading.enumerate()) - before) == 2
         bus.exit()
         wait_until(
             lambda: set(threading.enumerate()) <= before,

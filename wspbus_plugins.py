@@ -105,6 +105,9 @@ _WINDOWS = sys.platform == 'win32'
 _JYTHON = sys.platform.startswith('java')
 _LINUX = sys.platform.startswith('linux')
 _HAVE_FORK = hasattr(os, 'fork')
+# Windows refuses to delete an open file: PIDFile closes it first there.
+# Elsewhere it stays open (and locked) until it is gone.
+_CLOSE_BEFORE_REMOVE = _WINDOWS
 
 try:
     import fcntl
@@ -267,6 +270,15 @@ def _hard_exit(status):
 
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite_wait(seconds):
+    """Tell whether a number of seconds is one threading can wait.
+
+    NaN makes a wait loop spin; inf and anything beyond TIMEOUT_MAX raise
+    OverflowError in the waiting thread.
+    """
+    return -threading.TIMEOUT_MAX <= seconds <= threading.TIMEOUT_MAX
 
 
 # -- States -------------------------------------------------------------------
@@ -1561,13 +1573,17 @@ class ConsoleCtrlHandler(SimplePlugin):
 
 
 class DropPrivileges(SimplePlugin):
-    """Give up root: switch group, clear supplementary groups, switch user.
+    """Give up root: switch group, supplementary groups, then user.
 
     Channel: ``start`` (priority 77, after PIDFile and Daemonizer, so the
     PID file and low ports are taken as root).  `uid` and `gid` are numbers
     or names, resolved at once: an unknown name raises ValueError here.
-    `umask` (an int such as 0o022) is applied at start too.  Where the
-    ``pwd``/``grp`` modules are missing, uid/gid are ignored with a warning.
+    With `gid`, the supplementary groups are cleared; with `uid` alone, the
+    process takes that user's primary group and supplementary groups
+    (initgroups), so no root group is kept, and a numeric uid that has no
+    passwd entry raises ValueError (give a gid).  `umask` (an int such as
+    0o022) is applied at start too.  Where the ``pwd``/``grp`` modules are
+    missing, uid/gid are ignored with a warning.
     """
 
     def __init__(self, bus, umask=None, uid=None, gid=None):
@@ -1577,6 +1593,7 @@ class DropPrivileges(SimplePlugin):
         self.uid = uid
         self.gid = gid
         self.umask = umask
+        self._users_group()
 
     def __repr__(self):
         return 'DropPrivileges(uid=%r, gid=%r, umask=%r)' % (
@@ -1593,6 +1610,17 @@ class DropPrivileges(SimplePlugin):
     @uid.setter
     def uid(self, value):
         self._uid = self._resolve(value, 'pwd', 'getpwnam', 'user', 'uid')
+        self._user = None  # (name, primary gid) of that user, if known.
+        if self._uid is not None:
+            pwd = _import_optional('pwd')
+            try:
+                if isinstance(value, str):
+                    entry = pwd.getpwnam(value)
+                else:
+                    entry = pwd.getpwuid(self._uid)
+                self._user = entry.pw_name, entry.pw_gid
+            except KeyError:
+                pass  # Without a gid, _users_group() says so.
 
     @property
     def gid(self):
@@ -1648,10 +1676,32 @@ class DropPrivileges(SimplePlugin):
                 )
         self._umask = value
 
+    def _users_group(self):
+        """Return (user name, primary gid) to switch groups by, or None.
+
+        Only for a uid given without a gid: ValueError when the uid has no
+        passwd entry, since its group would silently stay root's.
+        """
+        if self._uid is None or self._gid is not None:
+            return None
+        if self._user is None:
+            raise ValueError(
+                'uid %r has no passwd entry, so its group is unknown: give '
+                'a gid too.' % self._uid
+            )
+        return self._user
+
     def _current_ids(self):
         pwd, grp = _import_optional('pwd'), _import_optional('grp')
-        name = pwd.getpwuid(os.getuid())[0] if pwd else None
-        group = grp.getgrgid(os.getgid())[0] if grp else None
+        uid, gid = os.getuid(), os.getgid()
+        try:
+            name = pwd.getpwuid(uid)[0] if pwd else None
+        except KeyError:  # A uid without a passwd entry: its number.
+            name = uid
+        try:
+            group = grp.getgrgid(gid)[0] if grp else None
+        except KeyError:
+            group = gid
         return name, group
 
     def start(self):
@@ -1668,11 +1718,19 @@ class DropPrivileges(SimplePlugin):
             if _import_optional('pwd') or _import_optional('grp'):
                 self.bus.log('uid/gid not set', level=_WARNING)
         else:
+            users_group = self._users_group()
             self.bus.log('Started as uid: %r gid: %r' % self._current_ids())
-            if self.gid is not None:
-                os.setgid(self.gid)
-            if os.getuid() == 0:
-                os.setgroups([])  # Root's groups must not outlive root.
+            root = os.getuid() == 0
+            if users_group is not None:  # uid alone: the user's groups.
+                name, gid = users_group
+                if root:
+                    os.initgroups(name, gid)
+                os.setgid(gid)
+            else:
+                if self.gid is not None:
+                    os.setgid(self.gid)
+                if root:
+                    os.setgroups([])  # Root's groups must not outlive root.
             if self.uid is not None:
                 os.setuid(self.uid)
             self.bus.log('Running as uid: %r gid: %r' % self._current_ids())
@@ -1696,7 +1754,8 @@ class Daemonizer(SimplePlugin):
 
     Channel: ``start`` (priority 65, before PIDFile, so the file holds the
     daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy) and
-    its stdin/stdout/stderr the files named.
+    its descriptors 0, 1 and 2 the files named, even if they were closed
+    (``app >&-``) or sys.stdout was replaced.
 
     With `wait_ready` (the default) the process you launched waits until the
     daemon's bus is STARTED, then exits 0; if a start listener fails or the
@@ -1721,9 +1780,14 @@ class Daemonizer(SimplePlugin):
             raise RuntimeError(
                 'Daemonizer needs os.fork(), which %r lacks.' % sys.platform
             )
-        if not _is_number(ready_timeout) or ready_timeout <= 0:
+        if (
+            not _is_number(ready_timeout)
+            or not _is_finite_wait(ready_timeout)
+            or ready_timeout <= 0
+        ):
             raise ValueError(
-                'Invalid ready_timeout: %r (seconds > 0)' % (ready_timeout,)
+                'Invalid ready_timeout: %r (seconds, a finite number > 0)'
+                % (ready_timeout,)
             )
         for path in (stdout, stderr):
             if not _daemonized_by_us():  # Re-executed: no files to open.
@@ -1758,6 +1822,7 @@ class Daemonizer(SimplePlugin):
                 'cause strange failures.' % threading.enumerate(),
                 level=_WARNING,
             )
+        _occupy_stdio()  # First: the pipe must not land on 0, 1 or 2.
         if self.wait_ready:
             read_fd, self._report_fd = os.pipe()
             launcher = _Launcher(read_fd, self._report_fd, self.ready_timeout)
@@ -1784,6 +1849,7 @@ class Daemonizer(SimplePlugin):
 
         The original process exits 0 at once (no readiness handshake).
         """
+        _occupy_stdio()
         _detach(logger, _exit_parent)
         _redirect_stdio(stdin, stdout, stderr, 0)
         logger('Daemonized to PID: %s' % os.getpid())
@@ -1805,7 +1871,8 @@ class Daemonizer(SimplePlugin):
 
     def _report_failure(self):
         error = self._first_error or 'The daemon exited before it was ready.'
-        self._report(b'ERROR\n' + error.encode('utf-8', 'replace'))
+        text = error.encode('utf-8', 'replace')
+        self._report(b'ERROR %d\n' % len(text) + text)
 
     def _report(self, message):
         fd, self._report_fd = self._report_fd, None
@@ -1818,7 +1885,8 @@ class Daemonizer(SimplePlugin):
         if fd is None:
             return
         try:
-            os.write(fd, message)
+            while message:  # A long traceback may not fit in one write.
+                message = message[os.write(fd, message) :]
         except OSError:
             pass  # The launcher gave up (ready_timeout); nothing to tell.
         finally:
@@ -1829,10 +1897,35 @@ def _exit_parent(fork_number, child_pid):
     os._exit(0)
 
 
+def _occupy_stdio():
+    """Open /dev/null on whichever of descriptors 0, 1, 2 is closed.
+
+    A program started with a closed stdout (``app >&-``, as some init
+    scripts do) would otherwise get its next descriptor there: the
+    readiness pipe, which the redirection of stdout would then replace.
+    """
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _flush_stdio():
+    # sys.stdout may be None (started closed) or anything a program set.
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+
+
 def _detach(logger, on_parent):
     """Fork twice around setsid(); parents call on_parent(n, child_pid)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush_stdio()
     for number, msg in ((1, 'Forking once.'), (2, 'Forking twice.')):
         try:
             pid = os.fork()
@@ -1851,21 +1944,48 @@ def _detach(logger, on_parent):
 
 
 def _redirect_stdio(stdin, stdout, stderr, umask):
+    """Put the named files on descriptors 0, 1 and 2.
+
+    The descriptors themselves, not sys.stdout's: it may be None or an
+    object without a descriptor.  A standard stream that is None (its
+    descriptor was closed at start-up) is opened on its new file.
+    """
     os.umask(umask)
-    for path, mode, stream in (
-        (stdin, 'r', sys.stdin),
-        (stdout, 'a+', sys.stdout),
-        (stderr, 'a+', sys.stderr),
+    append = os.O_RDWR | os.O_CREAT | os.O_APPEND  # open()'s 'a+'.
+    for fd, path, flags in (
+        (0, stdin, os.O_RDONLY),
+        (1, stdout, append),
+        (2, stderr, append),
     ):
-        with open(path, mode) as target:
-            os.dup2(target.fileno(), stream.fileno())
+        target = os.open(path, flags, 0o666)
+        if target != fd:
+            os.dup2(target, fd)
+            os.close(target)
+    for name, fd, mode in (
+        ('stdin', 0, 'r'),
+        ('stdout', 1, 'w'),
+        ('stderr', 2, 'w'),
+    ):
+        if getattr(sys, name) is None:
+            stream = open(
+                fd,
+                mode,
+                buffering=-1 if fd == 0 else 1,
+                errors='backslashreplace',
+                closefd=False,
+            )
+            setattr(sys, name, stream)
 
 
 class _Launcher:
     """The launched process's side of Daemonizer's readiness handshake.
 
-    The daemon writes ``PID n``, then ``READY`` or ``ERROR`` and the text of
-    its first error, on a pipe; wait() reads it and ends this process.
+    The daemon writes a line ``PID n``, then one message: the line
+    ``READY``, or a line ``ERROR size`` followed by `size` bytes of text
+    (its first error); wait() reads them and ends this process.  Parsed as
+    messages, an error text that holds a line ``READY`` is still an error,
+    and a complete error is reported at once, even when workers the daemon
+    forked keep the pipe open (no end of file comes then).
     """
 
     def __init__(self, read_fd, write_fd, timeout):
@@ -1877,37 +1997,36 @@ class _Launcher:
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
         deadline = time.monotonic() + self.timeout
         data = b''
-        while b'READY\n' not in data:
+        pid, verdict, text = _parse_report(data)
+        while verdict is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return self._give_up(data)
-            if _readable([self.read_fd], remaining):
+                return self._give_up(pid)
+            # Wake now and then: workers the daemon forked hold the pipe
+            # open, so no end of file comes when the daemon dies silently.
+            if _readable([self.read_fd], min(remaining, 0.5)):
                 chunk = os.read(self.read_fd, 65536)
                 if not chunk:
-                    break
+                    break  # The daemon is gone, and its workers if any.
                 data += chunk
+                pid, verdict, text = _parse_report(data)
+            elif pid != '?' and _has_ended(int(pid)):
+                break
         try:
             os.waitpid(child_pid, 0)  # Reap the first child.
         except OSError:
             pass
-        if b'READY\n' in data:
+        if verdict == 'READY':
             _hard_exit(0)
-        text = data.partition(b'ERROR\n')[2].decode('utf-8', 'replace')
+        text = text.decode('utf-8', 'replace').rstrip()
+        if verdict == 'BAD':
+            text = 'it sent an unreadable report: %r' % text
         self._fail(
             'Daemon %s failed to start:\n%s'
-            % (
-                self._pid(data),
-                text.rstrip() or 'it exited before it was ready.',
-            )
+            % (pid, text or 'it exited before it was ready.')
         )
 
-    @staticmethod
-    def _pid(data):
-        first = data.split(b'\n', 1)[0]
-        return first[4:].decode() if first.startswith(b'PID ') else '?'
-
-    def _give_up(self, data):
-        pid = self._pid(data)
+    def _give_up(self, pid):
         if pid != '?':
             _terminate(int(pid), _KILL_AFTER)
         self._fail(
@@ -1924,6 +2043,23 @@ class _Launcher:
             _hard_exit(1)
 
 
+def _has_ended(pid):
+    """Tell whether process `pid` has ended; a zombie has.
+
+    The daemon is not our child: where no one reaps orphans (some
+    containers' init) it stays a zombie, which /proc shows, where there is
+    one; elsewhere kill(pid, 0) is all we know.
+    """
+    if not _pid_alive(pid):
+        return True
+    try:
+        with open('/proc/%d/stat' % pid, 'rb') as f:
+            state = f.read().rpartition(b')')[2].split()[:1]
+    except OSError:
+        return False
+    return state == [b'Z']
+
+
 _KILL_AFTER = 5.0  # Seconds a daemon that is not ready has to act on SIGTERM.
 
 
@@ -1938,7 +2074,7 @@ def _terminate(pid, grace):
     except OSError:
         return
     deadline = time.monotonic() + grace
-    while _pid_alive(pid):
+    while not _has_ended(pid):
         if time.monotonic() > deadline:
             try:
                 os.kill(pid, _signal.SIGKILL)
@@ -1946,6 +2082,32 @@ def _terminate(pid, grace):
                 pass
             return
         time.sleep(0.02)
+
+
+def _parse_report(data):
+    """Parse what the daemon sent so far: (pid text, verdict, error text).
+
+    The pid is '?' until its line is complete.  `verdict` is None until a
+    whole message has arrived (the error text is what came of it), then
+    'READY', 'ERROR' or 'BAD' (not the protocol: a bug).
+    """
+    first, newline, rest = data.partition(b'\n')
+    if not newline:
+        return '?', None, b''
+    if not (first.startswith(b'PID ') and first[4:].isdigit()):
+        return '?', 'BAD', data
+    pid = first[4:].decode()
+    line, newline, body = rest.partition(b'\n')
+    if not newline:
+        return pid, None, b''
+    if line == b'READY':
+        return pid, 'READY', b''
+    word, _, size = line.partition(b' ')
+    if word != b'ERROR' or not size.isdigit():
+        return pid, 'BAD', rest
+    if len(body) < int(size):
+        return pid, None, body
+    return pid, 'ERROR', body[: int(size)]
 
 
 def _check_parent_dir(path, what):
@@ -1982,9 +2144,10 @@ class PIDFile(SimplePlugin):
     ``exit`` removes the file.  On Unix the file is locked (``flock``) for
     the process's life, so a second instance fails its start with a message
     naming the file and the running PID; a file left by a dead process is
-    replaced with a warning; a symlink at the path is refused; at exit the
-    file is removed only if it still holds our PID.  restart() keeps the
-    file and its lock through the re-exec.  Without ``fcntl`` exclusive
+    replaced with a warning; anything but a regular file at the path (a
+    symlink, device, FIFO or socket) is refused, and never removed; at exit
+    the file is removed only if it still holds our PID.  restart() keeps
+    the file and its lock through the re-exec.  Without ``fcntl`` exclusive
     creation and a liveness check stand in for the lock.  A missing or
     unwritable directory raises ValueError here.
     """
@@ -2029,6 +2192,9 @@ class PIDFile(SimplePlugin):
             return
         try:
             if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
+                if _CLOSE_BEFORE_REMOVE:
+                    os.close(fd)
+                    fd = None
                 os.remove(self._path)
                 self.bus.log('PID file removed: %r.' % self.pidfile)
             else:
@@ -2043,7 +2209,8 @@ class PIDFile(SimplePlugin):
                 level=_WARNING,
             )
         finally:
-            os.close(fd)  # Releases the lock, after the file is gone.
+            if fd is not None:
+                os.close(fd)  # Releases the lock, after the file is gone.
             self.finalized = False
 
     def _adopt_inherited(self):
@@ -2116,7 +2283,8 @@ class PIDFile(SimplePlugin):
         try:
             _write_pid(fd)
         except OSError as exc:
-            _remove_quietly(self._path)  # We hold the lock: it is ours.
+            if _same_file(fd, self._path):  # Locked by us: ours to remove.
+                _remove_quietly(self._path)
             raise OSError(
                 exc.errno,
                 'Could not write PID file %r: %s'
@@ -2145,22 +2313,60 @@ class PIDFile(SimplePlugin):
 
 
 def _open_pidfile(path, flags):
-    """Open a PID file, never through a symlink (O_NOFOLLOW closes the
-    race where the platform has it)."""
-    refusal = RuntimeError(
-        'Refusing to use PID file %r: it is a symbolic link.' % path
-    )
-    if os.path.islink(path):
-        raise refusal
+    """Open a PID file, refusing anything but a regular file.
+
+    A symlink, device, FIFO, socket or directory is refused before it is
+    opened (opening a device can have effects), and again on the
+    descriptor, for a path replaced meanwhile: O_NOFOLLOW keeps the open
+    off a symlink where the platform has it, O_NONBLOCK keeps a FIFO from
+    hanging it.
+    """
+    try:
+        _check_regular(path, os.lstat(path).st_mode)
+    except FileNotFoundError:
+        pass
+    nonblock = getattr(os, 'O_NONBLOCK', 0)
     flags |= getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
     try:
-        return os.open(path, flags, 0o644)
+        fd = os.open(path, flags | nonblock, 0o644)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise refusal from None
-        if exc.errno == errno.EISDIR:
-            raise RuntimeError('PID file %r is a directory.' % path) from None
+        if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            _check_regular(path, os.lstat(path).st_mode)
         raise
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+        if nonblock:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(path, mode):
+    """Raise RuntimeError naming `path` unless `mode` is a regular file's."""
+    import stat
+
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise RuntimeError(
+            'Refusing to use PID file %r: it is a symbolic link.' % path
+        )
+    kind = 'a special file'
+    for test, name in (
+        (stat.S_ISDIR, 'a directory'),
+        (stat.S_ISFIFO, 'a FIFO'),
+        (stat.S_ISCHR, 'a character device'),
+        (stat.S_ISBLK, 'a block device'),
+        (stat.S_ISSOCK, 'a socket'),
+    ):
+        if test(mode):
+            kind = name
+    raise RuntimeError(
+        'Refusing to use PID file %r: it is %s, not a regular file.'
+        % (path, kind)
+    )
 
 
 def _read_pid(fd):
@@ -2508,14 +2714,16 @@ def _remove_stale_socket_file(path):
 class PerpetualTimer(threading.Timer):
     """A threading.Timer that calls its function every `interval` seconds.
 
-    Takes Timer's arguments plus `bus`.  The first exception from the
-    function is logged on the bus (raised, without one) and ends the timer;
-    cancel() ends it at once.
+    Takes Timer's arguments plus `bus`; an `interval` threading cannot wait
+    (NaN, inf, beyond TIMEOUT_MAX) raises ValueError.  The first exception
+    from the function is logged on the bus (raised, without one) and ends
+    the timer; cancel() ends it at once.
     """
 
     def __init__(self, *args, **kwargs):
         self.bus = kwargs.pop('bus', None)
         super().__init__(*args, **kwargs)
+        _check_interval(self.interval)
 
     def run(self):
         while not self.finished.wait(self.interval):
@@ -2536,15 +2744,17 @@ class PerpetualTimer(threading.Timer):
 class BackgroundTask(threading.Thread):
     """A daemon thread that calls ``function(*args, **kwargs)`` repeatedly.
 
-    It waits `interval` seconds before each call.  cancel() ends the thread
-    at once, even in the middle of a wait.  The first exception is logged on
-    `bus` (raised, without one) and ends the thread.  ``running`` is True
-    while the thread loops.  Subclasses may override _sleep() to wait on
-    something else.
+    It waits `interval` seconds before each call; a number that threading
+    cannot wait (NaN, inf, beyond TIMEOUT_MAX) raises ValueError here.
+    cancel() ends the thread at once, even in the middle of a wait.  The
+    first exception is logged on `bus` (raised, without one) and ends the
+    thread.  ``running`` is True while the thread loops.  Subclasses may
+    override _sleep() to wait on something else.
     """
 
     def __init__(self, interval, function, args=[], kwargs={}, bus=None):
         super().__init__()
+        _check_interval(interval)
         self.interval = interval
         self.function = function
         self.args = args
@@ -2553,6 +2763,7 @@ class BackgroundTask(threading.Thread):
         self.bus = bus
         self.daemon = True
         self._cancelled = threading.Event()
+        self._after = None  # A thread to wait for before the first run.
 
     def cancel(self):
         """Stop the loop; the thread ends without waiting out its sleep."""
@@ -2564,6 +2775,9 @@ class BackgroundTask(threading.Thread):
         return self._cancelled.wait(self.interval)
 
     def run(self):
+        after = self._after
+        if after is not None and after is not threading.current_thread():
+            after.join()  # Monitor.graceful(): its last run must end first.
         self.running = not self._cancelled.is_set()
         while self.running:
             if self._sleep() or not self.running:
@@ -2582,6 +2796,15 @@ class BackgroundTask(threading.Thread):
                 )
 
 
+def _check_interval(interval):
+    # Non-numbers are left to threading, as CherryPy does.
+    if _is_number(interval) and not _is_finite_wait(interval):
+        raise ValueError(
+            'Invalid interval: %r (seconds, a finite number up to '
+            'threading.TIMEOUT_MAX)' % (interval,)
+        )
+
+
 # -- Monitor ------------------------------------------------------------------
 
 
@@ -2589,9 +2812,12 @@ class Monitor(SimplePlugin):
     """Call `callback` every `frequency` seconds while the bus runs.
 
     Channels: ``start`` (priority 70) starts a BackgroundTask named `name`
-    (default: the class name), ``stop`` cancels it, ``graceful`` restarts
-    it.  A `frequency` <= 0 disables the monitor; one that is not a number
-    raises ValueError.  Subclasses may override _new_thread().
+    (default: the class name), ``stop`` cancels it and waits for a callback
+    in progress to end (unless called from that callback), ``graceful``
+    restarts it while the bus is STARTED.  Two runs of the callback never
+    overlap, and none runs after stop() returned.  A `frequency` <= 0
+    disables the monitor; one that is not a finite number raises
+    ValueError.  Subclasses may override _new_thread().
     """
 
     def __init__(self, bus, callback, frequency=60, name=None):
@@ -2600,16 +2826,18 @@ class Monitor(SimplePlugin):
             raise TypeError(
                 'Monitor callback must be callable, not %r' % (callback,)
             )
-        if not _is_number(frequency):
+        if not _is_number(frequency) or not _is_finite_wait(frequency):
             raise ValueError(
-                'Invalid frequency: %r (seconds as a number; '
-                '<= 0 disables)' % (frequency,)
+                'Invalid frequency: %r (seconds, a finite number up to '
+                'threading.TIMEOUT_MAX; <= 0 disables)' % (frequency,)
             )
         self.callback = callback
         self.frequency = frequency
         self.thread = None
         """The running BackgroundTask, or None."""
         self.name = name
+        self._lock = threading.RLock()  # A signal handler can reach stop().
+        self._last = None  # The last thread stopped; it may still run.
 
     def __repr__(self):
         return '%s(%r, frequency=%r)' % (
@@ -2628,39 +2856,61 @@ class Monitor(SimplePlugin):
         """Start the monitor thread, unless disabled or running."""
         if self.frequency <= 0:
             return
-        if self.thread is None:
-            self.thread = self._new_thread()
-            self.thread.name = self._name()
-            self.thread.start()
-            self.bus.log('Started monitor thread %r.' % self._name())
-        else:
-            self.bus.log('Monitor thread %r already started.' % self._name())
+        with self._lock:
+            if self.thread is not None:
+                self.bus.log(
+                    'Monitor thread %r already started.' % self._name()
+                )
+                return
+            thread = self._new_thread()
+            thread.name = self._name()
+            # Stopped from its own callback, the last thread may still be
+            # running it: the new one waits for it to end.
+            thread._after = self._last
+            self.thread = thread
+            thread.start()
+        self.bus.log('Started monitor thread %r.' % self._name())
 
     start.priority = 70
 
     def stop(self):
-        """Cancel the monitor thread; join it unless it is a daemon or us."""
-        thread, self.thread = self.thread, None
+        """Cancel the monitor thread and wait for its callback to end.
+
+        Called from that callback (or one the new thread waits for), it
+        cancels without waiting, which would never end.
+        """
+        with self._lock:
+            thread, self.thread = self.thread, None
+            if thread is not None:
+                self._last = thread
         if thread is None:
             self.bus.log('No thread running for %s.' % self._name())
             return
         thread.cancel()
-        if thread is not threading.current_thread():
+        current = threading.current_thread()
+        if current not in (thread, getattr(thread, '_after', None)):
             if not thread.daemon:
                 self.bus.log('Joining %r' % thread.name)
-                thread.join()
+            thread.join()
             self.bus.log('Stopped thread %r.' % thread.name)
 
     def graceful(self):
-        """Restart the monitor thread."""
+        """Restart the monitor thread, unless the bus is stopping.
+
+        An exit that began meanwhile has stopped it, or will: either way
+        no thread outlives the bus.
+        """
         self.stop()
-        self.start()
+        with self._lock:
+            if self.bus.state is states.STARTED:
+                self.start()
 
 
 # -- Autoreloader -------------------------------------------------------------
 
 _UNSEEN = object()  # Autoreloader.mtimes default: not stat'ed yet.
 _DEBOUNCE = 0.02  # Seconds of quiet that end an editor's multi-step save.
+_FULL_CHECK = 60.0  # Seconds between full checks when inotify watches.
 
 
 class Autoreloader(Monitor):
@@ -2687,6 +2937,7 @@ class Autoreloader(Monitor):
             'st_mtime_ns', 'st_size', 'st_ino'
         )
         self._verified = None  # (files, signatures) of the last full check
+        self._full_check_at = 0.0  # When inotify's safety net runs next.
         self.match = match
         self._ordered_from, self._ordered = None, ()
         self.use_inotify = use_inotify
@@ -2730,6 +2981,7 @@ class Autoreloader(Monitor):
             watcher.close()
             watcher = None
         self._first_change(self._in_order(watched))
+        self._full_check_at = time.monotonic() + _FULL_CHECK
         if watcher is None:
             return super()._new_thread()
         return _WatchTask(watcher, self.frequency, self.callback, bus=self.bus)
@@ -2827,13 +3079,21 @@ class Autoreloader(Monitor):
         watcher = getattr(self.thread, 'watcher', None)
         candidates = None
         if watcher is not None and not watcher.failed:
+            changed = watched.intersection(watcher.pop_changed())
             new = watched.difference(self.mtimes)
-            if self._add_watches(watcher, new):
+            # Changed paths are watched anew: a symlink on their way may
+            # lead elsewhere now (a ConfigMap's ..data, say).
+            if self._add_watches(watcher, new.union(changed)):
                 candidates = tuple(
-                    sorted(new.union(watcher.pop_changed(), watcher.unwatched))
+                    sorted(new.union(changed, watcher.unwatched))
                 )
-        if candidates is None:  # Polling: every watched file, every tick.
+        now = time.monotonic()
+        if candidates is None or now >= self._full_check_at:
+            # Polling: every watched file, every tick.  With inotify, now
+            # and then too: the safety net for changes it cannot see (a
+            # network file system, a lost event).
             candidates = self._in_order(watched)
+            self._full_check_at = now + _FULL_CHECK
         changed = self._first_change(candidates)
         if changed is not None:
             self.bus.log('Restarting because %s changed.' % changed)
@@ -2931,8 +3191,14 @@ _IN_GONE = _IN_DELETE_SELF | _IN_MOVE_SELF | _IN_IGNORED
 class _Inotify:
     """Linux inotify through ctypes: which watched files may have changed.
 
-    Watches directories, not files, so that a save by rename (a new inode)
-    is seen.  Raises OSError when inotify is unavailable.
+    Watches directory entries, not files, so that a save by rename (a new
+    inode) is seen.  For each watched path it watches the entry of every
+    symlink met while resolving it and the entry of the file it resolves
+    to: a ConfigMap's swapped ``..data`` link or a link target edited in
+    another directory count as changes of the path.  Events are mapped
+    back to the paths as they were given, by watch descriptor, so one
+    directory named two ways (``settings.ini`` and ``/srv/app/mod.py``)
+    serves both.  Raises OSError when inotify is unavailable.
     """
 
     def __init__(self):
@@ -2958,37 +3224,73 @@ class _Inotify:
         os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
         self._closed = False
-        self._dirs = {}  # watch descriptor -> directory
-        self._names = {}  # directory -> names watched in it
+        self._wds = {}  # real directory -> watch descriptor, or None
+        self._paths = {}  # watch descriptor -> {name: watched paths}
+        self._resolved = {}  # directory as given -> _resolve_links()
         self.unwatched = set()  # files whose directory cannot be watched
         self.failed = False  # set by the reloader: poll instead
 
     def add(self, filenames):
-        """Watch these files' directories; OSError on the watch limit."""
+        """Watch what these paths go through; OSError at the watch limit.
+
+        Adding a path again watches it anew, as it resolves now.
+        """
         for path in filenames:
-            directory, name = os.path.split(path)
-            names = self._names.get(directory)
-            if names is None:
-                wd = self._add_watch(
-                    self.fd, os.fsencode(directory or '.'), _IN_WATCH_MASK
-                )
-                if wd < 0:
-                    code = self._get_errno()
-                    if code == errno.ENOSPC:
-                        raise OSError(
-                            code,
-                            'inotify watch limit reached '
-                            '(fs.inotify.max_user_watches)',
-                        )
-                    self.unwatched.add(path)  # Polled instead.
-                    continue
-                self._dirs[wd] = directory
-                names = self._names.setdefault(directory, set())
-            names.add(name)
+            watched = True
+            for directory, name in self._entries_of(path):
+                wd = self._watch(directory)
+                if wd is None:
+                    watched = False
+                else:
+                    names = self._paths.setdefault(wd, {})
+                    names.setdefault(name, set()).add(path)
+            if watched:
+                self.unwatched.discard(path)
+            else:
+                self.unwatched.add(path)  # Polled instead.
+
+    def _entries_of(self, path):
+        """List the (real directory, name) entries `path` goes through:
+        each symlink met while resolving it, then the file it names."""
+        directory, name = os.path.split(path)
+        entries = []
+        for _ in range(_MAX_SYMLINKS):
+            real, links = self._resolved.get(directory, (None, None))
+            if real is None:
+                real, links = _resolve_links(directory or os.curdir)
+                self._resolved[directory] = real, links
+            entries.extend(links)
+            entries.append((real, name))
+            try:
+                target = os.readlink(os.path.join(real, name))
+            except OSError:  # Not a symlink, or missing: the chain ends.
+                break
+            directory, name = os.path.split(os.path.join(real, target))
+        return entries
+
+    def _watch(self, directory):
+        """Return the watch descriptor of `directory`; None if it has none."""
+        wd = self._wds.get(directory, -1)
+        if wd == -1:
+            wd = self._add_watch(
+                self.fd, os.fsencode(directory), _IN_WATCH_MASK
+            )
+            if wd < 0:
+                code = self._get_errno()
+                if code == errno.ENOSPC:
+                    raise OSError(
+                        code,
+                        'inotify watch limit reached '
+                        '(fs.inotify.max_user_watches)',
+                    )
+                wd = None
+            self._wds[directory] = wd
+        return wd
 
     def wait(self, timeout):
         """Block until an event, a wake() or `timeout` seconds."""
-        ready = _readable([self.fd, self._wake_r], timeout)
+        # poll() takes at most ~24 days: a longer wait wakes early, once.
+        ready = _readable([self.fd, self._wake_r], min(timeout, 86400.0))
         if self._wake_r in ready:
             os.read(self._wake_r, 512)
 
@@ -3010,6 +3312,9 @@ class _Inotify:
             if not _readable([self.fd], _DEBOUNCE):
                 break
             self._drain(changed)
+        if changed:  # A symlink may have moved: resolve afresh.
+            self._resolved.clear()
+            self._wds = {d: wd for d, wd in self._wds.items() if wd}
         return changed
 
     def _drain(self, changed):
@@ -3029,23 +3334,22 @@ class _Inotify:
 
     def _note(self, wd, mask, name, changed):
         if mask & _IN_Q_OVERFLOW:  # Events were lost: check everything.
-            for directory, names in self._names.items():
-                changed.update(os.path.join(directory, n) for n in names)
+            for names in self._paths.values():
+                for paths in names.values():
+                    changed.update(paths)
             return
-        directory = self._dirs.get(wd)
-        if directory is None:
+        names = self._paths.get(wd)
+        if names is None:
             return
-        names = self._names[directory]
         if mask & _IN_GONE:  # The directory itself was removed or moved.
-            changed.update(os.path.join(directory, n) for n in names)
-            if mask & _IN_IGNORED:
-                del self._dirs[wd]
-                self.unwatched.update(
-                    os.path.join(directory, n) for n in names
-                )
-                del self._names[directory]
+            for paths in names.values():
+                changed.update(paths)
+            if mask & _IN_IGNORED:  # Its watch is gone: forget it.
+                del self._paths[wd]
+                for directory in [d for d, w in self._wds.items() if w == wd]:
+                    del self._wds[directory]
         elif name in names:
-            changed.add(os.path.join(directory, name))
+            changed.update(names[name])
 
     def close(self):
         """Release the descriptors; later wake() calls do nothing."""
@@ -3055,6 +3359,43 @@ class _Inotify:
             self._closed = True
             for fd in (self.fd, self._wake_r, self._wake_w):
                 _close_quietly(fd)
+
+
+_MAX_SYMLINKS = 40  # Linux's own limit when it resolves a path.
+
+
+def _resolve_links(path):
+    """Resolve `path` as the kernel would: (real path, links met).
+
+    Each symlink met is given as the (real directory, name) of its entry.
+    A missing component ends the resolution there; so does a loop.
+    """
+    if not os.path.isabs(path):
+        path = os.path.join(os.getcwd(), path)
+    parts = path.split(os.sep)
+    parts.reverse()
+    real, links = os.sep, []
+    while parts:
+        part = parts.pop()
+        if part in ('', os.curdir):
+            continue
+        if part == os.pardir:
+            real = os.path.dirname(real)
+            continue
+        candidate = os.path.join(real, part)
+        try:
+            target = os.readlink(candidate)
+        except OSError:  # A directory, or missing: taken as it is.
+            real = candidate
+            continue
+        if len(links) == _MAX_SYMLINKS:  # A loop: stop following.
+            real = candidate
+            continue
+        links.append((real, part))
+        if os.path.isabs(target):
+            real = os.sep
+        parts.extend(reversed(target.split(os.sep)))
+    return real, links
 
 
 # -- ThreadManager ------------------------------------------------------------
@@ -3123,18 +3464,23 @@ class SystemdNotifier(SimplePlugin):
     namespace) it sends ``READY=1`` and ``MAINPID`` on ``started`` (so never
     after a failed start), ``RELOADING=1`` with ``MONOTONIC_USEC`` before
     the ``graceful`` listeners (priority 0) and ``READY=1`` after them
-    (priority 100), ``STOPPING=1`` first thing on ``stop`` (priority 0), and
-    ``WATCHDOG=1`` every half ``WATCHDOG_USEC`` while started, if
-    ``WATCHDOG_PID`` is unset or names this process.  Each message carries a
-    ``STATUS=``.  Without ``NOTIFY_SOCKET`` subscribe() does nothing; a send
-    that fails is logged, never raised.
+    (priority 100), and first thing on ``stop`` (priority 0) ``STOPPING=1``,
+    or ``RELOADING=1`` when the bus exits for restart(): systemd then waits
+    for the re-executed process's ``READY=1`` instead of killing it.  These
+    carry a ``STATUS=``.  ``WATCHDOG=1`` is sent on ``main``, which block()
+    publishes every interval, once half of ``WATCHDOG_USEC`` has passed
+    since the last ping, while STARTED, if ``WATCHDOG_PID`` is unset or
+    names this process: a wedged main thread stops the pings, and systemd's
+    ``WatchdogSec`` fires.  Without ``NOTIFY_SOCKET`` subscribe() and
+    notify() do nothing; a send that fails is logged, never raised.
     """
 
     def __init__(self, bus):
         super().__init__(bus)
         self.socket_path = os.environ.get('NOTIFY_SOCKET') or None
         """Where messages go, read from NOTIFY_SOCKET; None disables."""
-        self._watchdog = None
+        self._ping_every = None  # Seconds between pings, while started.
+        self._last_ping = None
 
     def __repr__(self):
         return 'SystemdNotifier(%r)' % self.socket_path
@@ -3142,6 +3488,7 @@ class SystemdNotifier(SimplePlugin):
     def _listeners(self):
         return (
             ('started', self.started, None),
+            ('main', self._watchdog, None),
             ('graceful', self._reloading, 0),
             ('graceful', self._reloaded, 100),
             ('stop', self.stop, 0),
@@ -3158,7 +3505,12 @@ class SystemdNotifier(SimplePlugin):
             self.bus.unsubscribe(channel, listener)
 
     def notify(self, *fields):
-        """Send one datagram of ``KEY=value`` fields; log failures."""
+        """Send one datagram of ``KEY=value`` fields; log failures.
+
+        Does nothing without NOTIFY_SOCKET.
+        """
+        if not self.socket_path:
+            return
         import socket
 
         address = self.socket_path
@@ -3174,15 +3526,10 @@ class SystemdNotifier(SimplePlugin):
             )
 
     def started(self):
-        """Send READY=1 with our PID, and start the watchdog pings."""
+        """Send READY=1 with our PID; block()'s loop sends the pings."""
+        self._ping_every = self._watchdog_interval()
+        self._last_ping = None
         self.notify('READY=1', 'MAINPID=%d' % os.getpid(), 'STATUS=started')
-        interval = self._watchdog_interval()
-        if interval and self._watchdog is None:
-            self._watchdog = BackgroundTask(
-                interval, self.notify, ['WATCHDOG=1'], bus=self.bus
-            )
-            self._watchdog.name = 'systemd watchdog'
-            self._watchdog.start()
 
     def _watchdog_interval(self):
         usec, pid = (
@@ -3192,7 +3539,7 @@ class SystemdNotifier(SimplePlugin):
         if not usec or (pid and pid != str(os.getpid())):
             return None
         try:
-            return int(usec) / 2e6
+            return int(usec) / 2e6 if int(usec) > 0 else None
         except ValueError:
             self.bus.log(
                 'Ignoring WATCHDOG_USEC=%r: not a number.' % usec,
@@ -3200,22 +3547,34 @@ class SystemdNotifier(SimplePlugin):
             )
             return None
 
-    def _reloading(self):
+    def _watchdog(self):
+        # On ``main``, from the thread in block(): the pings prove that
+        # thread alive, which a timer thread of our own would not.
+        every = self._ping_every
+        if every is None or self.bus.state is not states.STARTED:
+            return
+        now = time.monotonic()
+        if self._last_ping is None or now - self._last_ping >= every:
+            self._last_ping = now
+            self.notify('WATCHDOG=1')
+
+    def _reloading(self, status='reloading'):
         self.notify(
             'RELOADING=1',
             'MONOTONIC_USEC=%d' % (time.monotonic_ns() // 1000),
-            'STATUS=reloading',
+            'STATUS=' + status,
         )
 
     def _reloaded(self):
         self.notify('READY=1', 'STATUS=started')
 
     def stop(self):
-        """Send STOPPING=1 and stop the watchdog pings."""
-        watchdog, self._watchdog = self._watchdog, None
-        if watchdog is not None:
-            watchdog.cancel()
-        self.notify('STOPPING=1', 'STATUS=stopping')
+        """Stop the pings; send STOPPING=1, or RELOADING=1 for restart()."""
+        self._ping_every = None
+        if self.bus.execv:  # The re-executed process sends READY=1.
+            self._reloading('restarting')
+        else:
+            self.notify('STOPPING=1', 'STATUS=stopping')
 
 
 # -- LoggingBridge ------------------------------------------------------------
@@ -3337,6 +3696,8 @@ class _DemoServer(SimplePlugin):
         )
         self.thread.start()
 
+    start.priority = 80  # Serve once all else is ready (privileges too).
+
     def _serve(self, reply):
         while not self._done.is_set():
             if _readable([self.sock.fileno()], 0.05):
@@ -3382,10 +3743,14 @@ def _parse_demo_options(argv):
         return convert
 
     def seconds(text):
-        value = float(text) if text.replace('.', '', 1).isdigit() else -1
-        if value < 0:
+        try:
+            value = float(text)
+        except ValueError:
+            value = -1.0
+        if not 0 <= value <= threading.TIMEOUT_MAX:  # NaN fails too.
             raise ValueError(
-                'invalid number of seconds: %r (a number >= 0)' % text
+                'invalid number of seconds: %r (a number from 0 to %d)'
+                % (text, threading.TIMEOUT_MAX)
             )
         return value
 
