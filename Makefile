@@ -247,8 +247,8 @@ export COMPAT_COMPARE
 $(COMPAT_STAMP): Makefile
 	rm -rf $(COMPAT_VENV)
 	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_PIP) 'cherrypy[testing,routes_dispatcher,memcached_session]==18.10.0' \
-	  'pytest<8' 'cheroot<11'
+	$(COMPAT_PIP) 'pytest<8' 'cheroot<11' \
+	  'cherrypy[testing,routes_dispatcher,memcached_session]==18.10.0'
 	$(COMPAT_VENV)/bin/pip download --quiet --disable-pip-version-check \
 	  --no-binary :all: --no-deps --dest $(COMPAT_VENV)/sdist cherrypy==18.10.0
 	tar -xzOf $(COMPAT_VENV)/sdist/cherrypy-18.10.0.tar.gz \
