@@ -3444,7 +3444,7 @@ SYSTEMD_SCENARIOS = {
             substitute(
                 notify_app(),
                 "handlers['SIGHUP'] = bus.graceful",
-                ("handlers['SIGHUP'] = bus.restart"),
+                "handlers['SIGHUP'] = bus.restart",
             ),
             COUNT_STARTS,
         ),
