@@ -5328,13 +5328,14 @@ def systemd_root():
     return build_systemd_root()
 
 
-def readme_block(heading, language):
-    """Return the first ```language block under README's `### heading`."""
+def readme_block(heading, language, index=0):
+    """Return the ```language block number `index` under `### heading`."""
     with open(os.path.join(HERE, 'README.md')) as f:
         text = f.read()
     section = text.split('\n### %s\n' % heading, 1)[1]
     section = re.split(r'^##+ ', section, maxsplit=1, flags=re.M)[0]
-    return re.search(r'^```%s\n(.*?)^```' % language, section, re.M | re.S)[1]
+    pattern = r'^```%s\n(.*?)^```' % language
+    return re.findall(pattern, section, re.M | re.S)[index]
 
 
 def substitute(text, old, new):
@@ -5349,6 +5350,12 @@ def before_start(program, lines):
 
 
 FORKING_UNIT = ('systemd, `Type=forking`', 'ini')
+SOCKET_UNIT = ('systemd socket activation', 'ini', 0)
+SOCKET_SERVICE_UNIT = ('systemd socket activation', 'ini', 1)
+ZERO_DOWNTIME_APP = (
+    'Restarts that refuse no connection (`kill -HUP`, autoreload)',
+    'python',
+)
 NOTIFY_UNIT = ('systemd, `Type=notify` with a watchdog', 'ini')
 NOTIFY_APP = ('systemd, `Type=notify` with a watchdog', 'python')
 DAEMON_APP = ('A daemon with a PID file', 'python')
@@ -5358,6 +5365,14 @@ def forking_app():
     # README: "with app.py as in the daemon recipe, using /run/app.pid".
     program = readme_block(*DAEMON_APP)
     return substitute(program, "'app.pid'", "'/run/app.pid'")
+
+
+def socket_activated_app():
+    # README: "app.py the program above plus SystemdNotifier".
+    return before_start(
+        readme_block(*ZERO_DOWNTIME_APP),
+        'wspbus.SystemdNotifier(bus).subscribe()\n',
+    )
 
 
 def notify_app():
@@ -5457,6 +5472,46 @@ record('healthy', states=watch(3.5))
 record('wedged', systemctl=systemctl('kill', '-s', 'USR2', '--kill-who=main'),
        states=watch(6, until=lambda p: p['NRestarts'] != '0'))
 """
+SOCKET_STEPS = """
+import socket, threading
+
+
+def ask():
+    try:
+        with socket.create_connection(('127.0.0.1', 8080), timeout=10) as c:
+            return c.makefile('rb').readline().decode()
+    except OSError as exc:
+        return type(exc).__name__
+
+
+record('listening', systemctl=subprocess.run(
+    ['systemctl', 'start', 'app.socket'], timeout=30).returncode,
+    show=show())
+record('activated', reply=ask(), show=show())
+replies, done = [], threading.Event()
+
+
+def client():
+    while not done.is_set():
+        replies.append(ask())
+
+
+clients = [threading.Thread(target=client) for _ in range(4)]
+for thread in clients:
+    thread.start()
+reloads = []
+for _ in range(3):
+    reloads.append(systemctl('reload'))
+    time.sleep(1)
+done.set()
+for thread in clients:
+    thread.join()
+record('reloads', reloads=reloads, states=watch(0.5), replies=len(replies),
+       failures=[r for r in replies if r != 'hello\\n'])
+main = show()['MainPID']
+record('stop', systemctl=systemctl('stop'), show=show(),
+       main_alive=alive(main))
+"""
 RESTART_STEPS = """
 start()
 record('restart', systemctl=systemctl('kill', '-s', 'HUP', '--kill-who=main'),
@@ -5517,7 +5572,15 @@ SYSTEMD_SCENARIOS = {
         lambda: CHERRYPY_STANDIN,
         FORKING_STEPS,
     ),
+    'socket-activation': (
+        SOCKET_SERVICE_UNIT,
+        TEST_TIMEOUTS,
+        socket_activated_app,
+        SOCKET_STEPS,
+    ),
 }
+# Units beside app.service, by scenario.
+SYSTEMD_EXTRA_UNITS = {'socket-activation': {'app.socket': SOCKET_UNIT}}
 
 DRIVER_UNIT = """\
 [Unit]
@@ -5672,6 +5735,8 @@ def boot_scenario(root, name, workdir):
     (units / 'app.service').write_text(readme_block(*unit))
     (units / 'app.service.d' / 'test.conf').write_text(dropin)
     (units / 'wspbus-driver.service').write_text(DRIVER_UNIT)
+    for filename, block in SYSTEMD_EXTRA_UNITS.get(name, {}).items():
+        (units / filename).write_text(readme_block(*block))
     (srv / 'app' / 'app.py').write_text(program())
     with open(wp.__file__) as f:
         (srv / 'app' / 'wspbus_plugins.py').write_text(f.read())
@@ -5679,7 +5744,7 @@ def boot_scenario(root, name, workdir):
     (srv / 'steps.py').write_text(steps)
     command = [
         'systemd-nspawn', '-q', '-D', root, '-b', '--register=no',
-        '--keep-unit', '--volatile=overlay',
+        '--keep-unit', '--volatile=overlay', '--private-network',
         '--bind-ro=%s:/usr/local/lib/systemd/system' % units,
         '--bind-ro=%s:/srv' % srv,
         '--bind=%s:/results' % results,
@@ -5874,12 +5939,6 @@ def test_systemd_watchdog_keeps_a_healthy_service_alive(systemd_run):
 
 
 @systemd
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='issue 14 #11: WATCHDOG=1 comes from an independent thread, so '
-    'a wedged main thread keeps pinging and WatchdogSec never fires',
-)
 def test_systemd_watchdog_fires_when_the_main_thread_is_wedged(systemd_run):
     run = systemd_run('notify-watchdog')
     main = run['start']['show']['MainPID']
@@ -5890,12 +5949,6 @@ def test_systemd_watchdog_fires_when_the_main_thread_is_wedged(systemd_run):
 
 
 @systemd
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='issue 14 #6: restart() sends STOPPING=1, so systemd deactivates '
-    'the unit and SIGKILLs the re-executed process at TimeoutStopSec',
-)
 def test_systemd_notify_restart_keeps_the_unit_active(systemd_run):
     run = systemd_run('notify-restart')
     main = run['start']['show']['MainPID']
@@ -5929,13 +5982,22 @@ def test_systemd_cherrypy_style_redaemonizing_loses_the_unit_on_reload(
     assert 'app.service: Deactivated successfully.' in run.journal(), run
 
 
-# Socket activation (a .socket unit passing its listening socket to the
-# README's service) belongs here once ListenSockets (SPEC section 9) exists:
-# one more scenario in SYSTEMD_SCENARIOS, with the .socket unit beside
-# app.service, checking that connections made before and during a restart
-# are all answered.
 @systemd
-def test_systemd_socket_activation(systemd_run):
-    if not hasattr(wp, 'ListenSockets'):
-        pytest.skip('ListenSockets (SPEC section 9) does not exist yet')
-    pytest.fail('ListenSockets exists: write the socket activation scenario')
+def test_systemd_socket_activation_and_reloads_refuse_nothing(systemd_run):
+    # README's .socket + .service recipe: systemd binds the port, the first
+    # connection starts the service, which adopts the socket by its name;
+    # three reloads (kill -HUP: restart in place) under 4 client threads.
+    run = systemd_run('socket-activation')
+    assert run['listening']['systemctl'] == 0, run
+    assert run['listening']['show']['ActiveState'] == 'inactive', run
+    assert run['activated']['reply'] == 'hello\n', run
+    main = run['activated']['show']['MainPID']
+    reloads = run['reloads']
+    assert [r['status'] for r in reloads['reloads']] == [0, 0, 0], run
+    assert reloads['failures'] == [] and reloads['replies'] > 30, run
+    assert set(states_of(reloads['states'], 'MainPID')) == {main}, run
+    assert reloads['states'][-1]['ActiveState'] == 'active', run
+    assert run.journal().count('Listening on') == 0, run  # Adopted, not bound.
+    stop = run['stop']
+    assert stop['show']['ActiveState'] == 'inactive', run
+    assert not stop['main_alive'], run
