@@ -5997,7 +5997,6 @@ def test_systemd_socket_activation_and_reloads_refuse_nothing(systemd_run):
     assert reloads['failures'] == [] and reloads['replies'] > 30, run
     assert set(states_of(reloads['states'], 'MainPID')) == {main}, run
     assert reloads['states'][-1]['ActiveState'] == 'active', run
-    assert run.journal().count('Listening on') == 0, run  # Adopted, not bound.
     stop = run['stop']
     assert stop['show']['ActiveState'] == 'inactive', run
     assert not stop['main_alive'], run
