@@ -1744,7 +1744,9 @@ def test_bus_restart_keeps_handled_signals_pending_across_execv(
         raise Execv
 
     monkeypatch.setattr(os, 'execv', execv)
-    bus._handled_signals.update({signal.SIGHUP, signal.SIGTERM})
+    bus._handled_signals.update(
+        {signal.SIGHUP: 'SIGHUP', signal.SIGTERM: 'SIGTERM'}
+    )
     bus.execv = True  # As restart() leaves it.
     bus._signals.append('SIGHUP')  # Recorded, not yet acted on.
     with pytest.raises(Execv):
@@ -1763,7 +1765,7 @@ def test_bus_restart_without_pthread_sigmask_carries_nothing(
     bus, recorded_execv, monkeypatch
 ):
     monkeypatch.setattr(wp, '_sigmask', None)  # Windows.
-    bus._handled_signals.add(signal.SIGTERM)
+    bus._handled_signals[signal.SIGTERM] = 'SIGTERM'
     monkeypatch.setattr(
         os, 'execv', lambda *a: recorded_execv.append(dict(os.environ))
     )
@@ -1814,6 +1816,286 @@ def test_lifecycle_sigterm_at_any_moment_of_start_under_load(
         assert (status, err) == (0, ''), 'attempt %d' % attempt
         assert lines_of(events)[-1:] == ['exit']
         assert not pidfile.exists(), 'attempt %d' % attempt
+
+
+# -- Bus: asyncio -------------------------------------------------------------
+
+ASYNC_CHILD = textwrap.dedent("""
+    import asyncio, os, sys, threading, time, wspbus_plugins as wp
+    out = open(sys.argv[1], 'a', buffering=1)
+    def note(*words):
+        out.write(' '.join(map(str, words)) + '\\n')
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: level >= 40 and
+                  print(msg.splitlines()[0], file=sys.stderr, flush=True))
+    handler = wp.SignalHandler(bus)  # Subscribed by the code after this.
+    bus.subscribe('stop', lambda: note('stop'))
+    bus.subscribe('exit', lambda: note('exit'))
+    cleanup = float(sys.argv[2]) if len(sys.argv) > 2 else 0
+
+    async def main():
+        note('main', os.getpid())
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            note('cleaning')
+            await asyncio.sleep(cleanup)
+            note('cleaned')
+""")
+
+
+def async_child(child, tmp_path, code='', *args, **kwargs):
+    """ASYNC_CHILD + `code` (which runs the bus); return proc, notes."""
+    events = tmp_path / ('events%d' % len(child.procs))
+    program = ASYNC_CHILD + textwrap.dedent(
+        code or 'handler.subscribe()\nprint(bus.run_async(main()))\n'
+    )
+    return child(program, str(events), *args, **kwargs), events
+
+
+def stop_and_time(proc, sig=signal.SIGTERM):
+    started = time.monotonic()
+    proc.send_signal(sig)
+    status, out, err = finish(proc)
+    return status, out, err, time.monotonic() - started
+
+
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_run_async_signal_cancels_main_then_runs_the_exit(
+    child, tmp_path, sig
+):
+    proc, events = async_child(child, tmp_path, '', '0.1')
+    wait_for_note(events, 'main %d' % proc.pid)
+    status, out, err, seconds = stop_and_time(proc, getattr(signal, sig))
+    assert (status, out, err) == (0, 'None\n', '')
+    assert lines_of(events)[1:] == ['cleaning', 'cleaned', 'stop', 'exit']
+    assert seconds < 1
+
+
+@pytest.mark.parametrize('where', ['thread', 'listener'])
+def test_run_async_exit_from_a_thread_or_a_listener(child, tmp_path, where):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        def ask_exit():
+            time.sleep(0.2)
+            if sys.argv[3] == 'thread':
+                bus.exit()
+            else:  # A listener of a channel published on the loop.
+                bus.subscribe('main', bus.exit)
+        threading.Thread(target=ask_exit).start()
+        handler.subscribe()
+        print(bus.run_async(main()), flush=True)
+        """,
+        '0',
+        where,
+    )
+    status, out, err = finish(proc, timeout=10)
+    assert (status, out, err) == (0, 'None\n', '')
+    assert lines_of(events)[1:] == ['cleaning', 'cleaned', 'stop', 'exit']
+
+
+def test_run_async_second_sigterm_cuts_the_cleanup_short(child, tmp_path):
+    proc, events = async_child(child, tmp_path, '', '60')
+    wait_for_note(events, 'main %d' % proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    wait_for_note(events, 'cleaning')
+    status, out, err, seconds = stop_and_time(proc)
+    assert (status, err) == (0, '')
+    assert lines_of(events)[1:] == ['cleaning', 'stop', 'exit']
+    assert seconds < 1
+
+
+def test_run_async_returns_the_main_result_and_exits_the_bus(child, tmp_path):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def answer():
+            await asyncio.sleep(0.01)
+            return 42
+        handler.subscribe()
+        print(bus.run_async(answer()), bus.state, flush=True)
+        """,
+    )
+    status, out, err = finish(proc)
+    assert (status, out, err) == (0, '42 states.EXITING\n', '')
+    assert lines_of(events) == ['stop', 'exit']
+
+
+def test_run_async_error_in_main_is_logged_status_1_no_pid_file(
+    child, tmp_path
+):
+    pidfile = tmp_path / 'app.pid'
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        wp.PIDFile(bus, sys.argv[3]).subscribe()
+        async def broken():
+            await asyncio.sleep(0.01)
+            raise ValueError('bad data')
+        handler.subscribe()
+        bus.run_async(broken())
+        """,
+        '0',
+        str(pidfile),
+    )
+    status, out, err = finish(proc)
+    assert status == 1
+    assert err == 'Error in the main task:\n'
+    assert lines_of(events) == ['stop', 'exit']
+    assert not pidfile.exists()
+
+
+def test_run_async_executor_work_never_holds_the_exit(child, tmp_path):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        import concurrent.futures
+        async def work():
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, time.sleep, 0.01)
+            pool = concurrent.futures.ThreadPoolExecutor(2)
+            await loop.run_in_executor(pool, time.sleep, 0.01)
+            await main()
+        handler.subscribe()
+        print(bus.run_async(work()), flush=True)
+        """,
+        '0',
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    status, out, err, seconds = stop_and_time(proc)
+    assert (status, out, err) == (0, 'None\n', '')
+    assert seconds < 1
+
+
+def test_run_async_graceful_runs_on_the_loop_thread(child, tmp_path):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        def graceful():
+            asyncio.get_running_loop()  # RuntimeError off the loop.
+            note('graceful', threading.current_thread().name)
+        bus.subscribe('graceful', graceful)
+        handler.subscribe()
+        print(bus.run_async(main()), flush=True)
+        """,
+        '0',
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    proc.send_signal(signal.SIGUSR1)
+    wait_for_note(events, 'graceful MainThread')
+    status, out, err = stop_and_time(proc)[:3]
+    assert (status, err) == (0, '')
+
+
+def test_run_async_restart_reexecutes_with_the_same_pid(child, tmp_path):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        handler.handlers['SIGHUP'] = bus.restart
+        handler.subscribe()
+        print(bus.run_async(main()), flush=True)
+        """,
+        '0',
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    proc.send_signal(signal.SIGHUP)
+    wait_for_note(events, 'main %d' % proc.pid, 2)
+    status, out, err = stop_and_time(proc)[:3]
+    assert (status, err) == (0, '')
+    assert lines_of(events).count('exit') == 2
+
+
+def test_run_async_autoreload_restarts_on_a_file_change(child, tmp_path):
+    watched = tmp_path / 'settings.ini'
+    watched.write_text('a = 1\n')
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        reloader = wp.Autoreloader(bus)
+        reloader.files.add(sys.argv[3])
+        reloader.subscribe()
+        handler.subscribe()
+        print(bus.run_async(main()), flush=True)
+        """,
+        '0',
+        str(watched),
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    edit(watched)
+    wait_for_note(events, 'main %d' % proc.pid, 2)
+    status, out, err = stop_and_time(proc)[:3]
+    assert (status, err) == (0, '')
+
+
+@needs_fork
+def test_run_async_hosts_every_plugin(child, tmp_path, notify_socket):
+    # A daemon with a PID file, threads, logging, a watchdog and an asyncio
+    # server on an inherited socket; SIGHUP restarts it in place.
+    port = free_port()
+    code = """
+        import logging
+        logging.basicConfig(filename=sys.argv[1] + '.log', level=logging.INFO)
+        wp.LoggingBridge(bus).subscribe()
+        handler.handlers['SIGHUP'] = bus.restart
+        handler.subscribe()
+        wp.Daemonizer(bus, stdout=sys.argv[1] + '.out',
+                      stderr=sys.argv[1] + '.out').subscribe()
+        wp.PIDFile(bus, sys.argv[1] + '.pid').subscribe()
+        threads = wp.ThreadManager(bus)
+        threads.subscribe()
+        wp.Monitor(bus, lambda: bus.publish('acquire_thread'), 0.05,
+                   name='worker').subscribe()
+        wp.SystemdNotifier(bus).subscribe()
+        sockets = wp.ListenSockets(bus)
+        sockets.subscribe()
+        listening = sockets.listen('web', ('127.0.0.1', int(sys.argv[3])))
+        async def serve(reader, writer):
+            writer.write(b'%d %d\\\\n' % (os.getpid(), len(threads.threads)))
+            await writer.drain()
+            writer.close()
+        async def server():
+            srv = await asyncio.start_server(serve, sock=listening)
+            note('main', os.getpid())
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                srv.close()
+        bus.run_async(server())
+    """
+    proc, events = async_child(
+        child,
+        tmp_path,
+        code,
+        '0',
+        str(port),
+        env={
+            'NOTIFY_SOCKET': notify_socket.address,
+            'WATCHDOG_USEC': '100000',
+        },
+    )
+    assert finish(proc)[0] == 0  # The launcher: the daemon is ready.
+    pid = read_pid(str(events) + '.pid')
+    child.track(pid)
+    wait_for_note(events, 'main %d' % pid)
+    reply = ask(('127.0.0.1', port))
+    assert reply.split()[0] == str(pid)
+    os.kill(pid, signal.SIGHUP)
+    wait_for_note(events, 'main %d' % pid, 2)
+    assert ask(('127.0.0.1', port)).split()[0] == str(pid)
+    messages = datagrams(notify_socket, 8)
+    assert 'WATCHDOG=1' in messages and 'RELOADING=1' in '\n'.join(messages)
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not os.path.exists(str(events) + '.pid')
+    assert 'Bus EXITED' in (tmp_path / (events.name + '.log')).read_text()
 
 
 # -- SimplePlugin -------------------------------------------------------------
@@ -3341,16 +3623,16 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
 ):
     monkeypatch.setattr(os, 'environ', dict(os.environ))
     sockets = wp.ListenSockets(bus)
-    sockets.listen('web', ('127.0.0.1', 0))
+    given = sockets.listen('web', ('127.0.0.1', 0))
+    address = given.getsockname()
+    given.close()  # As asyncio's server does when it closes.
     bus.execv = True
     sockets.exit()
-    old = sockets.sockets['web']
-    fd = old.fileno()
+    fd = sockets._kept['web']
     assert os.environ[wp._LISTEN_ENV] == '%d\nweb\t%d\t' % (os.getpid(), fd)
     assert os.get_inheritable(fd) and fd in bus._keep_fds
-    old.detach()  # The old image is gone: its socket object with it.
     again = wp.ListenSockets(bus)  # What the new image does.
-    assert again._inherited['web'].fileno() == fd
+    assert again.listen('web', address).getsockname() == address
     assert wp._LISTEN_ENV not in os.environ
     bus.execv = False
     again.exit()

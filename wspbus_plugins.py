@@ -392,7 +392,8 @@ class Bus:
         # Signals: handlers append to _signals and release _wakeup (both
         # safe between any two bytecodes); the main thread acts on them.
         self._signals = []
-        self._handled_signals = set()  # numbers restart() keeps pending
+        self._handled_signals = {}  # number -> name, from SignalHandler
+        self._main_task = self._loop = None  # run_async()'s
         self._wakeup = threading.Lock()
         self._wakeup.acquire()  # Locked: no wake-up pending.
         self._busy = 0  # >0 while the main thread transitions or waits.
@@ -642,7 +643,7 @@ class Bus:
         ``start`` listener ends the process with status 70 after exiting,
         when on the main thread; elsewhere it logs the failure loudly.
         """
-        if self._ask_exit():
+        if self._ask_exit() and not self._cancel_main_task():
             self._transition(_nothing, wait=False)
         self._act_if_idle()
 
@@ -663,7 +664,8 @@ class Bus:
         Ignored (with a log line) when an exit is already under way.
         """
         if self._ask_exit(execv=True):
-            self._transition(_nothing, wait=False)
+            if not self._cancel_main_task():
+                self._transition(_nothing, wait=False)
         else:
             self.log('Restart ignored: the bus is already exiting.')
         self._act_if_idle()
@@ -718,8 +720,8 @@ class Bus:
 
     def _next_job(self):
         """Return what the runner must do next, or None (lock held)."""
-        if self._exit_phase == 'asked':
-            return self._run_exit
+        if self._exit_phase == 'asked' and self._main_task is None:
+            return self._run_exit  # (run_async() runs it after its task.)
         if self._graceful_asked:
             if self._exit_phase is None and self._state is not states.STARTING:
                 return self._asked_graceful
@@ -924,14 +926,18 @@ class Bus:
                 lambda: self._exit_phase not in ('asked', 'running'),
                 interval,
             )
-            self.log('Waiting for child threads to terminate...')
-            left = self._join_threads()
-            if self.execv:
-                self._do_execv()  # Signals recorded meanwhile go along.
-            if left:
-                self._hurried_exit(left)
+            self._after_exit()
         finally:
             self._end_busy(main)
+
+    def _after_exit(self):
+        """Join the threads left, then re-execute or end as asked."""
+        self.log('Waiting for child threads to terminate...')
+        left = self._join_threads()
+        if self.execv:
+            self._do_execv()  # Signals recorded meanwhile go along.
+        if left:
+            self._hurried_exit(left)
 
     def _join_threads(self):
         """Join the non-daemon threads; return those left when hurried."""
@@ -977,6 +983,160 @@ class Bus:
         if run_exitfuncs is not None:
             run_exitfuncs()
         _hard_exit(0)
+
+    # -- asyncio --
+    # run_async() drives an event loop over the bus's own transitions: the
+    # loop is one more thing that waits for the exit.  While its main task
+    # runs, exit() cancels that task instead of running the exit, and the
+    # driver runs the exit once the task has finished its own cleanup.
+
+    def run_async(self, main, interval=0.1):
+        """Start the bus, run coroutine `main` on a new event loop; return
+        its result.
+
+        Call it from the main thread, in place of start() and block().
+        SignalHandler's signals (and Ctrl+C) come through the loop, so their
+        listeners run between two callbacks, never nested.  exit() from
+        anywhere (a signal, another thread, a listener) cancels the main
+        task; once it has finished (its ``finally`` blocks too), the bus
+        runs its ``stop`` and ``exit`` listeners, cancels the tasks left,
+        shuts the default executor down without waiting for it, closes the
+        loop, and re-executes if restart() was asked for.  A second SIGTERM
+        or Ctrl+C while the main task cleans up cancels that cleanup; the
+        ``exit`` listeners still run.  ``main`` is published every
+        `interval` seconds.  An exception in `main` is logged, and the
+        process then exits with status 1 (SystemExit).
+        """
+        import asyncio
+
+        self.start()
+        loop = asyncio.new_event_loop()
+        try:
+            asyncio.set_event_loop(loop)
+            restore = self._loop_signals(loop)
+            try:
+                outcome = loop.run_until_complete(
+                    self._drive(loop, main, interval)
+                )
+            finally:
+                restore()
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
+        main_thread = self._begin_busy()
+        try:
+            self._after_exit()
+        finally:
+            self._end_busy(main_thread)
+        failed, result = outcome
+        if failed:
+            raise SystemExit(1)
+        return result
+
+    async def _drive(self, loop, main, interval):
+        import asyncio
+
+        tick = loop.call_later(interval, self._tick, loop, interval)
+        failed, result = False, None
+        if self._exit_phase is None:  # Else start() was cut short.
+            task = asyncio.ensure_future(main)
+            with self._lock:
+                self._main_task, self._loop = task, loop
+            try:
+                result = await task
+            except asyncio.CancelledError:
+                pass  # exit() asked for it.
+            except Exception:
+                failed = True
+                self.log('Error in the main task:', _ERROR, traceback=True)
+            finally:
+                with self._lock:
+                    self._main_task = None
+        elif asyncio.iscoroutine(main):
+            main.close()  # Never awaited: say so to nobody.
+        self._ask_exit()
+        self._transition(_nothing, wait=False)
+        while self._exit_phase != 'done':  # Run by a thread's transition.
+            await asyncio.sleep(0.01)
+        tick.cancel()
+        await self._cancel_leftover_tasks()
+        await loop.shutdown_asyncgens()
+        executor = getattr(loop, '_default_executor', None)
+        if executor is not None:  # Idle workers must not hold the exit.
+            if sys.version_info >= (3, 9):
+                executor.shutdown(wait=False, cancel_futures=True)
+            else:
+                executor.shutdown(wait=False)
+        return failed, result
+
+    def _tick(self, loop, interval):
+        loop.call_later(interval, self._tick, loop, interval)
+        self.publish('main')
+
+    async def _cancel_leftover_tasks(self):
+        import asyncio
+
+        current = asyncio.current_task()
+        pending = [t for t in asyncio.all_tasks() if t is not current]
+        for task in pending:
+            task.cancel()
+        while pending and not self._hurry:
+            done, pending = await asyncio.wait(pending, timeout=0.1)
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    exc = task.exception()
+                    self.log(
+                        'Error in task %r: %s: %s'
+                        % (task, type(exc).__name__, exc),
+                        level=_ERROR,
+                    )
+        if pending:
+            self.log(
+                'Not waiting for %d task(s) that ignore cancellation.'
+                % len(pending),
+                level=_WARNING,
+            )
+
+    def _loop_signals(self, loop):
+        """Route the handled signals through `loop`; return an undo."""
+        handled = dict(self._handled_signals)
+        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+            handled[_signal.SIGINT] = 'SIGINT'
+        previous = {}
+        for signum, channel in handled.items():
+            previous[signum] = _signal.getsignal(signum)
+            try:
+                loop.add_signal_handler(signum, self._loop_signal, channel)
+            except (NotImplementedError, RuntimeError, ValueError):
+                del previous[signum]  # Windows: the handlers stay.
+
+        def restore():
+            for signum, handler in previous.items():
+                loop.remove_signal_handler(signum)
+                if handler is not None:
+                    _signal.signal(signum, handler)
+
+        return restore
+
+    def _loop_signal(self, channel):
+        """Act on a signal the loop delivered, between two callbacks."""
+        if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
+            self._hurry = True  # The second one: cut the cleanup short.
+            task = self._main_task
+            if task is not None:
+                self.log('Caught signal %s again: hurrying.' % channel)
+                task.cancel()
+            return
+        self._act_on_signal(channel)
+
+    def _cancel_main_task(self):
+        """Under run_async(), an exit first cancels the main task."""
+        with self._lock:
+            task, loop = self._main_task, self._loop
+        if task is None:
+            return False
+        loop.call_soon_threadsafe(task.cancel)
+        return True
 
     def wait(self, state, interval=0.1, channel=None):
         """Block until the bus is in `state` (or any of a sequence of them).
@@ -1115,7 +1275,7 @@ class Bus:
         recorded but not yet acted on are raised again, to stay pending.
         """
         pending = [getattr(_signal, channel) for channel in self._signals]
-        carried = sorted(self._handled_signals.union(pending))
+        carried = sorted(set(self._handled_signals).union(pending))
         if _sigmask is None or not carried:
             return []
         _sigmask(_signal.SIG_BLOCK, carried)
@@ -1399,7 +1559,7 @@ class SignalHandler:
         """Restore the handlers that were installed before ours."""
         atexit.unregister(self._ignore_late_signals)
         for signum, handler in self._previous_handlers.items():
-            self.bus._handled_signals.discard(signum)
+            self.bus._handled_signals.pop(signum, None)
             signame = self.signals[signum]
             if handler is None:
                 self.bus.log('Restoring %s handler to SIG_DFL.' % signame)
@@ -1445,7 +1605,7 @@ class SignalHandler:
             raise ValueError('No such signal: %r' % signal) from None
         previous = _signal.signal(signum, self._handle_signal)
         self._previous_handlers.setdefault(signum, previous)
-        self.bus._handled_signals.add(signum)
+        self.bus._handled_signals[signum] = signame
         if signum in _carried_signals:  # Pending since restart(): now ours.
             _sigmask(_signal.SIG_UNBLOCK, [signum])
         if listener is not None:
@@ -2444,12 +2604,14 @@ class ListenSockets(SimplePlugin):
     the count, a descriptor that is not a socket, or not listening) is
     logged as a warning and ignored.
 
-    listen() hands out a socket by name.  Channel ``exit``: after restart()
-    the sockets stay open for the new image, and connections arriving
-    meanwhile wait in the kernel's backlog; on a real exit they are closed
-    and the AF_UNIX files this process bound are removed (never those it
-    was given).  Call listen() before DropPrivileges' start (priority 77)
-    to bind a low port as root.
+    listen() hands out a socket by name, and keeps a duplicate of its
+    descriptor: a server may close the socket it was given (asyncio's does)
+    and the socket still crosses a restart.  Channel ``exit``: after
+    restart() the sockets stay open for the new image, and connections
+    arriving meanwhile wait in the kernel's backlog; on a real exit they are
+    closed and the AF_UNIX files this process bound are removed (never
+    those it was given).  Call listen() before DropPrivileges' start
+    (priority 77) to bind a low port as root.
     """
 
     def __init__(self, bus):
@@ -2457,6 +2619,7 @@ class ListenSockets(SimplePlugin):
         self.sockets = {}
         """Name -> the listening socket.socket that listen() handed out."""
         self._inherited = {}  # name -> socket not yet asked for
+        self._kept = {}  # name -> our duplicate of a handed-out socket's fd
         self._bound_paths = {}  # name -> AF_UNIX path this process bound
         inherited = self._from_restart() + self._from_systemd()
         for name, fd, path in inherited:
@@ -2510,6 +2673,8 @@ class ListenSockets(SimplePlugin):
                 if other != name and other in self._bound_paths:
                     self._bound_paths[name] = self._bound_paths.pop(other)
             self.bus.log('Listening on %r (%s), inherited.' % (address, name))
+        if name not in self._kept:
+            self._kept[name] = os.dup(sock.fileno())
         self.sockets[name] = sock
         return sock
 
@@ -2545,22 +2710,27 @@ class ListenSockets(SimplePlugin):
 
     def exit(self):
         """Keep the sockets for the new image on restart; else close them."""
-        everything = dict(self._inherited, **self.sockets)
+        fds = dict(self._kept)
+        fds.update((name, s.fileno()) for name, s in self._inherited.items())
         if self.bus.execv:
             entries = ['%d' % os.getpid()]
-            for name, sock in everything.items():
-                os.set_inheritable(sock.fileno(), True)
-                self.bus._keep_fds.add(sock.fileno())
+            for name, fd in fds.items():
+                os.set_inheritable(fd, True)
+                self.bus._keep_fds.add(fd)
                 path = self._bound_paths.get(name, '')
-                entries.append('%s\t%d\t%s' % (name, sock.fileno(), path))
+                entries.append('%s\t%d\t%s' % (name, fd, path))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
             return
-        self.sockets, self._inherited = {}, {}
-        for name, sock in everything.items():
+        for sock in list(self.sockets.values()) + list(
+            self._inherited.values()
+        ):
             sock.close()
-            path = self._bound_paths.pop(name, None)
-            if path is not None:
-                _remove_quietly(path)
+        for fd in self._kept.values():
+            _close_quietly(fd)
+        self.sockets, self._inherited, self._kept = {}, {}, {}
+        for path in self._bound_paths.values():
+            _remove_quietly(path)
+        self._bound_paths = {}
 
     # Inherited descriptors.
 
