@@ -141,6 +141,12 @@ test-systemd: $(STAMP)
 stress: $(STAMP)
 	WSPBUS_STRESS=1 $(VENV_PY) -m pytest -q
 
+# Mutation tests (not in CI, ~10 minutes): each named one-line bug in a
+# copy of the module must fail the tests that target it.
+.PHONY: mutation
+mutation: $(STAMP)
+	$(VENV_PY) bench_wspbus_plugins.py --mutants $(MUTANTS)
+
 .PHONY: demo
 demo:
 	$(PYTHON) -m wspbus_plugins --duration 12 --heartbeat 2

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -584,6 +585,303 @@ def bench_import(rounds):
     return interleaved(variants, rounds)
 
 
+# -- Mutation testing ---------------------------------------------------------
+# `make mutation` (`bench_wspbus_plugins.py --mutants`): each mutant is one
+# small deliberate bug, applied to a temporary copy of the module.  The
+# tests named for it, which target the behaviour it breaks, must fail; a
+# mutant they miss runs against the whole suite, to tell "caught by some
+# other test" (not good enough: maybe by a timeout) from "missed".
+
+# Each mutant: its name, the tests that target it (a pytest -k expression),
+# then one or more edits written as a diff: '-' lines are replaced by the
+# '+' lines that follow them (the text after '- '/'+ ' must occur once).
+MUTANTS = """
+launcher exits 0 when the daemon dies unready, silently
+tests daemonizer_launcher_fails_when_the_daemon_dies_silently
+-         if verdict == 'READY':
++         if verdict in ('READY', None):
+
+no inotify debounce
+tests real_save_in_steps_restarts_once_on_the_whole_file
+-             if not _readable([self.fd], _DEBOUNCE):
++             if True:
+
+DropPrivileges keeps supplementary groups
+tests dropprivileges_switches_user_group_and_umask
+-                     os.setgroups([])  # Root's groups must not outlive root.
++                     pass
+
+ThreadManager hands out len(threads) + 1
+tests threadmanager
+-             index = 1
+-             while index in used:
++             index = len(used) + 1
++             while False:
+
+LoggingBridge raises DEBUG to INFO
+tests loggingbridge_forwards_levels
+-             self.logger.log(level, msg)
++             self.logger.log(max(level, 20), msg)
+
+LoggingBridge without its own guard
+tests loggingbridge_broken_handler
+-             pass  # The bus must outlive a broken handler.
++             raise
+
+RELOADING=1 after the graceful listeners
+tests systemdnotifier_sends_the_life_cycle_in_order
+-             ('graceful', self._reloading, 0),
++             ('graceful', self._reloading, 200),
+
+STOPPING=1 after the other stop listeners
+tests systemdnotifier_sends_the_life_cycle_in_order
+-             ('stop', self.stop, 0),
++             ('stop', self.stop, 100),
+
+watchdog pings every WATCHDOG_USEC, not half
+tests systemdnotifier_watchdog
+-             return int(usec) / 2e6 if int(usec) > 0 else None
++             return int(usec) / 1e6 if int(usec) > 0 else None
+
+no watchdog pings when WATCHDOG_PID is ours
+tests systemdnotifier_watchdog
+-         if not usec or (pid and pid != str(os.getpid())):
++         if not usec or pid:
+
+block() does not wait for the exit listeners (#1942)
+tests block_returns_after_exit_listeners_run_elsewhere
+-                 lambda: self._exit_phase not in ('asked', 'running'),
++                 lambda: True,
+
+handle_SIGHUP ignores the terminal
+tests sighup_exits_when_attached_to_a_terminal
+-         return forked and not _isatty(sys.stdin)
++         return forked
+
+the main thread polls every 0.1 s instead of waking
+tests wakes_within_50ms and main
+-                 self._wakeup.acquire(timeout=remaining)
++                 time.sleep(min(remaining, 0.1))
+
+other threads poll every 0.1 s instead of waking
+tests wakes_within_50ms and another
+-                         self._changed.wait(remaining)
++                         self._changed.wait(0) or time.sleep(0.1)
+
+publish stops at the first failing listener
+tests publish_runs_every_listener
+-                 failures.handle_exception()
++                 failures.handle_exception()
++                 break
+
+SystemExit(0) after a failure stays 0
+tests systemexit_code_forced
+-                 if failures and exc.code in (None, 0):
++                 if False:
+
+equal priorities in reverse subscription order
+tests priorities_and_subscription_order
+-                     self._order[(channel, cb)],
++                     -self._order[(channel, cb)],
+
+exit() runs twice
+tests exit_runs_once or exit_from_many_threads
+-                 return False
+-             self._exit_phase = 'asked'
++                 pass
++             self._exit_phase = 'asked'
+
+an exit during start does not win
+tests exit_from_a_thread_during_start_wins or once_exit_began
+-             if self._exit_phase is not None:
+-                 return
+-             yield listener
++             if False:
++                 return
++             yield listener
+
+signal handlers run listeners inline
+tests never_nest_inside_a_listener or inside_the_main_work
+-         if self._busy or _carried_signals or self._lock._is_owned():
++         if False:
+
+a second Ctrl+C does not interrupt a slow start
+tests second_ctrl_c_interrupts_a_slow_start
+-         elif channel == 'SIGINT' and 'SIGINT' in self._signals:
++         elif False:
+
+restart() does not keep signals pending across execv
+tests signal_during_reexec_is_kept
+-         carried = sorted(set(self._handled_signals).union(pending))
++         carried = []
+
+no fork safety
+tests fork_while_threads_use_the_bus
+-     os.register_at_fork(
++     (lambda **hooks: None)(
+
+block() joins idle executor workers
+tests idle_pool_threads_never_hang
+-     if worker is not None and getattr(thread, '_target', None) is worker:
++     if False:
+
+run_async: an exit runs before the main task ends
+tests run_async_exit_from_a_thread_or_a_listener
+-         if task is None:
+-             return False
++         if True:
++             return False
+
+ListenSockets closes its sockets on restart
+tests listensockets_restart_hands_sockets
+-         if self.bus.execv:
+-             entries = ['%d' % os.getpid()]
++         if False:
++             entries = ['%d' % os.getpid()]
+
+PID file not locked
+tests pidfile_second_holder
+-                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
++                     pass
+
+PID file removed although it holds another PID
+tests pidfile_rewritten_by_someone_else
+-             if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
++             if True:
+
+PID file follows a symlink
+tests pidfile_refuses_a_symlink
+-     try:
+-         _check_regular(path, os.lstat(path).st_mode)
++     try:
++         os.lstat(path)
+-     flags |= getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_CLOEXEC', 0)
++     flags |= getattr(os, 'O_CLOEXEC', 0)
+
+autoreload sees only newer mtimes
+tests polling_sees_every_kind_of_change
+-             if old != signature:
++             if old is _UNSEEN or (old and signature and signature > old):
+
+cancel() waits out the sleep
+tests backgroundtask_repeats_and_cancel
+-         return self._cancelled.wait(self.interval)
++         return time.sleep(self.interval) or self._cancelled.is_set()
+
+Daemonizer does not start a session
+tests daemonizer_detaches
+-             os.setsid()
++             pass
+
+READY=1 on start, before it succeeded
+tests systemdnotifier_failed_start_sends_no_ready
+-             ('started', self.started, None),
++             ('start', self.started, None),
+
+frequency 0 does not disable a Monitor
+tests monitor_frequency_zero_or_less_disables
+-         if self.frequency <= 0:
++         if self.frequency < 0:
+
+ThreadManager never publishes start_thread
+tests threadmanager_indexes_and_channels
+-         self.bus.publish('start_thread', index)
++         pass
+"""
+
+
+def parse_mutants(text=MUTANTS):
+    """Return [(name, tests, [(old, new), ...])] from the MUTANTS text."""
+    mutants = []
+    for block in text.strip().split('\n\n'):
+        name, tests, *lines = block.split('\n')
+        edits = []
+        for line in lines:
+            sign, code = line[0], line[2:] + '\n'
+            if sign == '-' and (not edits or edits[-1][1]):
+                edits.append([code, ''])
+            elif sign == '-':
+                edits[-1][0] += code
+            else:
+                edits[-1][1] += code
+        mutants.append((name, tests[len('tests ') :], edits))
+    return mutants
+
+
+FAILED_LINE = re.compile(r'^(?:FAILED|ERROR) (\S+)', re.M)
+
+
+def pytest_in(directory, args, timeout=900):
+    """Run pytest there; return the failing tests' ids (or why none ran)."""
+    command = [sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider']
+    try:
+        proc = subprocess.run(
+            command + args,
+            cwd=directory,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return ['(timed out after %d s)' % timeout]
+    if (
+        'no tests ran' in proc.stdout
+        or ' deselected' in proc.stdout
+        and (' passed' not in proc.stdout and ' failed' not in proc.stdout)
+    ):
+        raise RuntimeError('no test selected by %r' % args)
+    return FAILED_LINE.findall(proc.stdout)
+
+
+def run_mutant(name, targets, edits):
+    """Return (verdict, the first failing test) for one mutant."""
+    directory = tempfile.mkdtemp(prefix='wspbus-mutant-')
+    try:
+        for filename in ('test_wspbus_plugins.py', 'README.md', 'setup.cfg'):
+            shutil.copy(os.path.join(HERE, filename), directory)
+        with open(os.path.join(HERE, 'wspbus_plugins.py')) as f:
+            source = f.read()
+        for old, new in edits:
+            if source.count(old) != 1:
+                raise RuntimeError(
+                    'mutant %r: %r is in the module %d times, not once'
+                    % (name, old, source.count(old))
+                )
+            source = source.replace(old, new)
+        with open(os.path.join(directory, 'wspbus_plugins.py'), 'w') as f:
+            f.write(source)
+        failed = pytest_in(directory, ['-x', '-k', targets])
+        if failed:
+            return 'caught', failed[0]
+        failed = pytest_in(directory, [])
+        if failed:
+            return 'NOT TARGETED', failed[0]
+        return 'MISSED', ''
+    finally:
+        shutil.rmtree(directory)
+
+
+def mutation(names=None):
+    rows = []
+    for name, targets, edits in parse_mutants():
+        if names and not any(n in name for n in names):
+            continue
+        verdict, test = run_mutant(name, targets, edits)
+        rows.append((name, verdict, test))
+        print('%-12s %-58s %s' % (verdict, name, test), flush=True)
+    caught = sum(verdict == 'caught' for _, verdict, _ in rows)
+    print('\n| mutant | result | caught by |')
+    print('|---|---|---|')
+    for name, verdict, test in rows:
+        print('| %s | %s | `%s` |' % (name, verdict, test.split('::')[-1]))
+    print(
+        '\n%d of %d mutants caught by the tests that target them.'
+        % (caught, len(rows))
+    )
+    return 0 if caught == len(rows) else 1
+
+
 # -- Report -------------------------------------------------------------------
 
 
@@ -849,7 +1147,16 @@ def main(argv=None):
         action='store_true',
         help='print the rows as JSON instead of a table',
     )
+    parser.add_argument(
+        '--mutants',
+        nargs='*',
+        metavar='NAME',
+        help='run the mutation tests instead (those whose name contains '
+        'one of the NAMEs, or all)',
+    )
     options = parser.parse_args(argv)
+    if options.mutants is not None:
+        return mutation(options.mutants)
     rows = run(options.quick)
     if options.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
