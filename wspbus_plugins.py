@@ -132,21 +132,53 @@ _DAEMON_ENV = 'WSPBUS_DAEMON_PID'
 _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
 
 
-# restart() keeps the handled signals blocked across the re-exec and names
-# them here; the new image unblocks them once it can handle them.
-_CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'
+# restart() blocks the signals the program handles across the re-exec and
+# names them here.  From this module's import on, the new image holds them
+# instead (a handler that only counts), so nothing it starts inherits a
+# blocked mask; SignalHandler raises a held one again once its own handler
+# is in place, and the bus releases the rest when it starts.
+_CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'  # 'numbers/wakeup pipe'
 _sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
+_held = {}  # carried signal number -> whether it came while held
 
 
-def _take_carried_signals():
+def _close_quietly(fd):
     try:
-        text = os.environ.pop(_CARRIED_ENV, '')
-        return frozenset(int(signum) for signum in text.split())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def _hold(signum, frame):
+    _held[signum] = True
+
+
+def _hold_carried_signals():
+    numbers, _, pipe = os.environ.pop(_CARRIED_ENV, '').partition('/')
+    try:
+        carried = [int(n) for n in numbers.split()]
+        pipe = int(pipe) if pipe else None
     except ValueError:
-        return frozenset()
+        return
+    if not carried or _sigmask is None:
+        return
+    if threading.current_thread() is threading.main_thread():
+        for signum in carried:
+            _signal.signal(signum, _hold)
+            _held[signum] = False
+    if pipe is not None:  # What other threads took as the exec began.
+        try:
+            os.set_blocking(pipe, False)
+            for signum in os.read(pipe, 4096):
+                if signum in _held:
+                    _held[signum] = True
+        except OSError:
+            pass
+        _close_quietly(pipe)
+    _sigmask(_signal.SIG_UNBLOCK, carried)
 
 
-_carried_signals = _take_carried_signals() if _sigmask else frozenset()
+_hold_carried_signals()
 
 # A fork copies the locks of this module as they are: one that another thread
 # holds at that moment would stay held in the child for ever.  They are all
@@ -387,6 +419,7 @@ class Bus:
         self._exit_asker = None  # The thread that asked for the exit.
         self._graceful_asked = False  # Run graceful when the runner ends.
         self._start_error = None  # Why the last start() failed.
+        self._lives = 0  # How many start()s began.
         self._atexit_registered = False
         self._keep_fds = set()  # descriptors restart() must not close
         # Signals: handlers append to _signals and release _wakeup (both
@@ -398,6 +431,7 @@ class Bus:
         self._wakeup.acquire()  # Locked: no wake-up pending.
         self._busy = 0  # >0 while the main thread transitions or waits.
         self._saved_sigint = None
+        self._sigint_seen = False
         self._hurry = False  # A second SIGTERM/SIGINT while exiting.
         _guard_for_fork(self)
 
@@ -534,27 +568,44 @@ class Bus:
         If a listener fails (KeyboardInterrupt and SystemExit included),
         or itself calls exit(), log it, exit the bus and re-raise; on the
         main thread the process then ends with status 70.  An exit asked
-        for by another thread or a signal meanwhile wins: the remaining
-        ``start`` listeners are skipped and the bus exits, never STARTED.
-        Ignored (with a log line) while an exit is under way.
+        for by another thread meanwhile wins: the remaining ``start``
+        listeners are skipped and the bus exits, never STARTED (a signal
+        meanwhile is acted on once the start is done).  Ignored, with a log
+        line, while an exit is under way, after a restart() that has not
+        re-executed yet, and after an exit that came before any start (a
+        SIGTERM during the program's set-up).  Otherwise a start after an
+        exit begins a new life, as in CherryPy.
         """
-        self._transition(self._start)
+        with self._lock:
+            refused = self._start_refused()
+        if refused:
+            self.log('Start ignored: %s.' % refused)
+        else:
+            self._transition(self._start)
+
+    def _start_refused(self):
+        """Why a start cannot begin now, or None (lock held)."""
+        if self._exit_phase in ('asked', 'running'):
+            return 'the bus is exiting'
+        if self._exit_phase == 'done' and self.execv:
+            return 'the process is about to re-execute'
+        if self._exit_phase == 'done' and not self._lives:
+            return 'the bus exited before it was started'
+        return None
 
     def _start(self):
         with self._lock:
-            if self._exit_phase in ('asked', 'running'):
-                ignored = True
-            else:
-                ignored = False
+            refused = self._start_refused()  # Asked while we waited?
+            if not refused:
+                self._lives += 1
                 self._exit_phase = None  # A new life: exit() may run again.
                 self._start_error = None
-                self.execv = False
                 self._hurry = False
                 if not self._atexit_registered:
                     atexit.register(self._clean_exit)
                     self._atexit_registered = True
-        if ignored:
-            self.log('Start ignored: the bus is exiting.')
+        if refused:
+            self.log('Start ignored: %s.' % refused)
             return
         self.state = states.STARTING
         self.log('Bus STARTING')
@@ -585,14 +636,25 @@ class Bus:
             self.publish('started')
         except ChannelFailures:
             pass  # Logged by publish; the service is running regardless.
-        _release_carried_signals()
+        _release_carried_signals(self)
 
     def stop(self):
         """Move to STOPPING, publish ``stop``, then move to STOPPED.
 
-        Every ``stop`` listener runs, even after an exit was asked for.
+        Every ``stop`` listener runs.  Once an exit is under way (it stops
+        the bus itself) this returns at once: a stop listener may join a
+        worker that calls stop() without a deadlock.
         """
-        self._transition(self._stop)
+        if self._exit_phase is None:
+            self._transition(self._stop_unless_exiting)
+        else:
+            self.log('Stop ignored: the bus is exiting.')
+
+    def _stop_unless_exiting(self):  # Checked again: we may have waited.
+        if self._exit_phase is not None:
+            self.log('Stop ignored: the bus is exiting.')
+        else:
+            self._stop()
 
     def _stop(self):
         self.state = states.STOPPING
@@ -607,18 +669,23 @@ class Bus:
         Asked for while another transition runs (a signal storm, another
         thread, a ``graceful`` listener), it runs once more when that one
         ends, so ``graceful`` listeners never overlap; asked for while
-        STARTING, it runs once STARTED; asked for once an exit has begun,
-        it is ignored, and a run under way calls no more listeners.
+        STARTING, it runs once STARTED.  Ignored, with a log line, while the
+        bus is stopped (a SIGUSR1 during set-up) and once an exit has begun;
+        a run under way then calls no more listeners.
         """
         with self._lock:
-            ignored = self._exit_phase is not None
-            if not ignored:
+            if self._exit_phase is not None:
+                ignored = 'the bus is exiting'
+            elif self._state is states.STOPPED:
+                ignored = 'the bus is not started'
+            else:
+                ignored = None
                 self._graceful_asked = True
                 run_now = (
-                    self._runner is None and self._state is not states.STARTING
+                    self._runner is None and self._state is states.STARTED
                 )
         if ignored:
-            self.log('Graceful ignored: the bus is exiting.')
+            self.log('Graceful ignored: %s.' % ignored)
         elif run_now:
             self._transition(self._graceful, wait=False)
         self._act_if_idle()
@@ -723,9 +790,10 @@ class Bus:
         if self._exit_phase == 'asked' and self._main_task is None:
             return self._run_exit  # (run_async() runs it after its task.)
         if self._graceful_asked:
-            if self._exit_phase is None and self._state is not states.STARTING:
+            if self._exit_phase is None and self._state is states.STARTED:
                 return self._asked_graceful
-            self._graceful_asked = False  # Dropped: exiting.
+            if self._state is not states.STARTING:
+                self._graceful_asked = False  # Dropped: stopped or exiting.
         return None
 
     def _asked_graceful(self):
@@ -741,7 +809,7 @@ class Bus:
             asked_by_starter = self._exit_asker == threading.get_ident()
         failure = None
         try:
-            self.stop()
+            self._stop()
         except BaseException as exc:  # Logged; the exit listeners run.
             failure = exc
         try:
@@ -798,13 +866,14 @@ class Bus:
     def _signal_arrived(self, channel):
         """Act on signal `channel` now, or record it if the main thread is
         busy; called by signal handlers (SignalHandler, SIGINT)."""
+        self._sigint_seen = self._sigint_seen or channel == 'SIGINT'
         if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
             self._hurry = True
         elif channel == 'SIGINT' and 'SIGINT' in self._signals:
             # Ctrl+C again while the first waits for a transition to end:
             # interrupt it, as Python would have (never an exit's cleanup).
             raise KeyboardInterrupt
-        if self._busy or _carried_signals or self._lock._is_owned():
+        if self._busy or self._lock._is_owned():
             self._signals.append(channel)  # _lock: in mid-bookkeeping.
             self._wake()
             return
@@ -831,9 +900,8 @@ class Bus:
             self._act_on_signal(signals.pop(0))
 
     def _acting_on_signals(self):
-        # After restart() or before the first start after one, recorded
-        # signals are kept: restart() passes them on to the new image.
-        return not (self.execv or _carried_signals)
+        # After restart(), recorded signals are kept for the new image.
+        return not self.execv
 
     def _act_if_idle(self):
         """Act on signals recorded while the main thread held the lock."""
@@ -852,12 +920,12 @@ class Bus:
         except RuntimeError:
             pass  # Released already: a wake-up is pending.
 
-    def _begin_busy(self):
+    def _begin_busy(self, defer_sigint=True):
         """Mark the main thread busy; return whether this is it."""
         if threading.current_thread() is not threading.main_thread():
             return False
         self._busy += 1
-        if self._busy == 1:
+        if self._busy == 1 and defer_sigint:
             self._defer_sigint()
         return True
 
@@ -884,6 +952,8 @@ class Bus:
             self._saved_sigint = _signal.default_int_handler
 
     def _restore_sigint(self):
+        if self._sigint_seen and self._exit_phase == 'done':
+            return  # Ctrl+C ended it: never interrupt the program's cleanup.
         # Taken in one step: a signal handled in between restores it too.
         saved, self._saved_sigint = self._saved_sigint, None
         if saved is not None:
@@ -909,7 +979,7 @@ class Bus:
         """
         main = self._begin_busy()
         try:
-            _release_carried_signals()
+            _release_carried_signals(self)
             try:
                 self._wait_for(
                     lambda: self._state is states.EXITING, interval, 'main'
@@ -934,6 +1004,8 @@ class Bus:
         """Join the threads left, then re-execute or end as asked."""
         self.log('Waiting for child threads to terminate...')
         left = self._join_threads()
+        if self.execv and not left:
+            left = self._end_executors()
         if self.execv:
             self._do_execv()  # Signals recorded meanwhile go along.
         if left:
@@ -970,6 +1042,28 @@ class Bus:
                     % ', '.join(thread.name for thread in waiting),
                     level=_WARNING,
                 )
+        return []
+
+    def _end_executors(self):
+        """Let executor workers finish their work, as the interpreter does
+        at exit (an exec skips that); return them if hurried meanwhile."""
+        ends = [
+            getattr(sys.modules.get(name), '_python_exit', None)
+            for name in (
+                'concurrent.futures.thread',
+                'concurrent.futures.process',
+            )
+        ]
+        ender = threading.Thread(
+            target=lambda: [end() for end in ends if end is not None],
+            name='ending executors',
+            daemon=True,
+        )
+        ender.start()
+        while ender.is_alive():
+            ender.join(0.05)
+            if self._hurry:
+                return [t for t in threading.enumerate() if _is_pool_thread(t)]
         return []
 
     def _hurried_exit(self, threads):
@@ -1143,13 +1237,13 @@ class Bus:
 
         Returns as soon as the state is reached; meanwhile publishes
         `channel` every `interval` seconds.  On the main thread, signals
-        are acted on from here.
+        are acted on from here, and Ctrl+C raises KeyboardInterrupt.
         """
         if isinstance(state, (tuple, list, set, frozenset)):
             wanted = frozenset(state)
         else:
             wanted = (state,)
-        main = self._begin_busy()
+        main = self._begin_busy(defer_sigint=False)  # Ctrl+C interrupts.
         try:
             self._wait_for(lambda: self._state in wanted, interval, channel)
         finally:
@@ -1188,14 +1282,13 @@ class Bus:
         kwargs = {} if kwargs is None else kwargs
 
         def when_started():
-            self.wait((states.STARTED, states.EXITING))
             if self._state is states.STARTED:
                 func(*args, **kwargs)
 
         thread = threading.Thread(target=when_started)
         thread.name = 'Bus Callback ' + thread.name
+        self.start()  # Raises if the start fails (off the main thread).
         thread.start()
-        self.start()
         return thread
 
     def log(self, msg='', level=_INFO, traceback=False):
@@ -1248,6 +1341,7 @@ class Bus:
             raise SystemRestart
         if _WINDOWS:
             args = ['"%s"' % arg for arg in args]
+        carried = self._carry_signals()  # First: the work below takes time.
         if _STARTUP_DIR is not None:
             try:
                 os.chdir(_STARTUP_DIR)
@@ -1259,34 +1353,66 @@ class Bus:
                 )
         if self.max_cloexec_files:
             self._set_cloexec()
-        carried = self._carry_signals()
         try:
+            while self._raise_recorded_signal():  # Last: one may come now.
+                pass
             os.execv(sys.executable, args)
-        finally:  # execv failed: this image goes on.
+        except BaseException as exc:  # This image goes on, for a while.
             os.environ.pop(_CARRIED_ENV, None)
             if carried:
+                read_end, write_end, previous = self._wakeup_pipe
+                _signal.set_wakeup_fd(previous)
+                _close_quietly(read_end)
+                _close_quietly(write_end)
                 _sigmask(_signal.SIG_UNBLOCK, carried)
+            if not isinstance(exc, OSError):
+                raise
+            self.log(  # The interpreter is gone, say (an upgrade).
+                'Cannot re-execute %s (%s); exiting with status %d.'
+                % (sys.executable, exc, _EX_SOFTWARE),
+                level=_CRITICAL,
+            )
+            raise SystemExit(_EX_SOFTWARE) from None
 
     def _carry_signals(self):
-        """Block the handled signals until the new image handles them.
+        """Keep the signals this process handles pending across the exec.
 
-        Without this, a SIGHUP or SIGTERM arriving during the re-exec, before
-        the new image installs its handlers, would kill the process.  Those
-        recorded but not yet acted on are raised again, to stay pending.
+        Without this, a SIGHUP, SIGTERM or Ctrl+C arriving during the
+        re-exec, before the new image installs its handlers, would kill it.
+        They are blocked here; those recorded and not yet acted on are
+        raised again just before the exec, so that they stay pending.
         """
-        pending = [getattr(_signal, channel) for channel in self._signals]
-        carried = sorted(set(self._handled_signals).union(pending))
+        carried = set(self._handled_signals)
+        if callable(_signal.getsignal(_signal.SIGINT)):
+            carried.add(_signal.SIGINT)  # Python's or ours: Ctrl+C counts.
         if _sigmask is None or not carried:
             return []
+        carried = sorted(carried)
         _sigmask(_signal.SIG_BLOCK, carried)
-        main = threading.main_thread().ident
-        for signum in pending:
-            _signal.pthread_kill(main, signum)
-        del self._signals[:]
-        os.environ[_CARRIED_ENV] = ' '.join(
-            '%d' % signum for signum in carried
+        # Other threads still take them; Python would then run the handler
+        # on this thread, maybe too late.  The wakeup pipe, which the new
+        # image inherits, keeps their numbers all the same.
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        os.set_inheritable(read_end, True)
+        self._keep_fds.add(read_end)
+        self._wakeup_pipe = (read_end, write_end, _signal.set_wakeup_fd(-1))
+        _signal.set_wakeup_fd(write_end)
+        os.environ[_CARRIED_ENV] = '%s/%d' % (
+            ' '.join('%d' % n for n in carried),
+            read_end,
         )
         return carried
+
+    def _raise_recorded_signal(self):
+        # A Python call: a signal another thread took since is recorded by
+        # the time this runs.  (Those it takes after the last call are
+        # lost: only the main thread blocks them.)
+        if not self._signals or _sigmask is None:
+            return False
+        signum = getattr(_signal, self._signals.pop(0))
+        _signal.pthread_kill(threading.main_thread().ident, signum)
+        return True
 
     @staticmethod
     def _get_interpreter_argv():
@@ -1365,16 +1491,32 @@ def _is_pool_thread(thread):
     return manager is not None and isinstance(thread, manager)
 
 
-def _release_carried_signals():
-    """Unblock the signals a restart() kept pending across the re-exec.
+def _release_carried_signals(bus):
+    """End the hold on signals no handler took since the re-exec.
 
-    SignalHandler unblocks each one as it installs its handler; the rest
-    are unblocked when the bus has started or blocks.
+    Called when `bus` has started or blocks: a held Ctrl+C is acted on by
+    the bus; any other held signal gets its default action now.
     """
-    global _carried_signals
-    if _carried_signals:
-        carried, _carried_signals = _carried_signals, frozenset()
-        _sigmask(_signal.SIG_UNBLOCK, carried)
+    main = threading.main_thread().ident
+    for signum, arrived in list(_held.items()):
+        del _held[signum]
+        if _signal.getsignal(signum) is not _hold:
+            continue
+        if signum == _signal.SIGINT:
+            _signal.signal(signum, _signal.default_int_handler)
+            if arrived:
+                bus._signals.append('SIGINT')
+        else:
+            _signal.signal(signum, _signal.SIG_DFL)
+            if arrived:
+                _signal.pthread_kill(main, signum)
+
+
+def _take_held(signum):
+    """Stop holding `signum`: its handler is in place; re-raise it if it
+    came meanwhile."""
+    if _held.pop(signum, False):
+        _signal.pthread_kill(threading.main_thread().ident, signum)
 
 
 def _describe(error):
@@ -1604,13 +1746,16 @@ class SignalHandler:
         except (KeyError, TypeError):
             raise ValueError('No such signal: %r' % signal) from None
         previous = _signal.signal(signum, self._handle_signal)
+        if previous is _hold:  # Held since a restart(): now handled.
+            previous = _signal.SIG_DFL
+            if signum == _signal.SIGINT:
+                previous = _signal.default_int_handler
         self._previous_handlers.setdefault(signum, previous)
         self.bus._handled_signals[signum] = signame
-        if signum in _carried_signals:  # Pending since restart(): now ours.
-            _sigmask(_signal.SIG_UNBLOCK, [signum])
         if listener is not None:
             self.bus.log('Listening for %s.' % signame)
             self.bus.subscribe(signame, listener)
+        _take_held(signum)  # After the listener: it may act on it now.
 
     def _handle_signal(self, signum=None, frame=None):
         """Hand the signal to the bus, which publishes its name as soon as
@@ -2137,6 +2282,14 @@ def _redirect_stdio(stdin, stdout, stderr, umask):
             setattr(sys, name, stream)
 
 
+class _Interrupted(Exception):
+    """A signal reached the launcher while it waited for the daemon."""
+
+
+def _interrupt(signum, frame):
+    raise _Interrupted('signal %d' % signum)
+
+
 class _Launcher:
     """The launched process's side of Daemonizer's readiness handshake.
 
@@ -2155,13 +2308,26 @@ class _Launcher:
 
     def wait(self, fork_number, child_pid):
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
+        # No bus serves this process any more: a signal stops the waiting,
+        # and stops the daemon that is not ready yet.
+        for signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
+            _signal.signal(signum, _interrupt)
+        self.pid = '?'
+        try:
+            self._wait(child_pid)
+        except _Interrupted as interrupted:
+            self._give_up(self.pid, 'was interrupted (%s)' % interrupted)
+
+    def _wait(self, child_pid):
         deadline = time.monotonic() + self.timeout
         data = b''
         pid, verdict, text = _parse_report(data)
         while verdict is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return self._give_up(pid)
+                return self._give_up(
+                    pid, 'was not ready after %r seconds' % self.timeout
+                )
             # Wake now and then: workers the daemon forked hold the pipe
             # open, so no end of file comes when the daemon dies silently.
             if _readable([self.read_fd], min(remaining, 0.5)):
@@ -2170,6 +2336,7 @@ class _Launcher:
                     break  # The daemon is gone, and its workers if any.
                 data += chunk
                 pid, verdict, text = _parse_report(data)
+                self.pid = pid
             elif pid != '?' and _has_ended(int(pid)):
                 break
         try:
@@ -2186,13 +2353,12 @@ class _Launcher:
             % (pid, text or 'it exited before it was ready.')
         )
 
-    def _give_up(self, pid):
+    def _give_up(self, pid, why):
         if pid != '?':
             _terminate(int(pid), _KILL_AFTER)
         self._fail(
-            'Daemon %s was not ready after %r seconds; sent it SIGTERM '
-            '(SIGKILL after %r s) and gave up.'
-            % (pid, self.timeout, _KILL_AFTER)
+            'Daemon %s %s; sent it SIGTERM (SIGKILL after %r s) and gave up.'
+            % (pid, why, _KILL_AFTER)
         )
 
     @staticmethod
@@ -2349,7 +2515,11 @@ class PIDFile(SimplePlugin):
             os.set_inheritable(fd, True)
             os.environ[_PIDFILE_ENV] = '%d %s' % (fd, self._path)
             self.bus._keep_fds.add(fd)
+            atexit.register(self._remove, fd)  # Only if the exec fails.
             return
+        self._remove(fd)
+
+    def _remove(self, fd):
         try:
             if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
                 if _CLOSE_BEFORE_REMOVE:
@@ -2572,13 +2742,6 @@ def _same_file(fd, path):
     return (held.st_dev, held.st_ino) == (found.st_dev, found.st_ino)
 
 
-def _close_quietly(fd):
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
 def _remove_quietly(path):
     try:
         os.remove(path)
@@ -2720,7 +2883,11 @@ class ListenSockets(SimplePlugin):
                 path = self._bound_paths.get(name, '')
                 entries.append('%s\t%d\t%s' % (name, fd, path))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
+            atexit.register(self._close)  # Only if the exec fails.
             return
+        self._close()
+
+    def _close(self):
         for sock in list(self.sockets.values()) + list(
             self._inherited.values()
         ):
@@ -3007,6 +3174,7 @@ class Monitor(SimplePlugin):
         """The running BackgroundTask, or None."""
         self.name = name
         self._lock = threading.RLock()  # A signal handler can reach stop().
+        _guard_for_fork(self)
         self._last = None  # The last thread stopped; it may still run.
 
     def __repr__(self):
@@ -3393,6 +3561,7 @@ class _Inotify:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         self._lock = threading.Lock()
+        _guard_for_fork(self)
         self._closed = False
         self._wds = {}  # real directory -> watch descriptor, or None
         self._paths = {}  # watch descriptor -> {name: watched paths}
@@ -3585,6 +3754,7 @@ class ThreadManager(SimplePlugin):
         self.threads = {}
         super().__init__(bus)
         self._lock = threading.RLock()  # A signal handler can reach stop().
+        _guard_for_fork(self)
         for channel in (
             'acquire_thread',
             'start_thread',
