@@ -9,6 +9,7 @@ Run one area with ``-k``, e.g. ``.venv/bin/python -m pytest -k PIDFile``.
 import ast
 import atexit
 import ctypes
+import errno
 import logging
 import os
 import pathlib
@@ -4244,6 +4245,365 @@ def test_threadmanager_indexes_stay_unique_after_release(bus):
     t3.join(TIMEOUT)
     bus.publish('graceful')
     assert manager.threads == {}
+
+
+# -- Containers: ChildReaper and ProbeFiles -----------------------------------
+# As PID 1, a service runs in a new PID namespace: `unshare --pid --fork
+# --mount-proc --kill-child` (root); killing unshare kills the namespace.
+
+_PID_NAMESPACE = []  # Why namespaces cannot be made here ('' if they can).
+
+
+def pid_namespace_or_skip():
+    if not _PID_NAMESPACE:
+        reason = ''
+        if not sys.platform.startswith('linux'):
+            reason = 'PID namespaces are Linux only'
+        elif not IS_ROOT:
+            reason = 'needs root for unshare --pid'
+        elif not shutil.which('unshare'):
+            reason = 'needs unshare (util-linux)'
+        else:
+            probe = subprocess.run(
+                ['unshare', '--pid', '--fork', '--mount-proc', 'true'],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+            if probe.returncode:
+                reason = 'unshare --pid fails: %s' % probe.stderr.strip()
+        _PID_NAMESPACE.append(reason)
+    if _PID_NAMESPACE[0]:
+        pytest.skip(_PID_NAMESPACE[0])
+
+
+UNSHARE = ('--pid', '--fork', '--mount-proc', '--kill-child')
+
+
+def as_pid1(child, code, *args, **kwargs):
+    """Run `code` as PID 1 of a new PID namespace; return (proc, its PID).
+
+    The PID is the one outside the namespace, where signals come from.
+    """
+    pid_namespace_or_skip()
+    proc = child(
+        code,
+        *args,
+        executable='unshare',
+        python_args=UNSHARE + (sys.executable,),
+        **kwargs,
+    )
+    holder = []
+    wait_until(
+        lambda: holder.extend(children_of(proc.pid)) or holder,
+        'the namespace init',
+    )
+    child.track(holder[0])
+    return proc, holder[0]
+
+
+def process_stats():
+    """Yield (pid, state, parent PID) of every process, from /proc."""
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                with open('/proc/%s/stat' % name, 'rb') as f:
+                    fields = f.read().rpartition(b')')[2].split()
+            except OSError:
+                continue
+            yield int(name), fields[0].decode(), int(fields[1])
+
+
+def children_of(pid):
+    return [p for p, _, parent in process_stats() if parent == pid]
+
+
+def zombies_of(pid):
+    return [
+        p
+        for p, state, parent in process_stats()
+        if parent == pid and state == 'Z'
+    ]
+
+
+def expect_line(proc, wanted):
+    """Read the child's output up to a line starting with `wanted`."""
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            status, out, err = finish(proc)
+            raise AssertionError(
+                'no %r line; got %r, status %r, stderr:\n%s'
+                % (wanted, lines, status, err)
+            )
+        if line.startswith(wanted):
+            return line.strip()
+        lines.append(line)
+
+
+def test_childreaper_subreaper_must_be_a_bool(bus):
+    with pytest.raises(TypeError, match=re.escape("not 'yes'")):
+        wp.ChildReaper(bus, subreaper='yes')
+    assert repr(wp.ChildReaper(bus, True)) == 'ChildReaper(subreaper=True)'
+
+
+@pytest.mark.parametrize(
+    'pid, error',
+    [
+        ('12', TypeError),
+        (1.0, TypeError),
+        (True, TypeError),
+        (0, ValueError),
+        (-4, ValueError),
+    ],
+)
+def test_childreaper_keep_rejects_what_is_not_a_pid(bus, pid, error):
+    with pytest.raises(error, match=re.escape(repr(pid))):
+        wp.ChildReaper(bus).keep(pid)
+
+
+def test_childreaper_keep_and_release(bus):
+    reaper = wp.ChildReaper(bus)
+    me = os.getpid()
+    start = wp._start_time(me)
+    release = reaper.keep(me)
+    assert reaper._is_kept((me, start))
+    assert not reaper._is_kept((me, start + 1))  # Another process, same PID.
+    release()
+    assert not reaper._is_kept((me, start))
+    reaper.keep(me)
+    reaper.release(me)
+    assert not reaper._is_kept((me, start))
+
+
+def test_childreaper_keep_forgets_processes_that_ended(bus):
+    reaper = wp.ChildReaper(bus)
+    ended = []
+    for _ in range(20):
+        proc = subprocess.Popen(['true'])
+        proc.wait()
+        ended.append(proc.pid)
+        reaper.keep(proc.pid)
+    reaper.keep(os.getpid())
+    assert set(reaper._kept) <= {os.getpid()} | set(ended)
+    assert len(reaper._kept) < 20  # Pruned as it grew.
+    assert os.getpid() in reaper._kept
+
+
+def start_reaper(bus, reaper):
+    reaper.subscribe()
+    bus.start()
+    return bus.recorder.messages()
+
+
+def test_childreaper_does_nothing_off_linux(bus, monkeypatch):
+    monkeypatch.setattr(wp, '_LINUX', False)
+    reaper = wp.ChildReaper(bus, subreaper=True)
+    logs = start_reaper(bus, reaper)
+    assert (
+        'ChildReaper does nothing on %r: it needs Linux.' % sys.platform
+        in logs
+    )
+    assert reaper.thread is None
+
+
+@linux_only
+def test_childreaper_not_pid1_nor_subreaper_has_nothing_to_reap(bus):
+    reaper = wp.ChildReaper(bus)
+    logs = start_reaper(bus, reaper)
+    assert (
+        'ChildReaper has nothing to reap: PID %r is not PID 1 and '
+        'subreaper=False, so orphans go to init.' % os.getpid()
+    ) in logs
+    assert reaper.thread is None
+
+
+@linux_only
+def test_childreaper_needs_this_namespaces_proc(bus, monkeypatch):
+    monkeypatch.setattr(os, 'readlink', lambda path: '999999')
+    reaper = wp.ChildReaper(bus, subreaper=True)
+    logs = start_reaper(bus, reaper)
+    assert any(
+        'ChildReaper cannot reap: /proc belongs to another PID namespace' in m
+        and 'unshare --mount-proc' in m
+        for m in bus.recorder.messages(logging.WARNING)
+    ), logs
+    assert reaper.thread is None
+
+
+@linux_only
+def test_childreaper_refused_subreaper_is_logged(bus, monkeypatch):
+    def refuse(on):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), 'prctl')
+
+    monkeypatch.setattr(wp, '_child_subreaper', lambda: False)
+    monkeypatch.setattr(wp, '_set_child_subreaper', refuse)
+    reaper = wp.ChildReaper(bus, subreaper=True)
+    start_reaper(bus, reaper)
+    assert (
+        'ChildReaper could not make PID %r a child subreaper ([Errno %d] %s: '
+        "'prctl'); orphans go to init."
+        % (os.getpid(), errno.EINVAL, os.strerror(errno.EINVAL))
+    ) in bus.recorder.messages(logging.WARNING)
+    assert reaper.thread is None
+
+
+SUBREAPER_CHILD = """
+    import os, sys, time, wspbus_plugins as wp
+    wp._CAN_PEEK_AT_ZOMBIES = sys.argv[1] == 'peek'
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    if sys.argv[2] == 'reaper':
+        wp.ChildReaper(bus, subreaper=True).subscribe()
+    bus.start()
+    for _ in range(20):  # Orphans: their parent ends at once.
+        pid = os.fork()
+        if pid == 0:
+            if os.fork() == 0:
+                time.sleep(1)  # Long enough to be seen adopted.
+                os._exit(3)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print('orphaned', flush=True)
+    bus.block()
+"""
+
+
+@linux_only
+@pytest.mark.parametrize('peek', ['peek', 'scan'])  # scan: PyPy's way.
+def test_childreaper_subreaper_adopts_and_reaps_orphans(child, peek):
+    proc = child(SUBREAPER_CHILD, peek, 'reaper')
+    expect_line(proc, 'orphaned')
+    adopted = children_of(proc.pid)  # Reparented to the service.
+    assert len(adopted) == 20
+    wait_until(lambda: not children_of(proc.pid), 'the orphans to be reaped')
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+
+
+ORPHANS_CHILD = """
+    import os, sys, time, wspbus_plugins as wp
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    if sys.argv[1] == 'reaper':
+        reaper = wp.ChildReaper(bus)
+        reaper.subscribe()
+    bus.start()
+    print('pid', os.getpid(), flush=True)
+    for _ in range(int(sys.argv[2])):  # Double fork: the grandchild ends
+        pid = os.fork()                 # as an orphan, adopted by PID 1.
+        if pid == 0:
+            if os.fork() == 0:
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print('orphaned', flush=True)
+    bus.block()
+"""
+
+
+def test_childreaper_as_pid1_leaves_no_zombie(child):
+    proc, pid = as_pid1(child, ORPHANS_CHILD, 'reaper', '200')
+    assert expect_line(proc, 'pid') == 'pid 1'
+    expect_line(proc, 'orphaned')
+    wait_until(lambda: not zombies_of(pid), 'no zombie', timeout=1)
+    os.kill(pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize('reaper', ['reaper', 'no reaper'])
+def test_childreaper_as_pid1_sigterm_ends_the_service(child, reaper):
+    proc, pid = as_pid1(child, ORPHANS_CHILD, reaper, '0')
+    expect_line(proc, 'orphaned')
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert time.monotonic() - started < 1, 'SIGTERM took over 1 s'
+    assert status == 0, err
+
+
+def test_pid1_ignores_sigterm_without_a_handler(child):
+    # What the README says: the kernel applies no default action to PID 1.
+    code = """
+        import time
+        print('running', flush=True)
+        time.sleep(60)
+    """
+    proc, pid = as_pid1(child, code)
+    expect_line(proc, 'running')
+    os.kill(pid, signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(0.5)  # Alive: SIGTERM did nothing.
+
+
+EXIT_SEVEN_CHILD = """
+    import multiprocessing, os, subprocess, time, wspbus_plugins as wp
+    bus = wp.Bus()
+    reaper = wp.ChildReaper(bus)
+    reaper.subscribe()
+    bus.start()
+    assert reaper.thread is not None
+    wrong = []
+
+    def check(what, status):
+        if status != 7:
+            wrong.append((what, status))
+
+    def fork7():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        return pid
+
+    def status_of(pid):
+        return os.WEXITSTATUS(os.waitpid(pid, 0)[1])
+
+    for _ in range(500):
+        check('run', subprocess.run(['sh', '-c', 'exit 7']).returncode)
+    for _ in range(100):
+        done = subprocess.run(['sh', '-c', 'echo x; exit 7'],
+                              capture_output=True)
+        check('run, capture_output', done.returncode)
+    for _ in range(500):
+        check('fork, waitpid', status_of(fork7()))
+    # Waited for within the grace period, with no keep().
+    for _ in range(10):
+        pids = [fork7() for _ in range(20)]
+        time.sleep(reaper.grace / 4)
+        for pid in pids:
+            check('fork, waitpid soon', status_of(pid))
+    # Waited for long after they ended: a naive reaper steals them all.
+    popens = [subprocess.Popen(['sh', '-c', 'exit 7']) for _ in range(20)]
+    kept = [fork7() for _ in range(20)]
+    for pid in kept:
+        reaper.keep(pid)
+    fork = multiprocessing.get_context('fork')
+    workers = [fork.Process(target=os._exit, args=(7,)) for _ in range(5)]
+    for worker in workers:
+        worker.start()
+    time.sleep(5 * reaper.grace)
+    for popen in popens:
+        check('Popen.wait', popen.wait())
+    for pid in kept:
+        check('keep, waitpid', status_of(pid))
+    for worker in workers:
+        worker.join()
+        check('multiprocessing', worker.exitcode)
+    print('wrong', wrong, flush=True)
+    bus.exit()
+"""
+
+
+def test_childreaper_as_pid1_never_takes_a_status_the_program_waits_for(
+    child,
+):
+    proc, pid = as_pid1(child, EXIT_SEVEN_CHILD)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert 'wrong []' in out, out + err
 
 
 # -- SystemdNotifier ----------------------------------------------------------
