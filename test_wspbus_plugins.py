@@ -4606,6 +4606,249 @@ def test_childreaper_as_pid1_never_takes_a_status_the_program_waits_for(
     assert 'wrong []' in out, out + err
 
 
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'interval': 0}, 'Invalid interval: 0 '),
+        ({'interval': -1}, 'Invalid interval: -1 '),
+        ({'interval': float('nan')}, 'Invalid interval: nan '),
+        ({'interval': float('inf')}, 'Invalid interval: inf '),
+        ({'interval': '5'}, "Invalid interval: '5' "),
+        ({'interval': True}, 'Invalid interval: True '),
+        ({'drain': -0.5}, 'Invalid drain: -0.5 '),
+        ({'drain': float('inf')}, 'Invalid drain: inf '),
+        ({'drain': None}, 'Invalid drain: None '),
+        ({'drain': 1e300}, 'Invalid drain: 1e+300 '),
+    ],
+)
+def test_probefiles_rejects_bad_numbers(bus, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wp.ProbeFiles(bus, **kwargs)
+
+
+def test_probefiles_rejects_bad_paths(bus, tmp_path, monkeypatch):
+    missing = str(tmp_path / 'missing' / 'ready')
+    with pytest.raises(ValueError, match='Ready file directory .* does not'):
+        wp.ProbeFiles(bus, ready=missing)
+    with pytest.raises(TypeError, match=re.escape('not 42')):
+        wp.ProbeFiles(bus, alive=42)
+    same = str(tmp_path / 'probe')
+    with pytest.raises(ValueError, match=re.escape('not both %r' % same)):
+        wp.ProbeFiles(bus, ready=same, alive=pathlib.Path(same))
+    monkeypatch.setattr(os, 'access', lambda *args, **kwargs: False)
+    with pytest.raises(ValueError, match='Alive file directory .* not writ'):
+        wp.ProbeFiles(bus, alive=same)
+
+
+@pytest.fixture
+def probes(bus, tmp_path):
+    """ProbeFiles on `bus`, made with probes(**kwargs)."""
+
+    def make(**kwargs):
+        kwargs.setdefault('ready', str(tmp_path / 'ready'))
+        kwargs.setdefault('alive', str(tmp_path / 'alive'))
+        plugin = wp.ProbeFiles(bus, **kwargs)
+        plugin.subscribe()
+        return plugin
+
+    return make
+
+
+def age(path):
+    return time.time() - os.stat(path).st_mtime
+
+
+def test_probefiles_life_cycle(bus, probes):
+    plugin = probes(interval=0.05)
+    assert repr(plugin) == (
+        'ProbeFiles(ready=%r, alive=%r, interval=0.05, drain=0)'
+        % (plugin.ready, plugin.alive)
+    )
+    seen = []
+    bus.subscribe(
+        'start',
+        lambda: seen.append(
+            (os.path.exists(plugin.ready), os.path.exists(plugin.alive))
+        ),
+    )
+    bus.start()
+    assert seen == [(False, True)]  # Not ready before STARTED.
+    assert os.path.exists(plugin.ready)
+    assert 'Ready: created %r.' % plugin.ready in bus.recorder.messages()
+    old = time.time() - 120
+    os.utime(plugin.alive, (old, old))
+    bus.publish('main')  # Touched at most every interval.
+    assert age(plugin.alive) > 100
+    time.sleep(0.06)
+    bus.publish('main')
+    assert age(plugin.alive) < 100
+    bus.stop()
+    assert not os.path.exists(plugin.ready)
+    os.utime(plugin.alive, (old, old))
+    time.sleep(0.06)
+    bus.publish('main')  # Not STARTED: not touched.
+    assert age(plugin.alive) > 100
+    bus.start()
+    assert os.path.exists(plugin.ready)
+    bus.exit()
+    assert not os.path.exists(plugin.ready)
+    assert not os.path.exists(plugin.alive)
+
+
+def test_probefiles_drain_only_on_an_exit_from_started(bus, probes):
+    probes(drain=60)
+    bus.start()
+    started = time.monotonic()
+    bus.stop()  # A plain stop: no drain.
+    bus.start()
+    bus.restart()  # ListenSockets keeps the sockets: no drain either.
+    assert time.monotonic() - started < 30
+    assert bus.state is wp.states.EXITING
+    assert not any('Draining' in m for m in bus.recorder.messages())
+
+
+def test_probefiles_refuses_a_planted_symlink(bus, probes, tmp_path):
+    target = tmp_path / 'target'
+    target.write_text('keep me')
+    old = time.time() - 120
+    os.utime(str(target), (old, old))
+    os.symlink(str(target), str(tmp_path / 'ready'))
+    plugin = probes()
+    bus.start()
+    assert any(
+        m.startswith('Could not create ready file %r: ' % plugin.ready)
+        for m in bus.recorder.messages(logging.ERROR)
+    )
+    assert target.read_text() == 'keep me' and age(str(target)) > 100
+    bus.exit()
+    assert os.path.islink(plugin.ready)  # Not ours: left alone.
+
+
+def test_probefiles_leaves_a_replaced_file(bus, probes, tmp_path):
+    plugin = probes()
+    bus.start()
+    (tmp_path / 'other').write_text('')
+    os.replace(str(tmp_path / 'other'), plugin.ready)
+    bus.stop()
+    assert os.path.exists(plugin.ready)
+    assert (
+        'Probe file %r was replaced; leaving it.' % plugin.ready
+        in bus.recorder.messages(logging.WARNING)
+    )
+
+
+PROBE_CHILD = """
+    import os, socket, sys, threading, wspbus_plugins as wp
+    ready, alive, drain = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr))
+    handler = wp.SignalHandler(bus)
+
+    def wedge():  # Runs on the main thread, from block()'s loop.
+        print('wedged', flush=True)
+        threading.Event().wait()
+
+    handler.handlers['SIGUSR1'] = wedge
+    handler.subscribe()
+    wp.ProbeFiles(bus, ready, alive, interval=0.1, drain=drain).subscribe()
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(16)
+    server.settimeout(0.05)
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b'served\\n')
+
+    thread = threading.Thread(target=serve)
+
+    def stop():  # The server's own stop listener: stops accepting.
+        done.set()
+        thread.join()
+        server.close()
+        print('stopped serving', flush=True)
+
+    bus.subscribe('start', thread.start)
+    bus.subscribe('stop', stop)
+    bus.subscribe('started', lambda: print(
+        'started', server.getsockname()[1], os.path.exists(ready),
+        flush=True), priority=90)
+    bus.start()
+    bus.block()
+"""
+
+
+def start_probe_child(child, tmp_path, drain):
+    ready, alive = str(tmp_path / 'ready'), str(tmp_path / 'alive')
+    proc = child(PROBE_CHILD, ready, alive, str(drain))
+    _, port, was_ready = expect_line(proc, 'started').split()
+    assert was_ready == 'True'
+    assert ask(('127.0.0.1', int(port))) == 'served\n'
+    return proc, int(port), ready, alive
+
+
+def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 2)
+    sigterm = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(ready), 'ready removed', timeout=1)
+    assert proc.poll() is None
+    for after in (0.5, 1.0, 1.5):  # Still serving, though not ready.
+        time.sleep(max(0, sigterm + after - time.monotonic()))
+        assert ask(('127.0.0.1', port)) == 'served\n'
+    expect_line(proc, 'stopped serving')
+    assert time.monotonic() - sigterm >= 2
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert (
+        'Draining: serving 2.0 s more before stopping (a second SIGTERM or '
+        'Ctrl+C stops now).' in err
+    )
+    assert not os.path.exists(ready) and not os.path.exists(alive)
+
+
+def test_probefiles_second_sigterm_cuts_the_drain_short(child, tmp_path):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 60)
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(ready), 'ready removed')
+    assert ask(('127.0.0.1', port)) == 'served\n'
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc, timeout=15)  # Not the 60 s drain.
+    assert status == 0, err
+    assert 'Draining cut short: stopping now.' in err
+    assert not os.path.exists(ready) and not os.path.exists(alive)
+
+
+LIVENESS = 'test -n "$(find %s -mmin -1)"'  # As in README's recipe.
+
+
+def fresh(path):
+    return subprocess.run(['sh', '-c', LIVENESS % path]).returncode == 0
+
+
+def test_probefiles_alive_goes_stale_when_the_main_thread_is_wedged(
+    child, tmp_path
+):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 0)
+    old = time.time() - 120
+    os.utime(alive, (old, old))
+    assert not fresh(alive)  # The probe sees an old file.
+    wait_until(lambda: fresh(alive), 'alive touched again')
+    os.kill(proc.pid, signal.SIGUSR1)
+    expect_line(proc, 'wedged')
+    os.utime(alive, (old, old))
+    time.sleep(1)  # Ten intervals.
+    assert not fresh(alive)
+    assert age(alive) > 100
+    assert ask(('127.0.0.1', port)) == 'served\n'  # Other threads still serve.
+
+
 # -- SystemdNotifier ----------------------------------------------------------
 
 

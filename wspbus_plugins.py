@@ -92,6 +92,7 @@ __all__ = [
     'Autoreloader',
     'ThreadManager',
     'ChildReaper',
+    'ProbeFiles',
     'SystemdNotifier',
     'LoggingBridge',
     'main',
@@ -114,6 +115,8 @@ _CLOSE_BEFORE_REMOVE = _WINDOWS
 # the reaper then scans /proc at every tick instead.
 _CAN_PEEK_AT_ZOMBIES = hasattr(os, 'waitid') and hasattr(os, 'WNOWAIT')
 _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37  # linux/prctl.h
+# ProbeFiles touches a file through its descriptor; Windows takes a path.
+_UTIME_BY_FD = os.utime in os.supports_fd
 
 try:
     import fcntl
@@ -3825,6 +3828,239 @@ def _set_child_subreaper(on):
     import ctypes
 
     _prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(int(on)))
+
+
+_DRAIN_STEP = 0.1  # Seconds between two looks at the bus while draining.
+
+
+class ProbeFiles(SimplePlugin):
+    """Show readiness and liveness as files, for exec probes; drain.
+
+    An orchestrator's ``exec`` probe (Kubernetes, Nomad) or any supervisor
+    that can look at files asks "ready?" with ``test -e READY`` and
+    "alive?" by the age of ALIVE.  Channels:
+
+    - ``start`` (priority 10) creates `alive`; ``started`` creates `ready`
+      (so only once every start listener succeeded) and touches `alive`.
+    - ``main``, which block() publishes every interval while it waits,
+      touches `alive` once `interval` seconds have passed, while STARTED:
+      a wedged main thread lets it go stale.
+    - ``stop`` (priority 0, the first thing an exit does) removes `ready`.
+      When the bus exits from STARTED (not for restart(), whose sockets
+      ListenSockets keeps, nor for a plain stop()), it then waits `drain`
+      seconds before the other stop listeners run, so the service goes on
+      serving while the orchestrator stops routing to it; `alive` is still
+      touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
+    - ``exit`` removes both files.
+
+    `ready` and `alive` are paths (None: not used), whose directory must
+    exist and be writable; `interval` a finite number of seconds > 0;
+    `drain` a finite number of seconds >= 0.  Anything else raises here.
+    A symlink or anything but a regular file at a path is refused, and a
+    file is removed only if it is still the one this plugin made.  A file
+    that cannot be made or touched is logged (for ``start``: raised), so
+    the probe fails and says why.
+    """
+
+    def __init__(self, bus, ready=None, alive=None, interval=5, drain=0):
+        super().__init__(bus)
+        self.ready = _probe_path(ready, 'Ready file')
+        """Path of the readiness file, or None."""
+        self.alive = _probe_path(alive, 'Alive file')
+        """Path of the liveness file, or None."""
+        if self.ready is not None and self.alive is not None:
+            if os.path.abspath(self.ready) == os.path.abspath(self.alive):
+                raise ValueError(
+                    'ProbeFiles ready and alive must differ, not both %r.'
+                    % (self.ready,)
+                )
+        if not _is_wait(interval) or interval <= 0:
+            raise ValueError(
+                'Invalid interval: %r (seconds, a finite number > 0)'
+                % (interval,)
+            )
+        if not _is_wait(drain) or drain < 0:
+            raise ValueError(
+                'Invalid drain: %r (seconds, a finite number >= 0)' % (drain,)
+            )
+        self.interval = interval
+        """Seconds between two touches of `alive`."""
+        self.drain = drain
+        """Seconds to go on serving after an exit is asked for."""
+        self._made = {}  # path -> (st_dev, st_ino) of the file we made
+        self._touched = None  # monotonic time of the last touch of alive
+        self._touch_failed = False
+        self._serving = False  # Between started and stop: drain applies.
+
+    def __repr__(self):
+        return 'ProbeFiles(ready=%r, alive=%r, interval=%r, drain=%r)' % (
+            self.ready,
+            self.alive,
+            self.interval,
+            self.drain,
+        )
+
+    def _listeners(self):
+        return (
+            ('start', self.start, 10),
+            ('started', self.started, None),
+            ('main', self.main, None),
+            ('stop', self.stop, 0),
+            ('exit', self.exit, None),
+        )
+
+    def subscribe(self):
+        """Subscribe to every channel above (``started`` included)."""
+        for channel, listener, priority in self._listeners():
+            self.bus.subscribe(channel, listener, priority)
+
+    def unsubscribe(self):
+        """Unsubscribe from every channel above."""
+        for channel, listener, _ in self._listeners():
+            self.bus.unsubscribe(channel, listener)
+
+    def start(self):
+        """Create `alive`; raise OSError naming it if that fails."""
+        if self.alive is not None:
+            self._make(self.alive)
+            self._touched = time.monotonic()
+
+    def started(self):
+        """Create `ready` and touch `alive`: the bus is STARTED."""
+        self._serving = True
+        if self.ready is not None:
+            try:
+                self._make(self.ready)
+                self.bus.log('Ready: created %r.' % self.ready)
+            except OSError as exc:
+                self.bus.log(
+                    'Could not create ready file %r: %s' % (self.ready, exc),
+                    level=_ERROR,
+                )
+        self._touch_alive(force=True)
+
+    def main(self):
+        """Touch `alive` if `interval` seconds have passed, while STARTED."""
+        if self.bus.state is states.STARTED:
+            self._touch_alive()
+
+    def stop(self):
+        """Remove `ready`; when exiting from STARTED, wait `drain` s."""
+        serving, self._serving = self._serving, False
+        if self.ready is not None:
+            self._remove(self.ready)
+        if (
+            serving
+            and self.drain > 0
+            and self.bus._exit_phase == 'running'
+            and not self.bus.execv
+        ):
+            self._drain()
+
+    def exit(self):
+        """Remove both files."""
+        for path in (self.ready, self.alive):
+            if path is not None:
+                self._remove(path)
+        self._touched = None
+
+    def _drain(self):
+        self.bus.log(
+            'Draining: serving %r s more before stopping (a second SIGTERM '
+            'or Ctrl+C stops now).' % self.drain
+        )
+        bus = self.bus
+        deadline = time.monotonic() + self.drain
+        while not bus._hurry:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._touch_alive()
+            # A signal handler releases _wakeup (Bus._wake) on the main
+            # thread: a second SIGTERM ends this wait at once there.
+            bus._wakeup.acquire(timeout=min(remaining, _DRAIN_STEP))
+        bus._wake()  # Pass on a wake-up this loop may have taken.
+        if bus._hurry:
+            bus.log('Draining cut short: stopping now.')
+
+    def _touch_alive(self, force=False):
+        if self.alive is None or (self._touched is None and not force):
+            return  # Not started, or exited.
+        now = time.monotonic()
+        if not force and now - self._touched < self.interval:
+            return
+        self._touched = now
+        try:
+            self._make(self.alive)
+        except OSError as exc:
+            if not self._touch_failed:
+                self.bus.log(
+                    'Could not touch alive file %r: %s' % (self.alive, exc),
+                    level=_WARNING,
+                )
+            self._touch_failed = True
+        else:
+            if self._touch_failed:
+                self.bus.log('Alive file %r touched again.' % self.alive)
+            self._touch_failed = False
+
+    def _make(self, path):
+        """Create `path` or update its mtime, refusing a non-regular file."""
+        import stat
+
+        flags = os.O_WRONLY | os.O_CREAT
+        for name in ('O_NOFOLLOW', 'O_CLOEXEC', 'O_NONBLOCK'):
+            flags |= getattr(os, name, 0)  # NONBLOCK: a FIFO never hangs.
+        fd = os.open(path, flags, 0o644)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(errno.EEXIST, 'not a regular file', path)
+            os.utime(fd if _UTIME_BY_FD else path)
+        finally:
+            os.close(fd)
+        self._made[path] = (info.st_dev, info.st_ino)
+
+    def _remove(self, path):
+        """Remove `path` if it is the file this plugin made."""
+        made = self._made.pop(path, None)
+        if made is None:
+            return
+        try:
+            found = os.lstat(path)
+            if (found.st_dev, found.st_ino) == made:
+                os.remove(path)
+            else:
+                self.bus.log(
+                    'Probe file %r was replaced; leaving it.' % path,
+                    level=_WARNING,
+                )
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.bus.log(
+                'Could not remove probe file %r: %s' % (path, exc),
+                level=_WARNING,
+            )
+
+
+def _is_wait(seconds):
+    return _is_number(seconds) and _is_finite_wait(seconds)
+
+
+def _probe_path(path, what):
+    """Return `path` as a str or bytes path, checked; None stays None."""
+    if path is None:
+        return None
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            'ProbeFiles %s must be a path or None, not %r'
+            % (what.lower(), path)
+        ) from None
+    _check_parent_dir(path, what)
+    return path
 
 
 # -- SystemdNotifier ----------------------------------------------------------
