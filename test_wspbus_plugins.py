@@ -10,6 +10,7 @@ import ast
 import atexit
 import ctypes
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -4609,6 +4610,51 @@ def test_childreaper_as_pid1_never_takes_a_status_the_program_waits_for(
     assert 'wrong []' in out, out + err
 
 
+def readme_probe_commands():
+    """The readinessProbe and livenessProbe commands of README's recipe."""
+    return [
+        json.loads(line.split('command:', 1)[1])
+        for line in readme_text().splitlines()
+        if line.strip().startswith('command: [')
+    ]
+
+
+def test_readme_container_recipe_as_pid1(child, tmp_path):
+    (app,) = readme_examples(container=True)
+    (tmp_path / 'main.py').write_text(app)
+    readiness, liveness = readme_probe_commands()
+    launcher = """
+        import os, subprocess, sys
+        # PID 1 for now: mount a private /tmp, put the app in /tmp/srv/app
+        # and become `python -m app`, as the Dockerfile's CMD.
+        app = open('main.py').read()
+        subprocess.run(['mount', '-t', 'tmpfs', 'tmpfs', '/tmp'], check=True)
+        os.makedirs('/tmp/srv/app')
+        with open('/tmp/srv/app/__main__.py', 'w') as f:
+            f.write(app)
+        os.chdir('/tmp/srv')
+        os.execv(sys.executable, [sys.executable, '-m', 'app'])
+    """
+    proc, pid = as_pid1(child, launcher)
+    inside = ['nsenter', '--target', str(pid), '--mount', '--pid', '--']
+
+    def probe(command):
+        return subprocess.run(inside + command, timeout=TIMEOUT).returncode
+
+    wait_until(lambda: probe(readiness) == 0, 'the readiness probe')
+    assert probe(liveness) == 0
+    orphans = 'for i in $(seq 50); do (sleep 1 &); done'  # As kubectl exec.
+    assert probe(['sh', '-c', orphans]) == 0
+    assert len(children_of(pid)) == 50  # Adopted by PID 1, asleep.
+    wait_until(lambda: not children_of(pid), 'the orphans to be reaped')
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: probe(readiness) != 0, 'not ready')
+    assert proc.poll() is None and probe(liveness) == 0  # Draining.
+    os.kill(pid, signal.SIGTERM)  # Cut the 5 s drain short.
+    status, out, err = finish(proc)
+    assert status == 0, err
+
+
 @pytest.mark.parametrize(
     'kwargs, message',
     [
@@ -5380,10 +5426,15 @@ def test_demo_main_is_callable(capsys):
 # -- README -------------------------------------------------------------------
 
 
-def readme_examples():
+def readme_text():
     with open(os.path.join(HERE, 'README.md')) as f:
-        text = f.read()
-    return re.findall(r'^```python\n(.*?)^```', text, re.M | re.S)
+        return f.read()
+
+
+def readme_examples(container=False):
+    """The README's Python blocks; the container recipe's runs as PID 1."""
+    blocks = re.findall(r'^```python\n(.*?)^```', readme_text(), re.M | re.S)
+    return [code for code in blocks if ('ChildReaper' in code) == container]
 
 
 @pytest.mark.parametrize(
