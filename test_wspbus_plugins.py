@@ -4683,8 +4683,10 @@ def test_probefiles_rejects_bad_paths(bus, tmp_path, monkeypatch):
     with pytest.raises(TypeError, match=re.escape('not 42')):
         wp.ProbeFiles(bus, alive=42)
     same = str(tmp_path / 'probe')
+    monkeypatch.chdir(str(tmp_path))
     with pytest.raises(ValueError, match=re.escape('not both %r' % same)):
-        wp.ProbeFiles(bus, ready=same, alive=pathlib.Path(same))
+        wp.ProbeFiles(bus, ready='probe', alive=pathlib.Path(same))
+    assert wp.ProbeFiles(bus, ready='probe').ready == same  # Absolute.
     monkeypatch.setattr(os, 'access', lambda *args, **kwargs: False)
     with pytest.raises(ValueError, match='Alive file directory .* not writ'):
         wp.ProbeFiles(bus, alive=same)

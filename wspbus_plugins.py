@@ -3853,9 +3853,10 @@ class ProbeFiles(SimplePlugin):
       touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
     - ``exit`` removes both files.
 
-    `ready` and `alive` are paths (None: not used), whose directory must
-    exist and be writable; `interval` a finite number of seconds > 0;
-    `drain` a finite number of seconds >= 0.  Anything else raises here.
+    `ready` and `alive` are paths (None: not used), made absolute, whose
+    directory must exist and be writable; `interval` a finite number of
+    seconds > 0; `drain` a finite number of seconds >= 0.  Anything else
+    raises here.
     A symlink or anything but a regular file at a path is refused, and a
     file is removed only if it is still the one this plugin made.  A file
     that cannot be made or touched is logged (for ``start``: raised), so
@@ -3865,11 +3866,11 @@ class ProbeFiles(SimplePlugin):
     def __init__(self, bus, ready=None, alive=None, interval=5, drain=0):
         super().__init__(bus)
         self.ready = _probe_path(ready, 'Ready file')
-        """Path of the readiness file, or None."""
+        """Absolute path of the readiness file, or None."""
         self.alive = _probe_path(alive, 'Alive file')
-        """Path of the liveness file, or None."""
+        """Absolute path of the liveness file, or None."""
         if self.ready is not None and self.alive is not None:
-            if os.path.abspath(self.ready) == os.path.abspath(self.alive):
+            if self.ready == self.alive:
                 raise ValueError(
                     'ProbeFiles ready and alive must differ, not both %r.'
                     % (self.ready,)
@@ -4049,7 +4050,10 @@ def _is_wait(seconds):
 
 
 def _probe_path(path, what):
-    """Return `path` as a str or bytes path, checked; None stays None."""
+    """Return `path` made absolute, checked; None stays None.
+
+    Absolute: the program may change its working directory meanwhile.
+    """
     if path is None:
         return None
     try:
@@ -4060,7 +4064,7 @@ def _probe_path(path, what):
             % (what.lower(), path)
         ) from None
     _check_parent_dir(path, what)
-    return path
+    return os.path.abspath(path)
 
 
 # -- SystemdNotifier ----------------------------------------------------------
