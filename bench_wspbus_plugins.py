@@ -533,6 +533,229 @@ def bench_restarts(restarts):
     return result
 
 
+# -- Containers: PID 1, ChildReaper, ProbeFiles -------------------------------
+
+UNSHARE = ['unshare', '--pid', '--fork', '--mount-proc', '--kill-child']
+
+PID1_SERVICE = """
+    import json, os, sys, time, wspbus_plugins as wp
+    mode, reaping = sys.argv[1], sys.argv[2] == 'reaper'
+
+
+    class TimedReaper(wp.ChildReaper):
+        def _run(self, stopped):  # The thread's CPU time, when it ends.
+            super()._run(stopped)
+            self.cpu = time.thread_time()
+
+
+    def zombies():
+        count = 0
+        for name in os.listdir('/proc'):
+            try:
+                with open('/proc/%s/stat' % name, 'rb') as f:
+                    count += f.read().rpartition(b')')[2].split()[0] == b'Z'
+            except (OSError, IndexError):
+                pass
+        return count
+
+
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    reaper = TimedReaper(bus)
+    if reaping:
+        reaper.subscribe()
+    bus.start()
+    if mode == 'sigterm':
+        print('ready', flush=True)
+        bus.block()
+        sys.exit(0)
+    report = {}
+    if mode == 'idle':
+        time.sleep(5)
+        report['seconds'] = 5
+    else:
+        for _ in range(200):  # Double fork: 200 orphans for PID 1.
+            pid = os.fork()
+            if pid == 0:
+                if os.fork() == 0:
+                    os._exit(0)
+                os._exit(0)
+            os.waitpid(pid, 0)
+        flooded = time.monotonic()
+        while zombies() and time.monotonic() - flooded < 1:
+            time.sleep(0.001)
+        report['cleared'] = time.monotonic() - flooded
+        time.sleep(max(0, flooded + 1 - time.monotonic()))
+        report['zombies'] = zombies()
+    bus.exit()
+    report['cpu'] = getattr(reaper, 'cpu', None)
+    report['reaped'] = reaper.reaped
+    print(json.dumps(report), flush=True)
+"""
+
+
+def can_unshare():
+    if not hasattr(os, 'geteuid') or os.geteuid() != 0:
+        return False
+    if not shutil.which('unshare'):
+        return False
+    probe = subprocess.run(UNSHARE[:-1] + ['true'], capture_output=True)
+    return probe.returncode == 0
+
+
+def run_pid1(mode, reaping):
+    """Run PID1_SERVICE as PID 1 of a new PID namespace; return its report."""
+    out = subprocess.run(
+        UNSHARE
+        + [sys.executable, '-c', textwrap.dedent(PID1_SERVICE), mode]
+        + ['reaper' if reaping else 'none'],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=HERE),
+    )
+    if out.returncode:
+        raise RuntimeError('PID 1 service failed: %s' % out.stderr)
+    return json.loads(out.stdout.splitlines()[-1])
+
+
+def namespace_init(unshare_pid):
+    """Return the PID (seen from here) of the namespace's PID 1."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for name in os.listdir('/proc'):
+            try:
+                with open('/proc/%s/stat' % name, 'rb') as f:
+                    fields = f.read().rpartition(b')')[2].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[1]) == unshare_pid:
+                return int(name)
+        time.sleep(0.001)
+    raise RuntimeError('no PID 1 under unshare %d' % unshare_pid)
+
+
+def pid1_sigterm_to_gone(reaping):
+    def measure():
+        proc = subprocess.Popen(
+            UNSHARE
+            + [sys.executable, '-c', textwrap.dedent(PID1_SERVICE)]
+            + ['sigterm', 'reaper' if reaping else 'none'],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=HERE),
+        )
+        try:
+            if proc.stdout.readline() != b'ready\n':
+                raise RuntimeError('PID 1 service did not start')
+            init = namespace_init(proc.pid)
+            time.sleep(0.05)
+            guard = threading.Timer(30, proc.kill)
+            guard.start()
+            started = time.perf_counter()
+            os.kill(init, signal.SIGTERM)
+            proc.wait()  # unshare ends once its PID 1 is gone.
+            elapsed = time.perf_counter() - started
+            guard.cancel()
+            return elapsed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+
+    return measure
+
+
+def idle_thread_cpu(seconds=5):
+    """CPU seconds per second of a thread that only waits 0.1 s at a time."""
+    stopped, cpu = threading.Event(), []
+
+    def loop():
+        while not stopped.wait(0.1):
+            pass
+        cpu.append(time.thread_time())
+
+    thread = threading.Thread(target=loop)
+    thread.start()
+    time.sleep(seconds)
+    stopped.set()
+    thread.join()
+    return cpu[0] / seconds
+
+
+def bench_pid1(rounds):
+    """SIGTERM to gone, zombies after a flood, and the reaper's CPU."""
+    result = interleaved(
+        {
+            'reaper': pid1_sigterm_to_gone(True),
+            'none': pid1_sigterm_to_gone(False),
+        },
+        rounds,
+    )
+    floods = [run_pid1('flood', True) for _ in range(3)]
+    idle = run_pid1('idle', True)
+    idle_rate = idle['cpu'] / idle['seconds']  # CPU s per wall s
+    result['zombies'] = max(flood['zombies'] for flood in floods)
+    result['zombies_without'] = run_pid1('flood', False)['zombies']
+    result['cleared'] = statistics.median(f['cleared'] for f in floods)
+    result['idle_cpu'] = idle_rate
+    result['idle_limit'] = idle_thread_cpu()
+    result['cpu_per_orphan'] = statistics.median(
+        f['cpu'] / max(1, f['reaped']) for f in floods
+    )
+    return result
+
+
+PROBE_SERVICE = """
+    import sys, wspbus_plugins as wp
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    wp.ProbeFiles(bus, ready=sys.argv[1], drain=0.5).subscribe()
+    bus.start()
+    print('ready', flush=True)
+    bus.block()
+"""
+
+
+def sigterm_to_not_ready(directory):
+    ready = os.path.join(directory, 'ready')
+
+    def measure():
+        proc = subprocess.Popen(
+            [sys.executable, '-c', textwrap.dedent(PROBE_SERVICE), ready],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=dict(os.environ, PYTHONPATH=HERE),
+        )
+        try:
+            if proc.stdout.readline() != b'ready\n' or not os.path.exists(
+                ready
+            ):
+                raise RuntimeError('probe service did not start')
+            time.sleep(0.05)
+            started = time.perf_counter()
+            os.kill(proc.pid, signal.SIGTERM)
+            while os.path.exists(ready):
+                if time.perf_counter() - started > 30:
+                    return float('inf')
+                time.sleep(0.0002)
+            return time.perf_counter() - started
+        finally:
+            proc.wait(30)
+            proc.stdout.close()
+
+    return measure
+
+
+def bench_not_ready(rounds):
+    directory = tempfile.mkdtemp(prefix='wspbus-bench-')
+    try:
+        return interleaved({'ours': sigterm_to_not_ready(directory)}, rounds)
+    finally:
+        shutil.rmtree(directory)
+
+
 # -- Import time --------------------------------------------------------------
 
 
@@ -1113,6 +1336,56 @@ def run(quick):
             cherrypy and cherrypy[3],
         )
     )
+
+    r = bench_not_ready(rounds)
+    rows.append(
+        Row(
+            'SIGTERM -> ProbeFiles ready file removed (p50)',
+            r['ours'],
+            target='<= 100 ms',
+            passed=within(r['ours'], 0.100),
+        )
+    )
+    if can_unshare():
+        r = bench_pid1(5 if quick else 15)
+        rows.append(
+            Row(
+                'PID 1: SIGTERM -> gone, ChildReaper (limit: without) (p50)',
+                r['reaper'],
+                r['none'],
+                target='<= 1 s',
+                passed=within(r['reaper'], 1.0),
+            )
+        )
+        rows.append(
+            Row(
+                'PID 1: zombies 1 s after 200 orphans (limit: without)',
+                r['zombies'],
+                r['zombies_without'],
+                unit='n',
+                target='0',
+                passed=r['zombies'] == 0,
+            )
+        )
+        rows.append(Row('PID 1: 200 orphans -> no zombie (p50)', r['cleared']))
+        rows.append(
+            Row(
+                'ChildReaper CPU while idle, per second '
+                '(limit: a thread in Event.wait(0.1))',
+                r['idle_cpu'],
+                r['idle_limit'],
+                unit='us',
+            )
+        )
+        rows.append(
+            Row(
+                'ChildReaper CPU per orphan reaped (flood of 200)',
+                r['cpu_per_orphan'],
+                unit='us',
+            )
+        )
+    else:
+        print('PID 1 rows skipped: they need root and unshare --pid.')
 
     r = bench_import(5 if quick else 10)
     heavy = heavy_modules_pulled_in()

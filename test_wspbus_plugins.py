@@ -9,6 +9,7 @@ Run one area with ``-k``, e.g. ``.venv/bin/python -m pytest -k PIDFile``.
 import ast
 import atexit
 import ctypes
+import errno
 import json
 import logging
 import os
@@ -4947,6 +4948,661 @@ def test_threadmanager_indexes_stay_unique_after_release(bus):
     assert manager.threads == {}
 
 
+# -- Containers: ChildReaper and ProbeFiles -----------------------------------
+# As PID 1, a service runs in a new PID namespace: `unshare --pid --fork
+# --mount-proc --kill-child` (root); killing unshare kills the namespace.
+
+_PID_NAMESPACE = []  # Why namespaces cannot be made here ('' if they can).
+
+
+def pid_namespace_or_skip():
+    if not _PID_NAMESPACE:
+        reason = ''
+        if not sys.platform.startswith('linux'):
+            reason = 'PID namespaces are Linux only'
+        elif not IS_ROOT:
+            reason = 'needs root for unshare --pid'
+        elif not shutil.which('unshare'):
+            reason = 'needs unshare (util-linux)'
+        else:
+            probe = subprocess.run(
+                ['unshare', '--pid', '--fork', '--mount-proc', 'true'],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+            )
+            if probe.returncode:
+                reason = 'unshare --pid fails: %s' % probe.stderr.strip()
+        _PID_NAMESPACE.append(reason)
+    if _PID_NAMESPACE[0]:
+        pytest.skip(_PID_NAMESPACE[0])
+
+
+UNSHARE = ('--pid', '--fork', '--mount-proc', '--kill-child')
+
+
+def as_pid1(child, code, *args, **kwargs):
+    """Run `code` as PID 1 of a new PID namespace; return (proc, its PID).
+
+    The PID is the one outside the namespace, where signals come from.
+    """
+    pid_namespace_or_skip()
+    proc = child(
+        code,
+        *args,
+        executable='unshare',
+        python_args=UNSHARE + (sys.executable,),
+        **kwargs,
+    )
+    holder = []
+    wait_until(
+        lambda: holder.extend(children_of(proc.pid)) or holder,
+        'the namespace init',
+    )
+    child.track(holder[0])
+    return proc, holder[0]
+
+
+def process_stats():
+    """Yield (pid, state, parent PID) of every process, from /proc."""
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            try:
+                with open('/proc/%s/stat' % name, 'rb') as f:
+                    fields = f.read().rpartition(b')')[2].split()
+            except OSError:
+                continue
+            yield int(name), fields[0].decode(), int(fields[1])
+
+
+def children_of(pid):
+    return [p for p, _, parent in process_stats() if parent == pid]
+
+
+def zombies_of(pid):
+    return [
+        p
+        for p, state, parent in process_stats()
+        if parent == pid and state == 'Z'
+    ]
+
+
+def expect_line(proc, wanted):
+    """Read the child's output up to a line starting with `wanted`."""
+    lines = []
+    while True:
+        line = proc.stdout.readline()
+        if not line:
+            status, out, err = finish(proc)
+            raise AssertionError(
+                'no %r line; got %r, status %r, stderr:\n%s'
+                % (wanted, lines, status, err)
+            )
+        if line.startswith(wanted):
+            return line.strip()
+        lines.append(line)
+
+
+def test_childreaper_subreaper_must_be_a_bool(bus):
+    with pytest.raises(TypeError, match=re.escape("not 'yes'")):
+        wp.ChildReaper(bus, subreaper='yes')
+    assert repr(wp.ChildReaper(bus, True)) == 'ChildReaper(subreaper=True)'
+
+
+@pytest.mark.parametrize(
+    'pid, error',
+    [
+        ('12', TypeError),
+        (1.0, TypeError),
+        (True, TypeError),
+        (0, ValueError),
+        (-4, ValueError),
+    ],
+)
+def test_childreaper_keep_rejects_what_is_not_a_pid(bus, pid, error):
+    with pytest.raises(error, match=re.escape(repr(pid))):
+        wp.ChildReaper(bus).keep(pid)
+
+
+def test_childreaper_keep_and_release(bus):
+    reaper = wp.ChildReaper(bus)
+    me = os.getpid()
+    start = wp._start_time(me)
+    release = reaper.keep(me)
+    assert reaper._is_kept((me, start))
+    assert not reaper._is_kept((me, start + 1))  # Another process, same PID.
+    release()
+    assert not reaper._is_kept((me, start))
+    reaper.keep(me)
+    reaper.release(me)
+    assert not reaper._is_kept((me, start))
+
+
+def test_childreaper_keep_forgets_processes_that_ended(bus):
+    reaper = wp.ChildReaper(bus)
+    ended = []
+    for _ in range(20):
+        proc = subprocess.Popen(['true'])
+        proc.wait()
+        ended.append(proc.pid)
+        reaper.keep(proc.pid)
+    reaper.keep(os.getpid())
+    assert set(reaper._kept) <= {os.getpid()} | set(ended)
+    assert len(reaper._kept) < 20  # Pruned as it grew.
+    assert os.getpid() in reaper._kept
+
+
+def start_reaper(bus, reaper):
+    reaper.subscribe()
+    bus.start()
+    return bus.recorder.messages()
+
+
+def test_childreaper_does_nothing_off_linux(bus, monkeypatch):
+    monkeypatch.setattr(wp, '_LINUX', False)
+    reaper = wp.ChildReaper(bus, subreaper=True)
+    logs = start_reaper(bus, reaper)
+    assert (
+        'ChildReaper does nothing on %r: it needs Linux.' % sys.platform
+        in logs
+    )
+    assert reaper.thread is None
+
+
+@linux_only
+def test_childreaper_not_pid1_nor_subreaper_has_nothing_to_reap(bus):
+    reaper = wp.ChildReaper(bus)
+    logs = start_reaper(bus, reaper)
+    assert (
+        'ChildReaper has nothing to reap: PID %r is not PID 1 and '
+        'subreaper=False, so orphans go to init.' % os.getpid()
+    ) in logs
+    assert reaper.thread is None
+
+
+@linux_only
+def test_childreaper_needs_this_namespaces_proc(bus, monkeypatch):
+    monkeypatch.setattr(os, 'readlink', lambda path: '999999')
+    reaper = wp.ChildReaper(bus, subreaper=True)
+    logs = start_reaper(bus, reaper)
+    assert any(
+        'ChildReaper cannot reap: /proc belongs to another PID namespace' in m
+        and 'unshare --mount-proc' in m
+        for m in bus.recorder.messages(logging.WARNING)
+    ), logs
+    assert reaper.thread is None
+
+
+@linux_only
+def test_childreaper_refused_subreaper_is_logged(bus, monkeypatch):
+    def refuse(on):
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL), 'prctl')
+
+    monkeypatch.setattr(wp, '_child_subreaper', lambda: False)
+    monkeypatch.setattr(wp, '_set_child_subreaper', refuse)
+    reaper = wp.ChildReaper(bus, subreaper=True)
+    start_reaper(bus, reaper)
+    assert (
+        'ChildReaper could not make PID %r a child subreaper ([Errno %d] %s: '
+        "'prctl'); orphans go to init."
+        % (os.getpid(), errno.EINVAL, os.strerror(errno.EINVAL))
+    ) in bus.recorder.messages(logging.WARNING)
+    assert reaper.thread is None
+
+
+SUBREAPER_CHILD = """
+    import os, sys, time, wspbus_plugins as wp
+    if sys.argv[1] == 'scan':  # As on PyPy, which cannot peek.
+        wp._CAN_PEEK_AT_ZOMBIES = False
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    if sys.argv[2] == 'reaper':
+        wp.ChildReaper(bus, subreaper=True).subscribe()
+    bus.start()
+    for _ in range(20):  # Orphans: their parent ends at once.
+        pid = os.fork()
+        if pid == 0:
+            if os.fork() == 0:
+                time.sleep(1)  # Long enough to be seen adopted.
+                os._exit(3)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print('orphaned', flush=True)
+    bus.block()
+"""
+
+
+@linux_only
+@pytest.mark.parametrize('peek', ['peek', 'scan'])
+def test_childreaper_subreaper_adopts_and_reaps_orphans(child, peek):
+    proc = child(SUBREAPER_CHILD, peek, 'reaper')
+    expect_line(proc, 'orphaned')
+    adopted = children_of(proc.pid)  # Reparented to the service.
+    assert len(adopted) == 20
+    wait_until(lambda: not children_of(proc.pid), 'the orphans to be reaped')
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+
+
+ORPHANS_CHILD = """
+    import os, sys, time, wspbus_plugins as wp
+    bus = wp.Bus()
+    wp.SignalHandler(bus).subscribe()
+    if sys.argv[1] == 'reaper':
+        reaper = wp.ChildReaper(bus)
+        reaper.subscribe()
+    bus.start()
+    print('pid', os.getpid(), flush=True)
+    for _ in range(int(sys.argv[2])):  # Double fork: the grandchild ends
+        pid = os.fork()                 # as an orphan, adopted by PID 1.
+        if pid == 0:
+            if os.fork() == 0:
+                os._exit(0)
+            os._exit(0)
+        os.waitpid(pid, 0)
+    print('orphaned', flush=True)
+    bus.block()
+"""
+
+
+def test_childreaper_as_pid1_leaves_no_zombie(child):
+    proc, pid = as_pid1(child, ORPHANS_CHILD, 'reaper', '200')
+    assert expect_line(proc, 'pid') == 'pid 1'
+    expect_line(proc, 'orphaned')
+    wait_until(lambda: not zombies_of(pid), 'no zombie', timeout=1)
+    os.kill(pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize('reaper', ['reaper', 'no reaper'])
+def test_childreaper_as_pid1_sigterm_ends_the_service(child, reaper):
+    proc, pid = as_pid1(child, ORPHANS_CHILD, reaper, '0')
+    expect_line(proc, 'orphaned')
+    started = time.monotonic()
+    os.kill(pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert time.monotonic() - started < 1, 'SIGTERM took over 1 s'
+    assert status == 0, err
+
+
+def test_pid1_ignores_sigterm_without_a_handler(child):
+    # What the README says: the kernel applies no default action to PID 1.
+    code = """
+        import time
+        print('running', flush=True)
+        time.sleep(60)
+    """
+    proc, pid = as_pid1(child, code)
+    expect_line(proc, 'running')
+    os.kill(pid, signal.SIGTERM)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(0.5)  # Alive: SIGTERM did nothing.
+
+
+EXIT_SEVEN_CHILD = """
+    import multiprocessing, os, subprocess, time, wspbus_plugins as wp
+    bus = wp.Bus()
+    reaper = wp.ChildReaper(bus)
+    reaper.subscribe()
+    bus.start()
+    assert reaper.thread is not None
+    wrong = []
+
+    def check(what, status):
+        if status != 7:
+            wrong.append((what, status))
+
+    def fork7():
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        return pid
+
+    def status_of(pid):
+        try:
+            return os.WEXITSTATUS(os.waitpid(pid, 0)[1])
+        except ChildProcessError:  # Taken by someone else.
+            return 'ECHILD'
+
+    for _ in range(500):
+        check('run', subprocess.run(['sh', '-c', 'exit 7']).returncode)
+    for _ in range(100):
+        done = subprocess.run(['sh', '-c', 'echo x; exit 7'],
+                              capture_output=True)
+        check('run, capture_output', done.returncode)
+    for _ in range(500):
+        check('fork, waitpid', status_of(fork7()))
+    # Waited for within the grace period (0.2 s), with no keep().
+    for _ in range(10):
+        pids = [fork7() for _ in range(20)]
+        time.sleep(0.05)
+        for pid in pids:
+            check('fork, waitpid soon', status_of(pid))
+    # Waited for long after they ended: a naive reaper steals them all.
+    popens = [subprocess.Popen(['sh', '-c', 'exit 7']) for _ in range(20)]
+    kept = [fork7() for _ in range(20)]
+    for pid in kept:
+        reaper.keep(pid)
+    fork = multiprocessing.get_context('fork')
+    workers = [fork.Process(target=os._exit, args=(7,)) for _ in range(5)]
+    for worker in workers:
+        worker.start()
+    time.sleep(1)
+    for popen in popens:
+        check('Popen.wait', popen.wait())
+    for pid in kept:
+        check('keep, waitpid', status_of(pid))
+    for worker in workers:
+        worker.join()
+        check('multiprocessing', worker.exitcode)
+    print('wrong', wrong, flush=True)
+    bus.exit()
+"""
+
+
+def test_childreaper_as_pid1_never_takes_a_status_the_program_waits_for(
+    child,
+):
+    proc, pid = as_pid1(child, EXIT_SEVEN_CHILD)
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert 'wrong []' in out, out + err
+
+
+def readme_probe_commands():
+    """The readinessProbe and livenessProbe commands of README's recipe."""
+    return [
+        json.loads(line.split('command:', 1)[1])
+        for line in readme_text().splitlines()
+        if line.strip().startswith('command: [')
+    ]
+
+
+def test_readme_container_recipe_as_pid1(child, tmp_path):
+    (app,) = readme_examples(container=True)
+    (tmp_path / 'main.py').write_text(app)
+    readiness, liveness = readme_probe_commands()
+    launcher = """
+        import os, subprocess, sys
+        # PID 1 for now: mount a private /tmp, put the app in /tmp/srv/app
+        # and become `python -m app`, as the Dockerfile's CMD.
+        app = open('main.py').read()
+        subprocess.run(['mount', '-t', 'tmpfs', 'tmpfs', '/tmp'], check=True)
+        os.makedirs('/tmp/srv/app')
+        with open('/tmp/srv/app/__main__.py', 'w') as f:
+            f.write(app)
+        os.chdir('/tmp/srv')
+        os.execv(sys.executable, [sys.executable, '-m', 'app'])
+    """
+    proc, pid = as_pid1(child, launcher)
+    inside = ['nsenter', '--target', str(pid), '--mount', '--pid', '--']
+
+    def probe(command):
+        return subprocess.run(inside + command, timeout=TIMEOUT).returncode
+
+    wait_until(lambda: probe(readiness) == 0, 'the readiness probe')
+    assert probe(liveness) == 0
+    orphans = 'for i in $(seq 50); do (sleep 1 &); done'  # As kubectl exec.
+    assert probe(['sh', '-c', orphans]) == 0
+    assert len(children_of(pid)) == 50  # Adopted by PID 1, asleep.
+    wait_until(lambda: not children_of(pid), 'the orphans to be reaped')
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: probe(readiness) != 0, 'not ready')
+    assert proc.poll() is None and probe(liveness) == 0  # Draining.
+    os.kill(pid, signal.SIGTERM)  # Cut the 5 s drain short.
+    status, out, err = finish(proc)
+    assert status == 0, err
+
+
+@pytest.mark.parametrize(
+    'kwargs, message',
+    [
+        ({'interval': 0}, 'Invalid interval: 0 '),
+        ({'interval': -1}, 'Invalid interval: -1 '),
+        ({'interval': float('nan')}, 'Invalid interval: nan '),
+        ({'interval': float('inf')}, 'Invalid interval: inf '),
+        ({'interval': '5'}, "Invalid interval: '5' "),
+        ({'interval': True}, 'Invalid interval: True '),
+        ({'drain': -0.5}, 'Invalid drain: -0.5 '),
+        ({'drain': float('inf')}, 'Invalid drain: inf '),
+        ({'drain': None}, 'Invalid drain: None '),
+        ({'drain': 1e300}, 'Invalid drain: 1e+300 '),
+    ],
+)
+def test_probefiles_rejects_bad_numbers(bus, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wp.ProbeFiles(bus, **kwargs)
+
+
+def test_probefiles_rejects_bad_paths(bus, tmp_path, monkeypatch):
+    missing = str(tmp_path / 'missing' / 'ready')
+    with pytest.raises(ValueError, match='Ready file directory .* does not'):
+        wp.ProbeFiles(bus, ready=missing)
+    with pytest.raises(TypeError, match=re.escape('not 42')):
+        wp.ProbeFiles(bus, alive=42)
+    same = str(tmp_path / 'probe')
+    monkeypatch.chdir(str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape('not both %r' % same)):
+        wp.ProbeFiles(bus, ready='probe', alive=pathlib.Path(same))
+    assert wp.ProbeFiles(bus, ready='probe').ready == same  # Absolute.
+    monkeypatch.setattr(os, 'access', lambda *args, **kwargs: False)
+    with pytest.raises(ValueError, match='Alive file directory .* not writ'):
+        wp.ProbeFiles(bus, alive=same)
+
+
+@pytest.fixture
+def probes(bus, tmp_path):
+    """ProbeFiles on `bus`, made with probes(**kwargs)."""
+
+    def make(**kwargs):
+        kwargs.setdefault('ready', str(tmp_path / 'ready'))
+        kwargs.setdefault('alive', str(tmp_path / 'alive'))
+        plugin = wp.ProbeFiles(bus, **kwargs)
+        plugin.subscribe()
+        return plugin
+
+    return make
+
+
+def age(path):
+    return time.time() - os.stat(path).st_mtime
+
+
+def test_probefiles_life_cycle(bus, probes):
+    plugin = probes(interval=0.05)
+    assert repr(plugin) == (
+        'ProbeFiles(ready=%r, alive=%r, interval=0.05, drain=0)'
+        % (plugin.ready, plugin.alive)
+    )
+    seen = []
+    bus.subscribe(
+        'start',
+        lambda: seen.append(
+            (os.path.exists(plugin.ready), os.path.exists(plugin.alive))
+        ),
+    )
+    bus.start()
+    assert seen == [(False, True)]  # Not ready before STARTED.
+    assert os.path.exists(plugin.ready)
+    assert 'Ready: created %r.' % plugin.ready in bus.recorder.messages()
+    old = time.time() - 120
+    os.utime(plugin.alive, (old, old))
+    plugin.interval = 60
+    bus.publish('main')  # Touched at most every interval.
+    assert age(plugin.alive) > 100
+    plugin.interval = 0.05
+    time.sleep(0.06)
+    bus.publish('main')
+    assert age(plugin.alive) < 100
+    bus.stop()
+    assert not os.path.exists(plugin.ready)
+    os.utime(plugin.alive, (old, old))
+    time.sleep(0.06)
+    bus.publish('main')  # Not STARTED: not touched.
+    assert age(plugin.alive) > 100
+    bus.start()
+    assert os.path.exists(plugin.ready)
+    bus.exit()
+    assert not os.path.exists(plugin.ready)
+    assert not os.path.exists(plugin.alive)
+
+
+def test_probefiles_drain_only_on_an_exit_from_started(bus, probes):
+    probes(drain=60)
+    bus.start()
+    started = time.monotonic()
+    bus.stop()  # A plain stop: no drain.
+    bus.start()
+    bus.restart()  # ListenSockets keeps the sockets: no drain either.
+    assert time.monotonic() - started < 30
+    assert bus.state is wp.states.EXITING
+    assert not any('Draining' in m for m in bus.recorder.messages())
+
+
+def test_probefiles_refuses_a_planted_symlink(bus, probes, tmp_path):
+    target = tmp_path / 'target'
+    target.write_text('keep me')
+    old = time.time() - 120
+    os.utime(str(target), (old, old))
+    os.symlink(str(target), str(tmp_path / 'ready'))
+    plugin = probes()
+    bus.start()
+    assert any(
+        m.startswith('Could not create ready file %r: ' % plugin.ready)
+        for m in bus.recorder.messages(logging.ERROR)
+    )
+    assert target.read_text() == 'keep me' and age(str(target)) > 100
+    bus.exit()
+    assert os.path.islink(plugin.ready)  # Not ours: left alone.
+
+
+def test_probefiles_leaves_a_replaced_file(bus, probes, tmp_path):
+    plugin = probes()
+    bus.start()
+    (tmp_path / 'other').write_text('')
+    os.replace(str(tmp_path / 'other'), plugin.ready)
+    bus.stop()
+    assert os.path.exists(plugin.ready)
+    assert (
+        'Probe file %r was replaced; leaving it.' % plugin.ready
+        in bus.recorder.messages(logging.WARNING)
+    )
+
+
+PROBE_CHILD = """
+    import os, socket, sys, threading, wspbus_plugins as wp
+    ready, alive, drain = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr))
+    handler = wp.SignalHandler(bus)
+
+    def wedge():  # Runs on the main thread, from block()'s loop.
+        print('wedged', flush=True)
+        threading.Event().wait()
+
+    handler.handlers['SIGUSR1'] = wedge
+    handler.subscribe()
+    wp.ProbeFiles(bus, ready, alive, interval=0.1, drain=drain).subscribe()
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(16)
+    server.settimeout(0.05)
+    done = threading.Event()
+
+    def serve():
+        while not done.is_set():
+            try:
+                conn = server.accept()[0]
+            except OSError:
+                continue
+            with conn:
+                conn.sendall(b'served\\n')
+
+    thread = threading.Thread(target=serve)
+
+    def stop():  # The server's own stop listener: stops accepting.
+        done.set()
+        thread.join()
+        server.close()
+        print('stopped serving', flush=True)
+
+    bus.subscribe('start', thread.start)
+    bus.subscribe('stop', stop)
+    bus.subscribe('started', lambda: print(
+        'started', server.getsockname()[1], os.path.exists(ready),
+        flush=True), priority=90)
+    bus.start()
+    bus.block()
+"""
+
+
+def start_probe_child(child, tmp_path, drain):
+    ready, alive = str(tmp_path / 'ready'), str(tmp_path / 'alive')
+    proc = child(PROBE_CHILD, ready, alive, str(drain))
+    _, port, was_ready = expect_line(proc, 'started').split()
+    assert was_ready == 'True'
+    assert ask(('127.0.0.1', int(port))) == 'served\n'
+    return proc, int(port), ready, alive
+
+
+def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 2)
+    sigterm = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(ready), 'ready removed', timeout=1)
+    assert proc.poll() is None
+    for after in (0.5, 1.0, 1.5):  # Still serving, though not ready.
+        time.sleep(max(0, sigterm + after - time.monotonic()))
+        assert ask(('127.0.0.1', port)) == 'served\n'
+    expect_line(proc, 'stopped serving')
+    assert time.monotonic() - sigterm >= 2
+    status, out, err = finish(proc)
+    assert status == 0, err
+    assert (
+        'Draining: serving 2.0 s more before stopping (a second SIGTERM or '
+        'Ctrl+C stops now).' in err
+    )
+    assert not os.path.exists(ready) and not os.path.exists(alive)
+
+
+def test_probefiles_second_sigterm_cuts_the_drain_short(child, tmp_path):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 60)
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(ready), 'ready removed')
+    assert ask(('127.0.0.1', port)) == 'served\n'
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc, timeout=15)  # Not the 60 s drain.
+    assert status == 0, err
+    assert 'Draining cut short: stopping now.' in err
+    assert not os.path.exists(ready) and not os.path.exists(alive)
+
+
+LIVENESS = 'test -n "$(find %s -mmin -1)"'  # As in README's recipe.
+
+
+def fresh(path):
+    return subprocess.run(['sh', '-c', LIVENESS % path]).returncode == 0
+
+
+def test_probefiles_alive_goes_stale_when_the_main_thread_is_wedged(
+    child, tmp_path
+):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 0)
+    old = time.time() - 120
+    os.utime(alive, (old, old))
+    assert not fresh(alive)  # The probe sees an old file.
+    wait_until(lambda: fresh(alive), 'alive touched again')
+    os.kill(proc.pid, signal.SIGUSR1)
+    expect_line(proc, 'wedged')
+    os.utime(alive, (old, old))
+    time.sleep(1)  # Ten intervals.
+    assert not fresh(alive)
+    assert age(alive) > 100
+    assert ask(('127.0.0.1', port)) == 'served\n'  # Other threads still serve.
+
+
 # -- SystemdNotifier ----------------------------------------------------------
 
 
@@ -5475,10 +6131,15 @@ def test_demo_main_is_callable(capsys):
 # -- README -------------------------------------------------------------------
 
 
-def readme_examples():
+def readme_text():
     with open(os.path.join(HERE, 'README.md')) as f:
-        text = f.read()
-    return re.findall(r'^```python\n(.*?)^```', text, re.M | re.S)
+        return f.read()
+
+
+def readme_examples(container=False):
+    """The README's Python blocks; the container recipe's runs as PID 1."""
+    blocks = re.findall(r'^```python\n(.*?)^```', readme_text(), re.M | re.S)
+    return [code for code in blocks if ('ChildReaper' in code) == container]
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,8 @@ __all__ = [
     'Monitor',
     'Autoreloader',
     'ThreadManager',
+    'ChildReaper',
+    'ProbeFiles',
     'SystemdNotifier',
     'LoggingBridge',
     'main',
@@ -108,6 +110,13 @@ _HAVE_FORK = hasattr(os, 'fork')
 # Windows refuses to delete an open file: PIDFile closes it first there.
 # Elsewhere it stays open (and locked) until it is gone.
 _CLOSE_BEFORE_REMOVE = _WINDOWS
+# ChildReaper finds zombies in /proc, so it reaps on Linux only.  It peeks
+# with os.waitid(WNOWAIT), which reaps nothing; PyPy 3.9 lacks waitid, and
+# the reaper then scans /proc at every tick instead.
+_CAN_PEEK_AT_ZOMBIES = hasattr(os, 'waitid') and hasattr(os, 'WNOWAIT')
+_PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37  # linux/prctl.h
+# ProbeFiles touches a file through its descriptor; Windows takes a path.
+_UTIME_BY_FD = os.utime in os.supports_fd
 
 try:
     import fcntl
@@ -3792,6 +3801,610 @@ class ThreadManager(SimplePlugin):
             self.bus.publish('stop_thread', index)
 
     graceful = stop
+
+
+# -- Containers: ChildReaper and ProbeFiles -----------------------------------
+
+
+class ChildReaper(SimplePlugin):
+    """Reap orphaned descendants, as a container's init (PID 1) must.
+
+    The kernel hands every orphaned process to PID 1 of its PID namespace
+    (or to the nearest "child subreaper" above it), and each stays a zombie
+    once it ends until that process waits for it.  A Python service that
+    runs as PID 1 (``CMD ["python", "-m", "app"]``) or spawns programs that
+    leave orphans then piles up zombies until fork() fails.  This plugin
+    reaps them, as PID 1, or as a subreaper when `subreaper` is true
+    (``prctl(PR_SET_CHILD_SUBREAPER)`` through ctypes, on ``start``;
+    cleared again on ``stop`` if this plugin set it).
+
+    It never takes the exit status of a child the program waits for
+    itself: the kernel cannot tell an adopted orphan from a child of our
+    own (both have us as parent), so a zombie is reaped only once it has
+    stayed one for ``grace`` seconds (a thread blocked in waitpid() for
+    its child reaps it at once, so such a zombie never ages) and only if
+    its PID is not one the program still waits for: a live
+    subprocess.Popen (asyncio's subprocesses hold one too), a
+    multiprocessing process or helper, or a PID registered with keep().
+    Register with keep() any other child that the program waits for
+    later than ``grace`` after it ends (os.fork(), os.posix_spawn(),
+    pty.fork() followed by other work), or use subprocess.  A program that
+    reaps its own children with ``os.waitpid(-1, ...)`` (a pre-fork
+    server) does not need this plugin.
+
+    Channels: ``start`` (priority 70, after Daemonizer's fork) starts a
+    daemon thread named ``ChildReaper``; ``stop`` (priority 90, after the
+    other stop listeners, whose shutdown may leave orphans) ends it.
+    Every ``interval`` seconds the thread peeks with ``os.waitid(P_ALL,
+    WNOWAIT)``, which reaps nothing and costs one system call; only when
+    some child is a zombie does it read ``/proc`` to list them, and only
+    when one has aged does it look for Popen objects (gc.get_objects(),
+    a walk of the heap).  Each orphan reaped is logged at DEBUG with its
+    PID and status, and counted in ``reaped``.
+
+    Linux only: elsewhere, and when this process is neither PID 1 nor a
+    subreaper, or /proc shows another PID namespace (mount one:
+    ``unshare --mount-proc``; container runtimes do), ``start`` logs that
+    there is nothing to reap and does nothing.
+    """
+
+    interval = 0.1
+    """Seconds between two peeks for zombies."""
+    grace = 0.2
+    """Seconds a zombie must stay one before it is reaped."""
+
+    def __init__(self, bus, subreaper=False):
+        super().__init__(bus)
+        if subreaper not in (True, False):
+            raise TypeError(
+                'ChildReaper subreaper must be True or False, not %r'
+                % (subreaper,)
+            )
+        self.subreaper = bool(subreaper)
+        """Become a subreaper on start when not PID 1."""
+        self.reaped = 0
+        """How many orphans this plugin reaped."""
+        self.thread = None
+        """The reaping thread while it runs, else None."""
+        self._lock = threading.RLock()  # A signal handler can reach stop().
+        self._stopped = None  # Event that ends the thread.
+        self._kept = {}  # pid -> start time (None: unknown) from keep()
+        self._prune_at = 16  # Forget ended kept PIDs past this many.
+        self._made_subreaper = False
+        _guard_for_fork(self)
+
+    def __repr__(self):
+        return 'ChildReaper(subreaper=%r)' % self.subreaper
+
+    def keep(self, pid):
+        """Never reap child `pid`: the program will wait for it itself.
+
+        Call it right after the fork.  Returns a function that undoes it,
+        as release(pid) does; the PID is forgotten anyway once its process
+        is gone, so a new process given the same PID is not kept.  Raises
+        TypeError or ValueError unless `pid` is a positive int.
+        """
+        if not isinstance(pid, int) or isinstance(pid, bool):
+            raise TypeError('PID must be an int, not %r' % (pid,))
+        if pid <= 0:
+            raise ValueError('Invalid PID: %r (a positive int)' % (pid,))
+        start = _start_time(pid)
+        with self._lock:
+            self._kept[pid] = start
+            prune = len(self._kept) >= self._prune_at
+        if prune:
+            self._prune()
+        return lambda: self.release(pid)
+
+    def release(self, pid):
+        """Let child `pid` be reaped again like any orphan."""
+        with self._lock:
+            self._kept.pop(pid, None)
+
+    def _prune(self):
+        with self._lock:
+            kept = dict(self._kept)
+        ended = []
+        for pid, start in kept.items():
+            now = _start_time(pid)
+            if now is None or start not in (None, now):
+                ended.append(pid)
+        with self._lock:
+            for pid in ended:
+                if pid in self._kept and self._kept[pid] == kept[pid]:
+                    del self._kept[pid]
+            self._prune_at = 2 * len(self._kept) + 16
+
+    def _is_kept(self, zombie):
+        pid, start = zombie
+        with self._lock:
+            return pid in self._kept and self._kept[pid] in (None, start)
+
+    def start(self):
+        """Start reaping if this process adopts orphans; else log why not."""
+        if self.thread is not None:
+            self.bus.log('ChildReaper already running.')
+            return
+        role = self._role()
+        if role is None:
+            return
+        stopped = threading.Event()
+        thread = threading.Thread(
+            target=self._run, args=(stopped,), name='ChildReaper'
+        )
+        thread.daemon = True
+        with self._lock:
+            self.thread, self._stopped = thread, stopped
+        thread.start()
+        self.bus.log('Reaping orphaned processes as %s.' % role)
+
+    start.priority = 70
+
+    def _role(self):
+        """Return 'PID 1' or 'a subreaper', or log why neither and None."""
+        if not _LINUX:
+            self.bus.log(
+                'ChildReaper does nothing on %r: it needs Linux.'
+                % sys.platform
+            )
+            return None
+        if os.getpid() != 1 and not self.subreaper:
+            self.bus.log(
+                'ChildReaper has nothing to reap: PID %r is not PID 1 and '
+                'subreaper=False, so orphans go to init.' % os.getpid()
+            )
+            return None
+        if not _proc_shows_self():
+            self.bus.log(
+                'ChildReaper cannot reap: /proc belongs to another PID '
+                'namespace (PID %r is not /proc/self). Mount a /proc for '
+                'this namespace (unshare --mount-proc).' % os.getpid(),
+                level=_WARNING,
+            )
+            return None
+        if os.getpid() == 1:
+            return 'PID 1'
+        try:
+            if not _child_subreaper():
+                _set_child_subreaper(True)
+                self._made_subreaper = True
+        except (OSError, AttributeError) as exc:  # No symbol, or refused.
+            self.bus.log(
+                'ChildReaper could not make PID %r a child subreaper (%s); '
+                'orphans go to init.' % (os.getpid(), exc),
+                level=_WARNING,
+            )
+            return None
+        return 'a subreaper'
+
+    def stop(self):
+        """End the reaping thread; stop being a subreaper if we became one."""
+        with self._lock:
+            thread, self.thread = self.thread, None
+            stopped = self._stopped
+        if thread is None:
+            return
+        stopped.set()
+        if thread is not threading.current_thread():
+            thread.join()
+        if self._made_subreaper:
+            self._made_subreaper = False
+            try:
+                _set_child_subreaper(False)
+            except OSError as exc:
+                self.bus.log(
+                    'Could not stop being a child subreaper: %s' % exc,
+                    level=_WARNING,
+                )
+        self.bus.log('Stopped reaping orphaned processes.')
+
+    stop.priority = 90
+
+    def _run(self, stopped):
+        seen = {}  # zombie (pid, start time) -> when first seen
+        theirs = {}  # zombie -> whether the program waits for it
+        try:
+            while not stopped.wait(self.interval):
+                if seen or _zombie_waiting():
+                    seen, theirs = self._reap(seen, theirs)
+        except Exception:
+            self.bus.log(
+                'ChildReaper stopped: error in its thread.',
+                level=_ERROR,
+                traceback=True,
+            )
+
+    def _reap(self, seen, theirs):
+        """Reap the aged zombies nobody waits for; return the new state."""
+        now = time.monotonic()
+        zombies = _zombie_children()
+        seen = {zombie: seen.get(zombie, now) for zombie in zombies}
+        theirs = {z: theirs[z] for z in zombies if z in theirs}
+        aged = [
+            zombie
+            for zombie, since in seen.items()
+            if now - since >= self.grace and not self._is_kept(zombie)
+        ]
+        unknown = [zombie for zombie in aged if zombie not in theirs]
+        if unknown:  # Walk the heap once for all of them.
+            waited = _waited_pids()
+            for zombie in unknown:
+                theirs[zombie] = zombie[0] in waited
+        for zombie in aged:
+            if not theirs[zombie]:
+                self._reap_one(zombie[0])
+        return seen, theirs
+
+    def _reap_one(self, pid):
+        try:
+            reaped, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return  # The program waited for it meanwhile.
+        if reaped != pid:
+            return  # A leader whose other threads still run: not yet.
+        self.reaped += 1
+        self.bus.log(
+            'Reaped orphaned process %r (%s).' % (pid, _exit_reason(status)),
+            level=_DEBUG,
+        )
+
+
+def _read_stat(pid):
+    """Return (state, parent PID, start time) of process `pid`, or None."""
+    try:
+        fd = os.open('/proc/%s/stat' % pid, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 2048)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    fields = data.rpartition(b')')[2].split()
+    try:
+        return fields[0], int(fields[1]), int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _start_time(pid):
+    stat = _read_stat(pid) if _LINUX else None
+    return None if stat is None else stat[2]
+
+
+def _zombie_children():
+    """Return the (pid, start time) of each zombie child of this process."""
+    me = os.getpid()
+    zombies = set()
+    for name in os.listdir('/proc'):
+        if name.isdigit():
+            stat = _read_stat(name)
+            if stat is not None and stat[0] == b'Z' and stat[1] == me:
+                zombies.add((int(name), stat[2]))
+    return zombies
+
+
+def _zombie_waiting():
+    """Tell whether some child is a zombie, without reaping it."""
+    if not _CAN_PEEK_AT_ZOMBIES:
+        return True  # Cannot peek: the caller scans /proc each time.
+    try:
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_ALL, 0, flags) is not None
+    except ChildProcessError:
+        return False  # No child at all.
+
+
+def _waited_pids():
+    """Return the PIDs of the children the program will wait for itself.
+
+    Popen objects whose returncode is None (but not those subprocess keeps
+    in its ``_active`` list: dropped unwaited, reaped by nobody), and
+    multiprocessing's processes and helper processes.  Walks every object
+    of the heap (a few ms per 100,000 objects), so it runs only when a
+    zombie has aged.
+    """
+    import gc
+
+    pids = set()
+    subprocess = sys.modules.get('subprocess')
+    popen_fork = sys.modules.get('multiprocessing.popen_fork')
+    classes = tuple(m.Popen for m in (subprocess, popen_fork) if m)
+    dropped = {id(p) for p in getattr(subprocess, '_active', None) or ()}
+    if classes:
+        for obj in gc.get_objects():
+            if (  # By type(): a proxy's __class__ is never asked.
+                issubclass(type(obj), classes)
+                and getattr(obj, 'returncode', 0) is None
+                and id(obj) not in dropped
+            ):
+                pids.add(getattr(obj, 'pid', None))
+    for module, holder, attr in (
+        ('multiprocessing.resource_tracker', '_resource_tracker', '_pid'),
+        ('multiprocessing.forkserver', '_forkserver', '_forkserver_pid'),
+    ):
+        helper = getattr(sys.modules.get(module), holder, None)
+        pids.add(getattr(helper, attr, None))
+    pids.discard(None)
+    return pids
+
+
+def _exit_reason(status):
+    if os.WIFSIGNALED(status):
+        return 'killed by signal %d' % os.WTERMSIG(status)
+    return 'exit status %d' % os.WEXITSTATUS(status)
+
+
+def _proc_shows_self():
+    """Tell whether /proc is this PID namespace's (it names us as self)."""
+    try:
+        return os.readlink('/proc/self') == str(os.getpid())
+    except OSError:
+        return False
+
+
+def _prctl(option, arg):
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    zero = ctypes.c_ulong(0)
+    if libc.prctl(option, arg, zero, zero, zero) < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), 'prctl')
+
+
+def _child_subreaper():
+    """Tell whether this process is a child subreaper."""
+    import ctypes
+
+    flag = ctypes.c_int(0)
+    _prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag))
+    return bool(flag.value)
+
+
+def _set_child_subreaper(on):
+    import ctypes
+
+    _prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(int(on)))
+
+
+_DRAIN_STEP = 0.1  # Seconds between two looks at the bus while draining.
+
+
+class ProbeFiles(SimplePlugin):
+    """Show readiness and liveness as files, for exec probes; drain.
+
+    An orchestrator's ``exec`` probe (Kubernetes, Nomad) or any supervisor
+    that can look at files asks "ready?" with ``test -e READY`` and
+    "alive?" by the age of ALIVE.  Channels:
+
+    - ``start`` (priority 10) creates `alive`; ``started`` creates `ready`
+      (so only once every start listener succeeded) and touches `alive`.
+    - ``main``, which block() publishes every interval while it waits,
+      touches `alive` once `interval` seconds have passed, while STARTED:
+      a wedged main thread lets it go stale.
+    - ``stop`` (priority 0, the first thing an exit does) removes `ready`.
+      When the bus exits from STARTED (not for restart(), whose sockets
+      ListenSockets keeps, nor for a plain stop()), it then waits `drain`
+      seconds before the other stop listeners run, so the service goes on
+      serving while the orchestrator stops routing to it; `alive` is still
+      touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
+    - ``exit`` removes both files.
+
+    `ready` and `alive` are paths (None: not used), made absolute, whose
+    directory must exist and be writable; `interval` a finite number of
+    seconds > 0; `drain` a finite number of seconds >= 0.  Anything else
+    raises here.
+    A symlink or anything but a regular file at a path is refused, and a
+    file is removed only if it is still the one this plugin made.  A file
+    that cannot be made or touched is logged (for ``start``: raised), so
+    the probe fails and says why.
+    """
+
+    def __init__(self, bus, ready=None, alive=None, interval=5, drain=0):
+        super().__init__(bus)
+        self.ready = _probe_path(ready, 'Ready file')
+        """Absolute path of the readiness file, or None."""
+        self.alive = _probe_path(alive, 'Alive file')
+        """Absolute path of the liveness file, or None."""
+        if self.ready is not None and self.alive is not None:
+            if self.ready == self.alive:
+                raise ValueError(
+                    'ProbeFiles ready and alive must differ, not both %r.'
+                    % (self.ready,)
+                )
+        if not _is_wait(interval) or interval <= 0:
+            raise ValueError(
+                'Invalid interval: %r (seconds, a finite number > 0)'
+                % (interval,)
+            )
+        if not _is_wait(drain) or drain < 0:
+            raise ValueError(
+                'Invalid drain: %r (seconds, a finite number >= 0)' % (drain,)
+            )
+        self.interval = interval
+        """Seconds between two touches of `alive`."""
+        self.drain = drain
+        """Seconds to go on serving after an exit is asked for."""
+        self._made = {}  # path -> (st_dev, st_ino) of the file we made
+        self._touched = None  # monotonic time of the last touch of alive
+        self._touch_failed = False
+        self._serving = False  # Between started and stop: drain applies.
+
+    def __repr__(self):
+        return 'ProbeFiles(ready=%r, alive=%r, interval=%r, drain=%r)' % (
+            self.ready,
+            self.alive,
+            self.interval,
+            self.drain,
+        )
+
+    def _listeners(self):
+        return (
+            ('start', self.start, 10),
+            ('started', self.started, None),
+            ('main', self.main, None),
+            ('stop', self.stop, 0),
+            ('exit', self.exit, None),
+        )
+
+    def subscribe(self):
+        """Subscribe to every channel above (``started`` included)."""
+        for channel, listener, priority in self._listeners():
+            self.bus.subscribe(channel, listener, priority)
+
+    def unsubscribe(self):
+        """Unsubscribe from every channel above."""
+        for channel, listener, _ in self._listeners():
+            self.bus.unsubscribe(channel, listener)
+
+    def start(self):
+        """Create `alive`; raise OSError naming it if that fails."""
+        if self.alive is not None:
+            self._make(self.alive)
+            self._touched = time.monotonic()
+
+    def started(self):
+        """Create `ready` and touch `alive`: the bus is STARTED."""
+        self._serving = True
+        if self.ready is not None:
+            try:
+                self._make(self.ready)
+                self.bus.log('Ready: created %r.' % self.ready)
+            except OSError as exc:
+                self.bus.log(
+                    'Could not create ready file %r: %s' % (self.ready, exc),
+                    level=_ERROR,
+                )
+        self._touch_alive(force=True)
+
+    def main(self):
+        """Touch `alive` if `interval` seconds have passed, while STARTED."""
+        if self.bus.state is states.STARTED:
+            self._touch_alive()
+
+    def stop(self):
+        """Remove `ready`; when exiting from STARTED, wait `drain` s."""
+        serving, self._serving = self._serving, False
+        if self.ready is not None:
+            self._remove(self.ready)
+        if (
+            serving
+            and self.drain > 0
+            and self.bus._exit_phase == 'running'
+            and not self.bus.execv
+        ):
+            self._drain()
+
+    def exit(self):
+        """Remove both files."""
+        for path in (self.ready, self.alive):
+            if path is not None:
+                self._remove(path)
+        self._touched = None
+
+    def _drain(self):
+        self.bus.log(
+            'Draining: serving %r s more before stopping (a second SIGTERM '
+            'or Ctrl+C stops now).' % self.drain
+        )
+        bus = self.bus
+        deadline = time.monotonic() + self.drain
+        while not bus._hurry:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self._touch_alive()
+            # A signal handler releases _wakeup (Bus._wake) on the main
+            # thread: a second SIGTERM ends this wait at once there.
+            bus._wakeup.acquire(timeout=min(remaining, _DRAIN_STEP))
+        bus._wake()  # Pass on a wake-up this loop may have taken.
+        if bus._hurry:
+            bus.log('Draining cut short: stopping now.')
+
+    def _touch_alive(self, force=False):
+        if self.alive is None or (self._touched is None and not force):
+            return  # Not started, or exited.
+        now = time.monotonic()
+        if not force and now - self._touched < self.interval:
+            return
+        self._touched = now
+        try:
+            self._make(self.alive)
+        except OSError as exc:
+            if not self._touch_failed:
+                self.bus.log(
+                    'Could not touch alive file %r: %s' % (self.alive, exc),
+                    level=_WARNING,
+                )
+            self._touch_failed = True
+        else:
+            if self._touch_failed:
+                self.bus.log('Alive file %r touched again.' % self.alive)
+            self._touch_failed = False
+
+    def _make(self, path):
+        """Create `path` or update its mtime, refusing a non-regular file."""
+        import stat
+
+        flags = os.O_WRONLY | os.O_CREAT
+        for name in ('O_NOFOLLOW', 'O_CLOEXEC', 'O_NONBLOCK'):
+            flags |= getattr(os, name, 0)  # NONBLOCK: a FIFO never hangs.
+        fd = os.open(path, flags, 0o644)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise OSError(errno.EEXIST, 'not a regular file', path)
+            os.utime(fd if _UTIME_BY_FD else path)
+        finally:
+            os.close(fd)
+        self._made[path] = (info.st_dev, info.st_ino)
+
+    def _remove(self, path):
+        """Remove `path` if it is the file this plugin made."""
+        made = self._made.pop(path, None)
+        if made is None:
+            return
+        try:
+            found = os.lstat(path)
+            if (found.st_dev, found.st_ino) == made:
+                os.remove(path)
+            else:
+                self.bus.log(
+                    'Probe file %r was replaced; leaving it.' % path,
+                    level=_WARNING,
+                )
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.bus.log(
+                'Could not remove probe file %r: %s' % (path, exc),
+                level=_WARNING,
+            )
+
+
+def _is_wait(seconds):
+    return _is_number(seconds) and _is_finite_wait(seconds)
+
+
+def _probe_path(path, what):
+    """Return `path` made absolute, checked; None stays None.
+
+    Absolute: the program may change its working directory meanwhile.
+    """
+    if path is None:
+        return None
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(
+            'ProbeFiles %s must be a path or None, not %r'
+            % (what.lower(), path)
+        ) from None
+    _check_parent_dir(path, what)
+    return os.path.abspath(path)
 
 
 # -- SystemdNotifier ----------------------------------------------------------
