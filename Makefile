@@ -82,6 +82,8 @@ for python in candidates:
         if not known or [int(n) for n in re.findall(r'\d+', version)] > [
                 int(n) for n in re.findall(r'\d+', known[1])]:
             pythons[minor] = (python, version)
+# CI has just run `make test` with this one: WSPBUS_MATRIX_SKIP=3.11.7.
+skip = os.environ.get('WSPBUS_MATRIX_SKIP')
 runs = [('CPython ' + version, python, '.venv-%d.%d' % minor)
         for minor, (python, version) in sorted(pythons.items())]
 runs.append(('PyPy ' + describe('$(PYPY_VENV)/bin/python')[1] + ' ('
@@ -90,6 +92,9 @@ runs.append(('PyPy ' + describe('$(PYPY_VENV)/bin/python')[1] + ' ('
              None, '$(PYPY_VENV)'))
 results = []
 for name, python, venv in runs:
+    if name == 'CPython %s' % skip:
+        results.append((name, '.venv', 0, 'run by make test just before'))
+        continue
     print('== test-matrix: %s in %s' % (name, venv), flush=True)
     if python:
         venv_for(python, venv)
