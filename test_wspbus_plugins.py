@@ -1744,7 +1744,7 @@ def test_bus_restart_keeps_handled_signals_pending_across_execv(
 ):
     calls = []
     monkeypatch.setattr(wp, '_sigmask', lambda how, s: calls.append((how, s)))
-    monkeypatch.setattr(signal, 'pthread_kill', lambda *a: calls.append(a))
+    monkeypatch.setattr(wp._signal, 'pthread_kill', lambda *a: calls.append(a))
     environ = []
 
     def execv(path, args):
@@ -2630,8 +2630,8 @@ def test_signalhandler_outside_main_thread_does_nothing(bus):
 
 
 def test_signalhandler_skips_signals_the_platform_lacks(bus, monkeypatch):
-    monkeypatch.delattr(signal, 'SIGHUP')
-    monkeypatch.delattr(signal, 'SIGUSR1')
+    monkeypatch.delattr(wp._signal, 'SIGHUP')
+    monkeypatch.delattr(wp._signal, 'SIGUSR1')
     handler = wp.SignalHandler(bus)
     try:
         handler.subscribe()

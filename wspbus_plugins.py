@@ -62,15 +62,54 @@ This file is a drop-in for ``cherrypy.process.wspbus`` and
 ``cherrypy.process.plugins`` with fixes and additions; see README.md.
 """
 
+from __future__ import annotations  # Annotations cost nothing at run time.
+
 import atexit
 import errno
 import os
-import signal as _signal
 import sys
 import threading
 import time
 import warnings
 from _weakrefset import WeakSet  # What threading uses: costs no import.
+
+# Type checkers take this name to mean typing.TYPE_CHECKING: what follows
+# is read by mypy and pyright, and never imported when the program runs.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import asyncio
+    import logging
+    import signal as _signal
+    import socket
+    from types import FrameType, TracebackType
+    from typing import (
+        IO,
+        Any,
+        Awaitable,
+        Callable,
+        Dict,
+        Iterable,
+        Iterator,
+        List,
+        Mapping,
+        NoReturn,
+        Optional,
+        Sequence,
+        Set,
+        Tuple,
+        Type,
+        TypeVar,
+        Union,
+    )
+
+    _T = TypeVar('_T')
+    _Callback = TypeVar('_Callback', bound=Callable[..., Any])
+    Listener = Callable[..., Any]
+    SignalAction = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+else:
+    # signal imports enum (half of this module's import time); the names
+    # used here are all in the C module.
+    import _signal
 
 __version__ = '0.1.0'
 
@@ -1636,9 +1675,9 @@ class SignalHandler:
     """
 
     signals = {
-        sig.value: sig.name
-        for sig in _signal.Signals
-        if sig.name.startswith('SIG')
+        getattr(_signal, name): name
+        for name in sorted(dir(_signal), reverse=True)
+        if name.startswith('SIG') and not name.startswith('SIG_')
     }
     """Signal number -> canonical name (SIGIO, not its alias SIGPOLL)."""
 
