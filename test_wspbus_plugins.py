@@ -242,7 +242,7 @@ def test_module_import_pulls_in_no_heavy_module():
     # Measured after our own light imports: on PyPy threading alone
     # brings in re and traceback.
     code = (
-        'import atexit, errno, os, signal, sys, threading, time, warnings; '
+        'import atexit, errno, os, sys, threading, time, warnings; '
         'before = set(sys.modules); import wspbus_plugins; '
         'print(sorted(set(sys.modules) - before))'
     )
@@ -268,8 +268,28 @@ def test_module_import_pulls_in_no_heavy_module():
         'select',
         'struct',
         'typing',
+        'signal',  # It imports enum: the module uses _signal instead.
+        'enum',
     }
     assert not added & heavy
+
+
+def test_module_import_never_loads_typing():
+    # The annotations name typing only for checkers (TYPE_CHECKING), so a
+    # bare interpreter (-S: no site, which may import it) stays without.
+    code = (
+        'import sys, wspbus_plugins; '
+        'print(sorted({"typing", "enum"} & set(sys.modules)))'
+    )
+    out = subprocess.run(
+        [sys.executable, '-S', '-c', code],
+        capture_output=True,
+        text=True,
+        cwd=HERE,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    assert out.stdout.split() == ['[]']
 
 
 def test_module_version_and_all_follow_file_order():
@@ -6140,7 +6160,7 @@ def readme_text():
 def readme_examples(container=False):
     """The README's Python blocks; the container recipe's runs as PID 1."""
     blocks = re.findall(r'^```python\n(.*?)^```', readme_text(), re.M | re.S)
-    return [code for code in blocks if ('ChildReaper' in code) == container]
+    return [code for code in blocks if ("'/tmp/ready'" in code) == container]
 
 
 @pytest.mark.parametrize(
