@@ -81,17 +81,20 @@ if TYPE_CHECKING:
     import logging
     import signal as _signal
     import socket
-    from types import FrameType, TracebackType
+    from types import FrameType, ModuleType, TracebackType
     from typing import (
         IO,
         Any,
         Awaitable,
         Callable,
+        Collection,
         Dict,
+        FrozenSet,
         Iterable,
         Iterator,
         List,
         Mapping,
+        MutableMapping,
         NoReturn,
         Optional,
         Sequence,
@@ -100,6 +103,7 @@ if TYPE_CHECKING:
         Type,
         TypeVar,
         Union,
+        overload,
     )
 
     _T = TypeVar('_T')
@@ -157,6 +161,7 @@ _PR_SET_CHILD_SUBREAPER, _PR_GET_CHILD_SUBREAPER = 36, 37  # linux/prctl.h
 # ProbeFiles touches a file through its descriptor; Windows takes a path.
 _UTIME_BY_FD = os.utime in os.supports_fd
 
+fcntl: Optional[ModuleType]  # None where the platform lacks it.
 try:
     import fcntl
 except ImportError:  # Windows: PID files fall back to exclusive creation.
@@ -165,15 +170,17 @@ except ImportError:  # Windows: PID files fall back to exclusive creation.
 _EX_SOFTWARE = 70  # sysexits.h: internal software error.
 _DEBUG, _INFO, _WARNING, _ERROR, _CRITICAL = 10, 20, 30, 40, 50
 
+# The two constants below take a fallback value in their `except` clause:
+# pyright's rule for upper-case names would call that a redefinition.
 try:
-    _STARTUP_DIR = os.getcwd()
+    _STARTUP_DIR: Optional[str] = os.getcwd()
 except OSError:  # The working directory was deleted before we started.
-    _STARTUP_DIR = None
+    _STARTUP_DIR = None  # pyright: ignore[reportConstantRedefinition]
 
 try:
     _MAX_FILES = os.sysconf('SC_OPEN_MAX')
 except (AttributeError, ValueError, OSError):
-    _MAX_FILES = 1024
+    _MAX_FILES = 1024  # pyright: ignore[reportConstantRedefinition]
 
 # Environment variables that carry state across restart()'s re-exec.
 _DAEMON_ENV = 'WSPBUS_DAEMON_PID'
@@ -186,26 +193,27 @@ _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
 # blocked mask; SignalHandler raises a held one again once its own handler
 # is in place, and the bus releases the rest when it starts.
 _CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'  # 'numbers/wakeup pipe'
+_sigmask: Optional[Callable[[int, Iterable[int]], Set[int]]]
 _sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
-_held = {}  # carried signal number -> whether it came while held
+_held: Dict[int, bool] = {}  # carried signal number -> came while held
 
 
-def _close_quietly(fd):
+def _close_quietly(fd: int) -> None:
     try:
         os.close(fd)
     except OSError:
         pass
 
 
-def _hold(signum, frame):
+def _hold(signum: int, frame: Optional[FrameType]) -> None:
     _held[signum] = True
 
 
-def _hold_carried_signals():
-    numbers, _, pipe = os.environ.pop(_CARRIED_ENV, '').partition('/')
+def _hold_carried_signals() -> None:
+    numbers, _, pipe_fd = os.environ.pop(_CARRIED_ENV, '').partition('/')
     try:
         carried = [int(n) for n in numbers.split()]
-        pipe = int(pipe) if pipe else None
+        pipe = int(pipe_fd) if pipe_fd else None
     except ValueError:
         return
     if not carried or _sigmask is None:
@@ -232,31 +240,32 @@ _hold_carried_signals()
 # holds at that moment would stay held in the child for ever.  They are all
 # held across a fork, so the child gets them consistent and free.
 
-_FORK_GUARDED = WeakSet()  # objects whose ._lock a fork must not split
+# Objects whose ._lock a fork must not split.
+_FORK_GUARDED: WeakSet[Any] = WeakSet()
 _FORK_LOCK = threading.Lock()
-_fork_held = []
+_fork_held: List[Any] = []
 
 
-def _guard_for_fork(guarded):
+def _guard_for_fork(guarded: object) -> None:
     with _FORK_LOCK:
         _FORK_GUARDED.add(guarded)
 
 
-def _acquire_for_fork():
+def _acquire_for_fork() -> None:
     _FORK_LOCK.acquire()
     _fork_held[:] = list(_FORK_GUARDED)
     for guarded in _fork_held:
         guarded._lock.acquire()
 
 
-def _release_after_fork():
+def _release_after_fork() -> None:
     for guarded in reversed(_fork_held):
         guarded._lock.release()
     del _fork_held[:]
     _FORK_LOCK.release()
 
 
-def _release_in_child():
+def _release_in_child() -> None:
     me = threading.get_ident()
     for guarded in _fork_held:  # A transition of a thread that is gone.
         if getattr(guarded, '_runner', None) not in (None, me):
@@ -272,12 +281,12 @@ if hasattr(os, 'register_at_fork'):
     )
 
 
-def _daemonized_by_us():
+def _daemonized_by_us() -> bool:
     """Tell whether Daemonizer made this process (kept across re-exec)."""
     return os.environ.get(_DAEMON_ENV) == str(os.getpid())
 
 
-def _import_optional(name):
+def _import_optional(name: str) -> Optional[ModuleType]:
     """Return module `name`, or None where this platform lacks it."""
     try:
         return __import__(name)
@@ -285,13 +294,14 @@ def _import_optional(name):
         return None
 
 
-def _pid_alive(pid):
+def _pid_alive(pid: int) -> bool:
     """Tell whether process `pid` exists (a zombie counts as alive)."""
     if _WINDOWS:
         # os.kill(pid, 0) would terminate the process on Windows.
         import ctypes
 
-        kernel32 = ctypes.windll.kernel32
+        # Windows only: the checkers' stubs for other platforms lack it.
+        kernel32 = getattr(ctypes, 'windll').kernel32  # noqa: B009
         handle = kernel32.OpenProcess(0x1000, False, pid)  # QUERY_LIMITED
         if not handle:
             return False
@@ -308,7 +318,7 @@ def _pid_alive(pid):
     return True
 
 
-def _open_fds(limit):
+def _open_fds(limit: int) -> Sequence[int]:
     """List this process's open descriptors below `limit`, cheaply.
 
     Listing /proc/self/fd (Linux) or /dev/fd (macOS, BSD) avoids looping
@@ -322,7 +332,7 @@ def _open_fds(limit):
     return range(limit)
 
 
-def _readable(fds, timeout):
+def _readable(fds: Iterable[int], timeout: float) -> List[int]:
     """Return which of `fds` are readable (or closed) within `timeout` s.
 
     poll(), unlike select(), takes descriptors numbered 1024 and above,
@@ -338,7 +348,7 @@ def _readable(fds, timeout):
     return [fd for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))]
 
 
-def _hard_exit(status):
+def _hard_exit(status: int) -> NoReturn:
     """Flush what the user would lose, then end the process at once."""
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -348,11 +358,11 @@ def _hard_exit(status):
     os._exit(status)
 
 
-def _is_number(value):
+def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _is_finite_wait(seconds):
+def _is_finite_wait(seconds: float) -> bool:
     """Tell whether a number of seconds is one threading can wait.
 
     NaN makes a wait loop spin; inf and anything beyond TIMEOUT_MAX raise
@@ -367,17 +377,24 @@ def _is_finite_wait(seconds):
 class _State:
     """One state of the bus; compared by identity."""
 
-    def __init__(self, name):
+    def __init__(self, name: str) -> None:
         self.name = name
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'states.%s' % self.name
 
 
 class _States:
     """The namespace of bus states: ``states.STOPPED`` and friends."""
 
-    def __init__(self, *names):
+    # For type checkers only: __init__ sets them, on the instance.
+    STOPPED: _State
+    STARTING: _State
+    STARTED: _State
+    STOPPING: _State
+    EXITING: _State
+
+    def __init__(self, *names: str) -> None:
         for name in names:
             setattr(self, name, _State(name))
 
@@ -398,24 +415,24 @@ class ChannelFailures(Exception):
     delimiter = '\n'
     """The text between two exceptions in ``str()``."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: object, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._exceptions = []
+        self._exceptions: List[Optional[BaseException]] = []
 
-    def handle_exception(self):
+    def handle_exception(self) -> None:
         """Record the exception being handled right now."""
         self._exceptions.append(sys.exc_info()[1])
 
-    def get_instances(self):
+    def get_instances(self) -> List[Optional[BaseException]]:
         """Return a copy of the recorded exceptions, in raising order."""
         return self._exceptions[:]
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.delimiter.join(map(repr, self._exceptions))
 
     __repr__ = __str__
 
-    def __bool__(self):
+    def __bool__(self) -> bool:
         return bool(self._exceptions)
 
 
@@ -445,61 +462,94 @@ class Bus:
     unsubscribe().
     """
 
-    states = states
-    max_cloexec_files = _MAX_FILES
+    states: _States = states
+    max_cloexec_files: int = _MAX_FILES
     """restart() marks descriptors below this close-on-exec; 0 skips it."""
 
-    def __init__(self):
-        self.execv = False
+    _wakeup_pipe: Tuple[int, int, int]  # restart()'s: read, write, previous
+
+    def __init__(self) -> None:
+        self.execv: bool = False
         """True once restart() was asked for: block() then re-executes."""
-        self.listeners = {channel: set() for channel in _BUILTIN_CHANNELS}
-        self._priorities = {}
-        self._order = {}  # (channel, callback) -> subscription count
-        self._sorted = {}  # channel -> tuple of callbacks, cached
+        self.listeners: Dict[str, Set[Listener]] = {
+            channel: set() for channel in _BUILTIN_CHANNELS
+        }
+        self._priorities: Dict[Tuple[str, Listener], float] = {}
+        # (channel, callback) -> subscription count
+        self._order: Dict[Tuple[str, Listener], int] = {}
+        # channel -> tuple of callbacks, cached
+        self._sorted: Dict[str, Tuple[Listener, ...]] = {}
         self._count = 0
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
-        self._state = states.STOPPED
+        self._state: _State = states.STOPPED
         # The transitions: which thread runs them, how deeply nested.
-        self._runner = None
+        self._runner: Optional[int] = None
         self._depth = 0
-        self._exit_phase = None  # None, 'asked', 'running' or 'done'
-        self._exit_asker = None  # The thread that asked for the exit.
+        self._exit_phase: Optional[str] = None  # 'asked', 'running', 'done'
+        self._exit_asker: Optional[int] = None  # The thread that asked.
         self._graceful_asked = False  # Run graceful when the runner ends.
-        self._start_error = None  # Why the last start() failed.
+        # Why the last start() failed.
+        self._start_error: Optional[BaseException] = None
         self._lives = 0  # How many start()s began.
         self._atexit_registered = False
-        self._keep_fds = set()  # descriptors restart() must not close
+        self._keep_fds: Set[int] = set()  # restart() must not close these
         # Signals: handlers append to _signals and release _wakeup (both
         # safe between any two bytecodes); the main thread acts on them.
-        self._signals = []
-        self._handled_signals = {}  # number -> name, from SignalHandler
-        self._main_task = self._loop = None  # run_async()'s
+        self._signals: List[str] = []
+        # number -> name, from SignalHandler
+        self._handled_signals: Dict[int, str] = {}
+        # run_async()'s main task and its loop.
+        self._main_task: Optional[asyncio.Future[Any]] = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._wakeup = threading.Lock()
         self._wakeup.acquire()  # Locked: no wake-up pending.
         self._busy = 0  # >0 while the main thread transitions or waits.
-        self._saved_sigint = None
+        self._saved_sigint: SignalAction = None
         self._sigint_seen = False
         self._hurry = False  # A second SIGTERM/SIGINT while exiting.
         _guard_for_fork(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '<%s %r>' % (type(self).__name__, self._state)
 
     @property
-    def state(self):
+    def state(self) -> _State:
         """The current state; setting it wakes every wait()."""
         return self._state
 
     @state.setter
-    def state(self, value):
+    def state(self, value: _State) -> None:
         with self._changed:
             self._state = value
             self._changed.notify_all()
         self._wake()
         self._act_if_idle()
 
-    def subscribe(self, channel, callback=None, priority=None):
+    if TYPE_CHECKING:  # subscribe() returns what it is given.
+
+        @overload
+        def subscribe(
+            self,
+            channel: str,
+            callback: None = None,
+            priority: Optional[float] = None,
+        ) -> Callable[[_Callback], _Callback]: ...
+
+        @overload
+        def subscribe(
+            self,
+            channel: str,
+            callback: _Callback,
+            priority: Optional[float] = None,
+        ) -> _Callback: ...
+
+    def subscribe(
+        self,
+        channel: str,
+        callback: Optional[_Callback] = None,
+        priority: Optional[float] = None,
+    ) -> Union[_Callback, Callable[[_Callback], _Callback]]:
         """Add `callback` to `channel`; lower `priority` runs first.
 
         Without `callback`, return a decorator.  The priority comes from
@@ -508,12 +558,13 @@ class Bus:
         """
         if callback is None:
             return lambda func: self.subscribe(channel, func, priority)
-        if priority is None:
-            priority = getattr(callback, 'priority', 50)
+        rank: float = (
+            getattr(callback, 'priority', 50) if priority is None else priority
+        )
         with self._lock:
             self.listeners.setdefault(channel, set()).add(callback)
             key = (channel, callback)
-            self._priorities[key] = priority
+            self._priorities[key] = rank
             if key not in self._order:
                 self._count += 1
                 self._order[key] = self._count
@@ -521,7 +572,7 @@ class Bus:
         self._act_if_idle()
         return callback
 
-    def unsubscribe(self, channel, callback):
+    def unsubscribe(self, channel: str, callback: Listener) -> None:
         """Remove `callback` from `channel`; unknown ones are ignored."""
         with self._lock:
             listeners = self.listeners.get(channel)
@@ -532,7 +583,7 @@ class Bus:
                 self._sorted.pop(channel, None)
         self._act_if_idle()
 
-    def _listeners_of(self, channel):
+    def _listeners_of(self, channel: str) -> Tuple[Listener, ...]:
         """Return (and cache) the channel's callbacks in running order."""
         with self._lock:
             callbacks = sorted(
@@ -546,7 +597,7 @@ class Bus:
         self._act_if_idle()
         return result
 
-    def publish(self, channel, *args, **kwargs):
+    def publish(self, channel: str, *args: Any, **kwargs: Any) -> List[Any]:
         """Call every listener of `channel`; return their results.
 
         Every listener runs even if an earlier one fails; the failures are
@@ -560,9 +611,15 @@ class Bus:
             listeners = self._listeners_of(channel)
         return self._call(channel, listeners, args, kwargs)
 
-    def _call(self, channel, listeners, args, kwargs):
-        output = []
-        failures = None
+    def _call(
+        self,
+        channel: str,
+        listeners: Iterable[Listener],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+    ) -> List[Any]:
+        output: List[Any] = []
+        failures: Optional[ChannelFailures] = None
         # Most channels carry no arguments.  A plain call is ~25% faster:
         # CPython inlines it, but not a call through *args/**kwargs.
         plain = not (args or kwargs)
@@ -592,14 +649,14 @@ class Bus:
             raise failures
         return output
 
-    def _publish_until_exit(self, channel):
+    def _publish_until_exit(self, channel: str) -> List[Any]:
         """Publish `channel`, calling no listener once an exit is asked."""
         listeners = self._sorted.get(channel)
         if listeners is None:
             listeners = self._listeners_of(channel)
         return self._call(channel, self._until_exit(listeners), (), {})
 
-    def _until_exit(self, listeners):
+    def _until_exit(self, listeners: Iterable[Listener]) -> Iterator[Listener]:
         for listener in listeners:
             if self._exit_phase is not None:
                 return
@@ -610,7 +667,7 @@ class Bus:
     # inline.  An exit, restart or graceful asked meanwhile is recorded and
     # run by the runner when its outermost transition ends.
 
-    def start(self):
+    def start(self) -> None:
         """Move to STARTING, publish ``start``, then move to STARTED.
 
         If a listener fails (KeyboardInterrupt and SystemExit included),
@@ -631,7 +688,7 @@ class Bus:
         else:
             self._transition(self._start)
 
-    def _start_refused(self):
+    def _start_refused(self) -> Optional[str]:
         """Why a start cannot begin now, or None (lock held)."""
         if self._exit_phase in ('asked', 'running'):
             return 'the bus is exiting'
@@ -641,7 +698,7 @@ class Bus:
             return 'the bus exited before it was started'
         return None
 
-    def _start(self):
+    def _start(self) -> None:
         with self._lock:
             refused = self._start_refused()  # Asked while we waited?
             if not refused:
@@ -684,9 +741,9 @@ class Bus:
             self.publish('started')
         except ChannelFailures:
             pass  # Logged by publish; the service is running regardless.
-        _release_carried_signals(self)
+        _release_carried_signals(self._signals)
 
-    def stop(self):
+    def stop(self) -> None:
         """Move to STOPPING, publish ``stop``, then move to STOPPED.
 
         Every ``stop`` listener runs.  Once an exit is under way (it stops
@@ -698,20 +755,20 @@ class Bus:
         else:
             self.log('Stop ignored: the bus is exiting.')
 
-    def _stop_unless_exiting(self):  # Checked again: we may have waited.
-        if self._exit_phase is not None:
+    def _stop_unless_exiting(self) -> None:
+        if self._exit_phase is not None:  # Checked again: we may have waited.
             self.log('Stop ignored: the bus is exiting.')
         else:
             self._stop()
 
-    def _stop(self):
+    def _stop(self) -> None:
         self.state = states.STOPPING
         self.log('Bus STOPPING')
         self.publish('stop')
         self.state = states.STOPPED
         self.log('Bus STOPPED')
 
-    def graceful(self):
+    def graceful(self) -> None:
         """Publish ``graceful`` (reload without stopping the process).
 
         Asked for while another transition runs (a signal storm, another
@@ -721,6 +778,7 @@ class Bus:
         bus is stopped (a SIGUSR1 during set-up) and once an exit has begun;
         a run under way then calls no more listeners.
         """
+        run_now = False
         with self._lock:
             if self._exit_phase is not None:
                 ignored = 'the bus is exiting'
@@ -738,7 +796,7 @@ class Bus:
             self._transition(self._graceful, wait=False)
         self._act_if_idle()
 
-    def _graceful(self):
+    def _graceful(self) -> None:
         with self._lock:
             if not self._graceful_asked or self._exit_phase is not None:
                 return  # Run by another thread meanwhile, or exiting.
@@ -746,7 +804,7 @@ class Bus:
         self.log('Bus graceful')
         self._publish_until_exit('graceful')
 
-    def exit(self):
+    def exit(self) -> None:
         """Stop, move to EXITING and publish ``exit``, once.
 
         A second call while an exit is asked for, under way or done returns
@@ -762,7 +820,7 @@ class Bus:
             self._transition(_nothing, wait=False)
         self._act_if_idle()
 
-    def _ask_exit(self, execv=False):
+    def _ask_exit(self, execv: bool = False) -> bool:
         """Record an exit request; False if one was already made."""
         with self._lock:
             if self._exit_phase is not None:
@@ -773,7 +831,7 @@ class Bus:
         self._wake()
         return True
 
-    def restart(self):
+    def restart(self) -> None:
         """Exit, then re-execute the process from block() on the main thread.
 
         Ignored (with a log line) when an exit is already under way.
@@ -785,7 +843,9 @@ class Bus:
             self.log('Restart ignored: the bus is already exiting.')
         self._act_if_idle()
 
-    def _transition(self, body, wait=True):
+    def _transition(
+        self, body: Callable[[], object], wait: bool = True
+    ) -> None:
         """Run `body` as the bus's one transition, then what was asked.
 
         Without `wait`, return at once if another thread runs one (it will
@@ -801,7 +861,7 @@ class Bus:
         finally:
             self._end_busy(main)
 
-    def _enter(self, wait):
+    def _enter(self, wait: bool) -> bool:
         me = threading.get_ident()
         with self._changed:
             while self._runner not in (None, me):
@@ -812,7 +872,7 @@ class Bus:
             self._depth += 1
         return True
 
-    def _leave(self):
+    def _leave(self) -> None:
         try:
             while True:
                 with self._changed:
@@ -833,7 +893,7 @@ class Bus:
                 self._changed.notify_all()
             raise
 
-    def _next_job(self):
+    def _next_job(self) -> Optional[Callable[[], None]]:
         """Return what the runner must do next, or None (lock held)."""
         if self._exit_phase == 'asked' and self._main_task is None:
             return self._run_exit  # (run_async() runs it after its task.)
@@ -844,18 +904,18 @@ class Bus:
                 self._graceful_asked = False  # Dropped: stopped or exiting.
         return None
 
-    def _asked_graceful(self):
+    def _asked_graceful(self) -> None:
         try:
             self._graceful()
         except ChannelFailures:
             pass  # Logged by publish; whoever asked has gone on.
 
-    def _run_exit(self):
+    def _run_exit(self) -> None:
         with self._lock:
             self._exit_phase = 'running'
             exitstate = self._state
             asked_by_starter = self._exit_asker == threading.get_ident()
-        failure = None
+        failure: Optional[BaseException] = None
         try:
             self._stop()
         except BaseException as exc:  # Logged; the exit listeners run.
@@ -886,7 +946,7 @@ class Bus:
         ):
             self._start_failed()
 
-    def _start_failed(self):
+    def _start_failed(self) -> None:
         reason = _describe(self._start_error)
         if threading.current_thread() is threading.main_thread():
             # A start listener failed: ending the process is the only way
@@ -911,7 +971,7 @@ class Bus:
     # signal and wakes the waiter; the work runs when the transition ends
     # or in the waiting loop, one signal at a time, in arrival order.
 
-    def _signal_arrived(self, channel):
+    def _signal_arrived(self, channel: str) -> None:
         """Act on signal `channel` now, or record it if the main thread is
         busy; called by signal handlers (SignalHandler, SIGINT)."""
         self._sigint_seen = self._sigint_seen or channel == 'SIGINT'
@@ -921,7 +981,8 @@ class Bus:
             # Ctrl+C again while the first waits for a transition to end:
             # interrupt it, as Python would have (never an exit's cleanup).
             raise KeyboardInterrupt
-        if self._busy or self._lock._is_owned():
+        # RLock._is_owned() is private, and missing from the stubs.
+        if self._busy or self._lock._is_owned():  # type: ignore[attr-defined]
             self._signals.append(channel)  # _lock: in mid-bookkeeping.
             self._wake()
             return
@@ -931,7 +992,7 @@ class Bus:
         finally:
             self._end_busy(main)
 
-    def _act_on_signal(self, channel):
+    def _act_on_signal(self, channel: str) -> None:
         self.log('Caught signal %s.' % channel)
         if channel == 'SIGINT' and not self.listeners.get('SIGINT'):
             self.log('Keyboard Interrupt: shutting down bus')
@@ -942,16 +1003,16 @@ class Bus:
         except ChannelFailures:
             pass  # Logged by publish; the process goes on.
 
-    def _act_on_recorded_signals(self):
+    def _act_on_recorded_signals(self) -> None:
         signals = self._signals
         while signals and self._acting_on_signals():
             self._act_on_signal(signals.pop(0))
 
-    def _acting_on_signals(self):
+    def _acting_on_signals(self) -> bool:
         # After restart(), recorded signals are kept for the new image.
         return not self.execv
 
-    def _act_if_idle(self):
+    def _act_if_idle(self) -> None:
         """Act on signals recorded while the main thread held the lock."""
         if (
             self._signals
@@ -961,14 +1022,14 @@ class Bus:
         ):
             self._end_busy(self._begin_busy())
 
-    def _wake(self):
+    def _wake(self) -> None:
         """Wake the main thread's waiting loop (safe in a signal handler)."""
         try:
             self._wakeup.release()
         except RuntimeError:
             pass  # Released already: a wake-up is pending.
 
-    def _begin_busy(self, defer_sigint=True):
+    def _begin_busy(self, defer_sigint: bool = True) -> bool:
         """Mark the main thread busy; return whether this is it."""
         if threading.current_thread() is not threading.main_thread():
             return False
@@ -977,7 +1038,7 @@ class Bus:
             self._defer_sigint()
         return True
 
-    def _end_busy(self, main):
+    def _end_busy(self, main: bool) -> None:
         """The outermost busy section acts on what was recorded meanwhile."""
         if not main:
             return
@@ -991,7 +1052,7 @@ class Bus:
         if not self._busy and self._signals and self._acting_on_signals():
             self._end_busy(self._begin_busy())  # Came in the last moment.
 
-    def _defer_sigint(self):
+    def _defer_sigint(self) -> None:
         # Python's default SIGINT handler raises KeyboardInterrupt in the
         # middle of whatever runs, a stop or exit listener too; while busy,
         # Ctrl+C is recorded like any other signal (and means exit()).
@@ -999,7 +1060,7 @@ class Bus:
             _signal.signal(_signal.SIGINT, self._record_sigint)
             self._saved_sigint = _signal.default_int_handler
 
-    def _restore_sigint(self):
+    def _restore_sigint(self) -> None:
         if self._sigint_seen and self._exit_phase == 'done':
             return  # Ctrl+C ended it: never interrupt the program's cleanup.
         # Taken in one step: a signal handled in between restores it too.
@@ -1008,12 +1069,14 @@ class Bus:
             if _signal.getsignal(_signal.SIGINT) == self._record_sigint:
                 _signal.signal(_signal.SIGINT, saved)
 
-    def _record_sigint(self, signum=None, frame=None):
+    def _record_sigint(
+        self, signum: Optional[int] = None, frame: Optional[FrameType] = None
+    ) -> None:
         self._signal_arrived('SIGINT')
 
     # -- Waiting --
 
-    def block(self, interval=0.1):
+    def block(self, interval: float = 0.1) -> None:
         """Wait for EXITING, then for every non-daemon thread; re-exec.
 
         Call it from the main thread; signals are acted on from here.
@@ -1027,7 +1090,7 @@ class Bus:
         """
         main = self._begin_busy()
         try:
-            _release_carried_signals(self)
+            _release_carried_signals(self._signals)
             try:
                 self._wait_for(
                     lambda: self._state is states.EXITING, interval, 'main'
@@ -1048,7 +1111,7 @@ class Bus:
         finally:
             self._end_busy(main)
 
-    def _after_exit(self):
+    def _after_exit(self) -> None:
         """Join the threads left, then re-execute or end as asked."""
         self.log('Waiting for child threads to terminate...')
         left = self._join_threads()
@@ -1059,7 +1122,7 @@ class Bus:
         if left:
             self._hurried_exit(left)
 
-    def _join_threads(self):
+    def _join_threads(self) -> List[threading.Thread]:
         """Join the non-daemon threads; return those left when hurried."""
         current = threading.current_thread()
         on_main = current is threading.main_thread()
@@ -1092,7 +1155,7 @@ class Bus:
                 )
         return []
 
-    def _end_executors(self):
+    def _end_executors(self) -> List[threading.Thread]:
         """Let executor workers finish their work, as the interpreter does
         at exit (an exec skips that); return them if hurried meanwhile."""
         ends = [
@@ -1114,7 +1177,7 @@ class Bus:
                 return [t for t in threading.enumerate() if _is_pool_thread(t)]
         return []
 
-    def _hurried_exit(self, threads):
+    def _hurried_exit(self, threads: Iterable[threading.Thread]) -> NoReturn:
         # Python would wait for these threads again at its own shutdown.
         self.log(
             'Not waiting for threads %s: exiting now.'
@@ -1132,7 +1195,9 @@ class Bus:
     # runs, exit() cancels that task instead of running the exit, and the
     # driver runs the exit once the task has finished its own cleanup.
 
-    def run_async(self, main, interval=0.1):
+    def run_async(
+        self, main: Awaitable[_T], interval: float = 0.1
+    ) -> Optional[_T]:
         """Start the bus, run coroutine `main` on a new event loop; return
         its result.
 
@@ -1175,11 +1240,17 @@ class Bus:
             raise SystemExit(1)
         return result
 
-    async def _drive(self, loop, main, interval):
+    async def _drive(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        main: Awaitable[_T],
+        interval: float,
+    ) -> Tuple[bool, Optional[_T]]:
         import asyncio
 
         tick = loop.call_later(interval, self._tick, loop, interval)
-        failed, result = False, None
+        failed = False
+        result: Optional[_T] = None
         if self._exit_phase is None:  # Else start() was cut short.
             task = asyncio.ensure_future(main)
             with self._lock:
@@ -1211,14 +1282,15 @@ class Bus:
                 executor.shutdown(wait=False)
         return failed, result
 
-    def _tick(self, loop, interval):
+    def _tick(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         loop.call_later(interval, self._tick, loop, interval)
         self.publish('main')
 
-    async def _cancel_leftover_tasks(self):
+    async def _cancel_leftover_tasks(self) -> None:
         import asyncio
 
         current = asyncio.current_task()
+        pending: Collection[asyncio.Task[Any]]
         pending = [t for t in asyncio.all_tasks() if t is not current]
         for task in pending:
             task.cancel()
@@ -1239,12 +1311,14 @@ class Bus:
                 level=_WARNING,
             )
 
-    def _loop_signals(self, loop):
+    def _loop_signals(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> Callable[[], None]:
         """Route the handled signals through `loop`; return an undo."""
         handled = dict(self._handled_signals)
         if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
             handled[_signal.SIGINT] = 'SIGINT'
-        previous = {}
+        previous: Dict[int, SignalAction] = {}
         for signum, channel in handled.items():
             previous[signum] = _signal.getsignal(signum)
             try:
@@ -1252,7 +1326,7 @@ class Bus:
             except (NotImplementedError, RuntimeError, ValueError):
                 del previous[signum]  # Windows: the handlers stay.
 
-        def restore():
+        def restore() -> None:
             for signum, handler in previous.items():
                 loop.remove_signal_handler(signum)
                 if handler is not None:
@@ -1260,7 +1334,7 @@ class Bus:
 
         return restore
 
-    def _loop_signal(self, channel):
+    def _loop_signal(self, channel: str) -> None:
         """Act on a signal the loop delivered, between two callbacks."""
         if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
             self._hurry = True  # The second one: cut the cleanup short.
@@ -1271,22 +1345,34 @@ class Bus:
             return
         self._act_on_signal(channel)
 
-    def _cancel_main_task(self):
+    def _cancel_main_task(self) -> bool:
         """Under run_async(), an exit first cancels the main task."""
         with self._lock:
             task, loop = self._main_task, self._loop
-        if task is None:
+        if task is None or loop is None:  # (A task comes with its loop.)
             return False
         loop.call_soon_threadsafe(task.cancel)
         return True
 
-    def wait(self, state, interval=0.1, channel=None):
+    def wait(
+        self,
+        state: Union[
+            _State,
+            Tuple[_State, ...],
+            List[_State],
+            Set[_State],
+            FrozenSet[_State],
+        ],
+        interval: float = 0.1,
+        channel: Optional[str] = None,
+    ) -> None:
         """Block until the bus is in `state` (or any of a sequence of them).
 
         Returns as soon as the state is reached; meanwhile publishes
         `channel` every `interval` seconds.  On the main thread, signals
         are acted on from here, and Ctrl+C raises KeyboardInterrupt.
         """
+        wanted: Collection[_State]
         if isinstance(state, (tuple, list, set, frozenset)):
             wanted = frozenset(state)
         else:
@@ -1297,7 +1383,12 @@ class Bus:
         finally:
             self._end_busy(main)
 
-    def _wait_for(self, predicate, interval, channel=None):
+    def _wait_for(
+        self,
+        predicate: Callable[[], bool],
+        interval: float,
+        channel: Optional[str] = None,
+    ) -> None:
         """Wait until predicate(); publish `channel` every `interval` s."""
         on_main = threading.current_thread() is threading.main_thread()
         next_tick = time.monotonic() + interval
@@ -1320,7 +1411,12 @@ class Bus:
                     if not predicate():
                         self._changed.wait(remaining)
 
-    def start_with_callback(self, func, args=None, kwargs=None):
+    def start_with_callback(
+        self,
+        func: Callable[..., object],
+        args: Optional[Iterable[Any]] = None,
+        kwargs: Optional[Mapping[str, Any]] = None,
+    ) -> threading.Thread:
         """Start the bus and call ``func(*args, **kwargs)`` once STARTED.
 
         The call runs in a new thread, which is returned; it is skipped if
@@ -1329,7 +1425,7 @@ class Bus:
         args = () if args is None else tuple(args)
         kwargs = {} if kwargs is None else kwargs
 
-        def when_started():
+        def when_started() -> None:
             if self._state is states.STARTED:
                 func(*args, **kwargs)
 
@@ -1339,7 +1435,9 @@ class Bus:
         thread.start()
         return thread
 
-    def log(self, msg='', level=_INFO, traceback=False):
+    def log(
+        self, msg: str = '', level: int = _INFO, traceback: bool = False
+    ) -> None:
         """Publish `msg` on ``log`` with a `level` number (logging's).
 
         With `traceback`, the exception being handled is appended.  A log
@@ -1360,7 +1458,7 @@ class Bus:
             except Exception:
                 pass
 
-    def _clean_exit(self):
+    def _clean_exit(self) -> None:
         """At interpreter exit, exit a bus that was left running."""
         if self._exit_phase is None and self._state is not states.EXITING:
             warnings.warn(
@@ -1375,7 +1473,7 @@ class Bus:
 
     # -- Re-execution (restart) --
 
-    def _do_execv(self):
+    def _do_execv(self) -> NoReturn:
         """Replace the process with a fresh run of the same command."""
         try:
             args = self._get_true_argv()
@@ -1384,9 +1482,8 @@ class Bus:
         self.log('Re-spawning %s' % ' '.join(args))
         self._extend_pythonpath(os.environ)
         if _JYTHON:
-            from _systemrestart import SystemRestart
-
-            raise SystemRestart
+            # Jython's own module, which no type checker knows.
+            raise __import__('_systemrestart').SystemRestart
         if _WINDOWS:
             args = ['"%s"' % arg for arg in args]
         carried = self._carry_signals()  # First: the work below takes time.
@@ -1407,7 +1504,7 @@ class Bus:
             os.execv(sys.executable, args)
         except BaseException as exc:  # This image goes on, for a while.
             os.environ.pop(_CARRIED_ENV, None)
-            if carried:
+            if carried and _sigmask is not None:  # (None carries nothing.)
                 read_end, write_end, previous = self._wakeup_pipe
                 _signal.set_wakeup_fd(previous)
                 _close_quietly(read_end)
@@ -1422,7 +1519,7 @@ class Bus:
             )
             raise SystemExit(_EX_SOFTWARE) from None
 
-    def _carry_signals(self):
+    def _carry_signals(self) -> List[int]:
         """Keep the signals this process handles pending across the exec.
 
         Without this, a SIGHUP, SIGTERM or Ctrl+C arriving during the
@@ -1430,12 +1527,12 @@ class Bus:
         They are blocked here; those recorded and not yet acted on are
         raised again just before the exec, so that they stay pending.
         """
-        carried = set(self._handled_signals)
+        handled = set(self._handled_signals)
         if callable(_signal.getsignal(_signal.SIGINT)):
-            carried.add(_signal.SIGINT)  # Python's or ours: Ctrl+C counts.
-        if _sigmask is None or not carried:
+            handled.add(_signal.SIGINT)  # Python's or ours: Ctrl+C counts.
+        if _sigmask is None or not handled:
             return []
-        carried = sorted(carried)
+        carried = sorted(handled)
         _sigmask(_signal.SIG_BLOCK, carried)
         # Other threads still take them; Python would then run the handler
         # on this thread, maybe too late.  The wakeup pipe, which the new
@@ -1452,27 +1549,30 @@ class Bus:
         )
         return carried
 
-    def _raise_recorded_signal(self):
+    def _raise_recorded_signal(self) -> bool:
         # A Python call: a signal another thread took since is recorded by
         # the time this runs.  (Those it takes after the last call are
         # lost: only the main thread blocks them.)
         if not self._signals or _sigmask is None:
             return False
         signum = getattr(_signal, self._signals.pop(0))
-        _signal.pthread_kill(threading.main_thread().ident, signum)
+        _signal.pthread_kill(_main_thread_id(), signum)
         return True
 
     @staticmethod
-    def _get_interpreter_argv():
+    def _get_interpreter_argv() -> List[str]:
         """Return the interpreter options (-X, -W, -O ...) of this run."""
         if getattr(sys, 'frozen', False):
             return []
         import subprocess
 
-        return subprocess._args_from_interpreter_flags()
+        # Private to subprocess (Python 3.3+), so missing from the stubs.
+        name = '_args_from_interpreter_flags'
+        flags: List[str] = getattr(subprocess, name)()
+        return flags
 
     @staticmethod
-    def _get_true_argv():
+    def _get_true_argv() -> List[str]:
         """Return the command line that started this process.
 
         Uses ``sys.orig_argv`` (Python 3.10+), else rebuilds it from the
@@ -1499,7 +1599,7 @@ class Bus:
         return [sys.executable] + flags + sys.argv
 
     @staticmethod
-    def _extend_pythonpath(env):
+    def _extend_pythonpath(env: MutableMapping[str, str]) -> None:
         """Put '.' on PYTHONPATH when sys.path[0] is '' (as tornado does).
 
         An empty first path entry means the current directory; the re-run
@@ -1510,7 +1610,7 @@ class Bus:
         if sys.path and sys.path[0] == '' and not existing.startswith(prefix):
             env['PYTHONPATH'] = prefix + existing
 
-    def _set_cloexec(self):
+    def _set_cloexec(self) -> None:
         """Mark every descriptor above stderr close-on-exec."""
         for fd in _open_fds(self.max_cloexec_files):
             if fd > 2 and fd not in self._keep_fds:
@@ -1520,11 +1620,11 @@ class Bus:
                     pass  # Closed meanwhile (the listing's own descriptor).
 
 
-def _nothing():
+def _nothing() -> None:
     pass
 
 
-def _is_pool_thread(thread):
+def _is_pool_thread(thread: threading.Thread) -> bool:
     """Tell whether `thread` serves a concurrent.futures executor.
 
     Idle workers wait for work forever (CherryPy #1942); the interpreter's
@@ -1539,13 +1639,20 @@ def _is_pool_thread(thread):
     return manager is not None and isinstance(thread, manager)
 
 
-def _release_carried_signals(bus):
+def _main_thread_id() -> int:
+    ident = threading.main_thread().ident
+    assert ident is not None  # The main thread has always started.
+    return ident
+
+
+def _release_carried_signals(signals: List[str]) -> None:
     """End the hold on signals no handler took since the re-exec.
 
-    Called when `bus` has started or blocks: a held Ctrl+C is acted on by
-    the bus; any other held signal gets its default action now.
+    Called when the bus has started or blocks: a held Ctrl+C is recorded in
+    its `signals` and acted on by the bus; any other held signal gets its
+    default action now.
     """
-    main = threading.main_thread().ident
+    main = _main_thread_id()
     for signum, arrived in list(_held.items()):
         del _held[signum]
         if _signal.getsignal(signum) is not _hold:
@@ -1553,21 +1660,21 @@ def _release_carried_signals(bus):
         if signum == _signal.SIGINT:
             _signal.signal(signum, _signal.default_int_handler)
             if arrived:
-                bus._signals.append('SIGINT')
+                signals.append('SIGINT')
         else:
             _signal.signal(signum, _signal.SIG_DFL)
             if arrived:
                 _signal.pthread_kill(main, signum)
 
 
-def _take_held(signum):
+def _take_held(signum: int) -> None:
     """Stop holding `signum`: its handler is in place; re-raise it if it
     came meanwhile."""
     if _held.pop(signum, False):
-        _signal.pthread_kill(threading.main_thread().ident, signum)
+        _signal.pthread_kill(_main_thread_id(), signum)
 
 
-def _describe(error):
+def _describe(error: Optional[BaseException]) -> str:
     """Say in one line what went wrong: 'ValueError: bad port; ...'."""
     if error is None:
         return 'an exit while starting'
@@ -1581,7 +1688,7 @@ def _describe(error):
     )
 
 
-def _check_rerunnable(interpreter_args):
+def _check_rerunnable(interpreter_args: Iterable[str]) -> None:
     """Raise RuntimeError unless these interpreter arguments name a program.
 
     `interpreter_args` is the command line after the executable.  Code from
@@ -1613,7 +1720,7 @@ def _check_rerunnable(interpreter_args):
         raise _not_rerunnable('stdin or an interactive prompt')
 
 
-def _not_rerunnable(source):
+def _not_rerunnable(source: str) -> RuntimeError:
     return RuntimeError(
         'Cannot reconstruct command from %s: code given that way cannot be '
         'run again. Start the program from a script or with python -m so '
@@ -1621,7 +1728,7 @@ def _not_rerunnable(source):
     )
 
 
-bus = Bus()
+bus: Bus = Bus()
 """The process-wide bus, for programs that need only one."""
 
 
