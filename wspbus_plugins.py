@@ -1743,21 +1743,21 @@ class SimplePlugin:
     ``priority`` attribute if it has one; unsubscribe() detaches them.
     """
 
-    def __init__(self, bus):
+    def __init__(self, bus: Bus) -> None:
         self.bus = bus
         """The bus this plugin serves."""
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '%s(%r)' % (type(self).__name__, self.bus)
 
-    def subscribe(self):
+    def subscribe(self) -> None:
         """Register this plugin's channel methods with the bus."""
         for channel in list(self.bus.listeners):
             method = getattr(self, channel, None)
             if method is not None:
                 self.bus.subscribe(channel, method)
 
-    def unsubscribe(self):
+    def unsubscribe(self) -> None:
         """Unregister this plugin's channel methods from the bus."""
         for channel in list(self.bus.listeners):
             method = getattr(self, channel, None)
@@ -1781,16 +1781,16 @@ class SignalHandler:
     only be set on the main thread; elsewhere subscribe() logs and returns.
     """
 
-    signals = {
+    signals: Dict[int, str] = {
         getattr(_signal, name): name
         for name in sorted(dir(_signal), reverse=True)
         if name.startswith('SIG') and not name.startswith('SIG_')
     }
     """Signal number -> canonical name (SIGIO, not its alias SIGPOLL)."""
 
-    def __init__(self, bus):
+    def __init__(self, bus: Bus) -> None:
         self.bus = bus
-        self.handlers = {
+        self.handlers: Dict[Union[str, int], Listener] = {
             'SIGTERM': self.bus.exit,
             'SIGHUP': self.handle_SIGHUP,
             'SIGUSR1': self.bus.graceful,
@@ -1804,18 +1804,20 @@ class SignalHandler:
                 'Using SIGUSR2 instead.'
             )
             self.handlers['SIGINT'] = self._jython_SIGINT_handler
-        self._previous_handlers = {}
+        self._previous_handlers: Dict[int, SignalAction] = {}
         self._original_pid = os.getpid()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'SignalHandler(%s)' % ', '.join(map(str, self.handlers))
 
-    def _jython_SIGINT_handler(self, signum=None, frame=None):
+    def _jython_SIGINT_handler(
+        self, signum: Optional[int] = None, frame: Optional[FrameType] = None
+    ) -> None:
         # The JVM has no KeyboardInterrupt: exit the bus on SIGINT instead.
         self.bus.log('Keyboard Interrupt: shutting down bus')
         self.bus.exit()
 
-    def _is_daemonized(self):
+    def _is_daemonized(self) -> bool:
         """Tell whether this process was daemonized (forked, no terminal).
 
         A daemon re-executed by restart() keeps the answer through the
@@ -1824,7 +1826,7 @@ class SignalHandler:
         forked = self._original_pid != os.getpid() or _daemonized_by_us()
         return forked and not _isatty(sys.stdin)
 
-    def subscribe(self):
+    def subscribe(self) -> None:
         """Install a handler for each signal in ``handlers``."""
         if threading.current_thread() is not threading.main_thread():
             self.bus.log(
@@ -1844,7 +1846,7 @@ class SignalHandler:
                     'Could not handle %s: %s' % (sig, exc), level=_WARNING
                 )
 
-    def _ignore_late_signals(self):
+    def _ignore_late_signals(self) -> None:
         # At interpreter exit Python resets its handlers to SIG_DFL, so a
         # SIGUSR1 or SIGHUP arriving in the last moments would kill the
         # process (status -10) after a clean exit.  SIG_IGN is left alone.
@@ -1852,11 +1854,12 @@ class SignalHandler:
             if _signal.getsignal(signum) == self._handle_signal:
                 _signal.signal(signum, _signal.SIG_IGN)
 
-    def unsubscribe(self):
+    def unsubscribe(self) -> None:
         """Restore the handlers that were installed before ours."""
         atexit.unregister(self._ignore_late_signals)
         for signum, handler in self._previous_handlers.items():
-            self.bus._handled_signals.pop(signum, None)
+            # The bus's own record, kept by its plugins (also below).
+            self.bus._handled_signals.pop(signum, None)  # pyright: ignore[reportPrivateUsage]
             signame = self.signals[signum]
             if handler is None:
                 self.bus.log('Restoring %s handler to SIG_DFL.' % signame)
@@ -1879,7 +1882,9 @@ class SignalHandler:
                 )
         self._previous_handlers.clear()
 
-    def set_handler(self, signal, listener=None):
+    def set_handler(
+        self, signal: Union[str, int], listener: Optional[Listener] = None
+    ) -> None:
         """Handle `signal` (a name or number) by publishing its name.
 
         With `listener`, subscribe it to that channel.  Raises ValueError
@@ -1906,18 +1911,20 @@ class SignalHandler:
             if signum == _signal.SIGINT:
                 previous = _signal.default_int_handler
         self._previous_handlers.setdefault(signum, previous)
-        self.bus._handled_signals[signum] = signame
+        self.bus._handled_signals[signum] = signame  # pyright: ignore[reportPrivateUsage]
         if listener is not None:
             self.bus.log('Listening for %s.' % signame)
             self.bus.subscribe(signame, listener)
         _take_held(signum)  # After the listener: it may act on it now.
 
-    def _handle_signal(self, signum=None, frame=None):
+    def _handle_signal(
+        self, signum: int, frame: Optional[FrameType] = None
+    ) -> None:
         """Hand the signal to the bus, which publishes its name as soon as
         the main thread is not in the middle of a transition or a wait."""
-        self.bus._signal_arrived(self.signals[signum])
+        self.bus._signal_arrived(self.signals[signum])  # pyright: ignore[reportPrivateUsage]
 
-    def handle_SIGHUP(self):
+    def handle_SIGHUP(self) -> None:
         """Restart when daemonized, else exit.
 
         A terminal hangs up (SIGHUP) when its user closes it, so a process
@@ -1932,7 +1939,7 @@ class SignalHandler:
             self.bus.exit()
 
 
-def _isatty(stream):
+def _isatty(stream: IO[Any]) -> bool:
     try:
         return os.isatty(stream.fileno())
     except (AttributeError, ValueError, OSError):
@@ -1958,13 +1965,14 @@ class ConsoleCtrlHandler(SimplePlugin):
     Elsewhere subscribe() logs that there is nothing to do.
     """
 
-    def __init__(self, bus):
+    def __init__(self, bus: Bus) -> None:
         super().__init__(bus)
         self.is_set = False
         """True while the handler is registered with Windows."""
-        self._callback = None  # Kept alive: Windows calls into it.
+        # Kept alive: Windows calls into it.
+        self._callback: Optional[Callable[[int], int]] = None
 
-    def subscribe(self):
+    def subscribe(self) -> None:
         """Subscribe on Windows; elsewhere log that it does nothing."""
         if not _WINDOWS:
             self.bus.log(
@@ -1974,10 +1982,12 @@ class ConsoleCtrlHandler(SimplePlugin):
             return
         super().subscribe()
 
-    def _set_console_handler(self, add):
+    def _set_console_handler(self, add: bool) -> int:
         import ctypes
 
-        kernel32 = ctypes.windll.kernel32
+        # getattr: typeshed has windll and get_last_error on Windows only
+        # (elsewhere tests fake them).
+        kernel32 = getattr(ctypes, 'windll').kernel32  # noqa: B009
         if self._callback is None:
             prototype = getattr(ctypes, 'WINFUNCTYPE', ctypes.CFUNCTYPE)
             self._callback = prototype(ctypes.c_int, ctypes.c_uint)(
@@ -1985,9 +1995,10 @@ class ConsoleCtrlHandler(SimplePlugin):
             )
         if kernel32.SetConsoleCtrlHandler(self._callback, int(add)):
             return 0
-        return ctypes.get_last_error() or kernel32.GetLastError()
+        error: int = getattr(ctypes, 'get_last_error')()  # noqa: B009
+        return error or kernel32.GetLastError()
 
-    def start(self):
+    def start(self) -> None:
         """Register the console handler."""
         if self.is_set:
             self.bus.log('Handler for console events already set.')
@@ -2002,7 +2013,7 @@ class ConsoleCtrlHandler(SimplePlugin):
             self.bus.log('Set handler for console events.')
             self.is_set = True
 
-    def stop(self):
+    def stop(self) -> None:
         """Unregister the console handler."""
         if not self.is_set:
             self.bus.log('Handler for console events already off.')
@@ -2017,7 +2028,7 @@ class ConsoleCtrlHandler(SimplePlugin):
             self.bus.log('Removed handler for console events.')
             self.is_set = False
 
-    def handle(self, event):
+    def handle(self, event: int) -> int:
         """Exit the bus on a known event; return 1 if handled, else 0."""
         if event not in _CONSOLE_EVENTS:
             return 0
@@ -2046,16 +2057,23 @@ class DropPrivileges(SimplePlugin):
     missing, uid/gid are ignored with a warning.
     """
 
-    def __init__(self, bus, umask=None, uid=None, gid=None):
+    def __init__(
+        self,
+        bus: Bus,
+        umask: Optional[int] = None,
+        uid: Union[int, str, None] = None,
+        gid: Union[int, str, None] = None,
+    ) -> None:
         super().__init__(bus)
         self.finalized = False
         """True after start() ran once; a second start changes nothing."""
-        self.uid = uid
-        self.gid = gid
+        # mypy < 1.16 wants a setter to take the getter's type (int only).
+        self.uid = uid  # type: ignore[assignment, unused-ignore]
+        self.gid = gid  # type: ignore[assignment, unused-ignore]
         self.umask = umask
         self._users_group()
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'DropPrivileges(uid=%r, gid=%r, umask=%r)' % (
             self._uid,
             self._gid,
@@ -2063,16 +2081,18 @@ class DropPrivileges(SimplePlugin):
         )
 
     @property
-    def uid(self):
+    def uid(self) -> Optional[int]:
         """The user id to switch to, or None."""
         return self._uid
 
     @uid.setter
-    def uid(self, value):
+    def uid(self, value: Union[int, str, None]) -> None:
         self._uid = self._resolve(value, 'pwd', 'getpwnam', 'user', 'uid')
-        self._user = None  # (name, primary gid) of that user, if known.
+        # (name, primary gid) of that user, if known.
+        self._user: Optional[Tuple[str, int]] = None
         if self._uid is not None:
-            pwd = _import_optional('pwd')
+            import pwd  # There: _resolve() found it.
+
             try:
                 if isinstance(value, str):
                     entry = pwd.getpwnam(value)
@@ -2083,15 +2103,22 @@ class DropPrivileges(SimplePlugin):
                 pass  # Without a gid, _users_group() says so.
 
     @property
-    def gid(self):
+    def gid(self) -> Optional[int]:
         """The group id to switch to, or None."""
         return self._gid
 
     @gid.setter
-    def gid(self, value):
+    def gid(self, value: Union[int, str, None]) -> None:
         self._gid = self._resolve(value, 'grp', 'getgrnam', 'group', 'gid')
 
-    def _resolve(self, value, module_name, lookup, kind, attr):
+    def _resolve(
+        self,
+        value: object,  # Checked: untyped callers may pass anything.
+        module_name: str,
+        lookup: str,
+        kind: str,
+        attr: str,
+    ) -> Optional[int]:
         if value is None:
             return None
         module = _import_optional(module_name)
@@ -2103,9 +2130,10 @@ class DropPrivileges(SimplePlugin):
             return None
         if isinstance(value, str):
             try:
-                return getattr(module, lookup)(value)[2]
+                number: int = getattr(module, lookup)(value)[2]
             except KeyError:
                 raise ValueError('No such %s: %r' % (kind, value)) from None
+            return number
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(
                 'Invalid %s: %r (a name or a number >= 0)' % (attr, value)
@@ -2113,12 +2141,12 @@ class DropPrivileges(SimplePlugin):
         return value
 
     @property
-    def umask(self):
+    def umask(self) -> Optional[int]:
         """The umask to set at start, or None."""
         return self._umask
 
     @umask.setter
-    def umask(self, value):
+    def umask(self, value: Optional[int]) -> None:
         if value is not None:
             if not hasattr(os, 'umask'):
                 self.bus.log(
@@ -2127,7 +2155,8 @@ class DropPrivileges(SimplePlugin):
                 )
                 value = None
             elif (
-                not isinstance(value, int)
+                # Checked all the same, for untyped callers.
+                not isinstance(value, int)  # pyright: ignore[reportUnnecessaryIsInstance]
                 or isinstance(value, bool)
                 or not 0 <= value <= 0o777
             ):
@@ -2136,7 +2165,7 @@ class DropPrivileges(SimplePlugin):
                 )
         self._umask = value
 
-    def _users_group(self):
+    def _users_group(self) -> Optional[Tuple[str, int]]:
         """Return (user name, primary gid) to switch groups by, or None.
 
         Only for a uid given without a gid: ValueError when the uid has no
@@ -2151,7 +2180,9 @@ class DropPrivileges(SimplePlugin):
             )
         return self._user
 
-    def _current_ids(self):
+    def _current_ids(
+        self,
+    ) -> Tuple[Union[str, int, None], Union[str, int, None]]:
         pwd, grp = _import_optional('pwd'), _import_optional('grp')
         uid, gid = os.getuid(), os.getgid()
         try:
@@ -2164,7 +2195,7 @@ class DropPrivileges(SimplePlugin):
             group = gid
         return name, group
 
-    def start(self):
+    def start(self) -> None:
         """Switch group, supplementary groups, user and umask, once."""
         if self.finalized:
             if not (self.uid is None and self.gid is None):
@@ -2203,7 +2234,7 @@ class DropPrivileges(SimplePlugin):
             )
         self.finalized = True
 
-    start.priority = 77
+    start.priority = 77  # type: ignore[attr-defined]  # Read by subscribe().
 
 
 # -- Daemonizer ---------------------------------------------------------------
@@ -2227,14 +2258,14 @@ class Daemonizer(SimplePlugin):
 
     def __init__(
         self,
-        bus,
-        stdin='/dev/null',
-        stdout='/dev/null',
-        stderr='/dev/null',
-        umask=0,
-        wait_ready=True,
-        ready_timeout=30,
-    ):
+        bus: Bus,
+        stdin: str = '/dev/null',
+        stdout: str = '/dev/null',
+        stderr: str = '/dev/null',
+        umask: int = 0,
+        wait_ready: bool = True,
+        ready_timeout: float = 30,
+    ) -> None:
         super().__init__(bus)
         if not _HAVE_FORK:
             raise RuntimeError(
@@ -2260,17 +2291,17 @@ class Daemonizer(SimplePlugin):
         self.ready_timeout = ready_timeout
         self.finalized = False
         """True once this process is the daemon."""
-        self._report_fd = None
-        self._first_error = None
+        self._report_fd: Optional[int] = None
+        self._first_error: Optional[str] = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'Daemonizer(stdout=%r, stderr=%r, wait_ready=%r)' % (
             self.stdout,
             self.stderr,
             self.wait_ready,
         )
 
-    def start(self):
+    def start(self) -> None:
         """Become a daemon, unless this process already is one."""
         if self.finalized or _daemonized_by_us():
             self.bus.log('Already daemonized.')
@@ -2284,11 +2315,12 @@ class Daemonizer(SimplePlugin):
             )
         _occupy_stdio()  # First: the pipe must not land on 0, 1 or 2.
         if self.wait_ready:
-            read_fd, self._report_fd = os.pipe()
-            launcher = _Launcher(read_fd, self._report_fd, self.ready_timeout)
+            read_fd, write_fd = os.pipe()
+            self._report_fd = write_fd
+            launcher = _Launcher(read_fd, write_fd, self.ready_timeout)
             _detach(self.bus.log, launcher.wait)
             os.close(read_fd)
-            self._watch_start()
+            self._watch_start(write_fd)
         else:
             _detach(self.bus.log, _exit_parent)
         _redirect_stdio(self.stdin, self.stdout, self.stderr, self.umask)
@@ -2296,15 +2328,15 @@ class Daemonizer(SimplePlugin):
         self.bus.log('Daemonized to PID: %s' % os.getpid())
         self.finalized = True
 
-    start.priority = 65
+    start.priority = 65  # type: ignore[attr-defined]  # Read by subscribe().
 
     @staticmethod
     def daemonize(
-        stdin='/dev/null',
-        stdout='/dev/null',
-        stderr='/dev/null',
-        logger=lambda msg: None,
-    ):
+        stdin: str = '/dev/null',
+        stdout: str = '/dev/null',
+        stderr: str = '/dev/null',
+        logger: Callable[[str], Any] = lambda msg: None,
+    ) -> None:
         """Double fork, start a session, umask 0 and redirect stdio.
 
         The original process exits 0 at once (no readiness handshake).
@@ -2316,25 +2348,25 @@ class Daemonizer(SimplePlugin):
 
     # The daemon's side of the readiness handshake.
 
-    def _watch_start(self):
-        os.write(self._report_fd, b'PID %d\n' % os.getpid())
+    def _watch_start(self, fd: int) -> None:
+        os.write(fd, b'PID %d\n' % os.getpid())
         self.bus.subscribe('log', self._remember_error)
         self.bus.subscribe('started', self._report_ready)
         self.bus.subscribe('exit', self._report_failure)
 
-    def _remember_error(self, msg, level):
+    def _remember_error(self, msg: str, level: int) -> None:
         if level >= _ERROR and self._first_error is None:
             self._first_error = msg
 
-    def _report_ready(self):
+    def _report_ready(self) -> None:
         self._report(b'READY\n')
 
-    def _report_failure(self):
+    def _report_failure(self) -> None:
         error = self._first_error or 'The daemon exited before it was ready.'
         text = error.encode('utf-8', 'replace')
         self._report(b'ERROR %d\n' % len(text) + text)
 
-    def _report(self, message):
+    def _report(self, message: bytes) -> None:
         fd, self._report_fd = self._report_fd, None
         for channel, listener in (
             ('log', self._remember_error),
@@ -2353,11 +2385,11 @@ class Daemonizer(SimplePlugin):
             os.close(fd)
 
 
-def _exit_parent(fork_number, child_pid):
+def _exit_parent(fork_number: int, child_pid: int) -> NoReturn:
     os._exit(0)
 
 
-def _occupy_stdio():
+def _occupy_stdio() -> None:
     """Open /dev/null on whichever of descriptors 0, 1, 2 is closed.
 
     A program started with a closed stdout (``app >&-``, as some init
@@ -2374,7 +2406,7 @@ def _occupy_stdio():
                 os.close(null)
 
 
-def _flush_stdio():
+def _flush_stdio() -> None:
     # sys.stdout may be None (started closed) or anything a program set.
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -2383,7 +2415,9 @@ def _flush_stdio():
             pass
 
 
-def _detach(logger, on_parent):
+def _detach(
+    logger: Callable[[str], Any], on_parent: Callable[[int, int], Any]
+) -> None:
     """Fork twice around setsid(); parents call on_parent(n, child_pid)."""
     _flush_stdio()
     for number, msg in ((1, 'Forking once.'), (2, 'Forking twice.')):
@@ -2391,7 +2425,7 @@ def _detach(logger, on_parent):
             pid = os.fork()
         except OSError as exc:
             sys.exit(
-                '%s: fork #%d failed: (%d) %s\n'
+                '%s: fork #%d failed: (%s) %s\n'  # errno: Optional[int].
                 % (sys.argv[0], number, exc.errno, exc.strerror)
             )
         if pid > 0:
@@ -2403,7 +2437,7 @@ def _detach(logger, on_parent):
             os.setsid()
 
 
-def _redirect_stdio(stdin, stdout, stderr, umask):
+def _redirect_stdio(stdin: str, stdout: str, stderr: str, umask: int) -> None:
     """Put the named files on descriptors 0, 1 and 2.
 
     The descriptors themselves, not sys.stdout's: it may be None or an
@@ -2441,7 +2475,7 @@ class _Interrupted(Exception):
     """A signal reached the launcher while it waited for the daemon."""
 
 
-def _interrupt(signum, frame):
+def _interrupt(signum: int, frame: Optional[FrameType]) -> NoReturn:
     raise _Interrupted('signal %d' % signum)
 
 
@@ -2456,31 +2490,31 @@ class _Launcher:
     forked keep the pipe open (no end of file comes then).
     """
 
-    def __init__(self, read_fd, write_fd, timeout):
+    def __init__(self, read_fd: int, write_fd: int, timeout: float) -> None:
         self.read_fd = read_fd
         self.write_fd = write_fd
         self.timeout = timeout
 
-    def wait(self, fork_number, child_pid):
+    def wait(self, fork_number: int, child_pid: int) -> None:
         os.close(self.write_fd)  # Else we would never see the daemon's EOF.
         # No bus serves this process any more: a signal stops the waiting,
         # and stops the daemon that is not ready yet.
         for signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP):
             _signal.signal(signum, _interrupt)
-        self.pid = '?'
+        self.pid: str = '?'  # The daemon's, once it has said it.
         try:
             self._wait(child_pid)
         except _Interrupted as interrupted:
             self._give_up(self.pid, 'was interrupted (%s)' % interrupted)
 
-    def _wait(self, child_pid):
+    def _wait(self, child_pid: int) -> None:
         deadline = time.monotonic() + self.timeout
         data = b''
         pid, verdict, text = _parse_report(data)
         while verdict is None:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return self._give_up(
+                self._give_up(  # Never returns: it ends this process.
                     pid, 'was not ready after %r seconds' % self.timeout
                 )
             # Wake now and then: workers the daemon forked hold the pipe
@@ -2500,15 +2534,15 @@ class _Launcher:
             pass
         if verdict == 'READY':
             _hard_exit(0)
-        text = text.decode('utf-8', 'replace').rstrip()
+        error = text.decode('utf-8', 'replace').rstrip()
         if verdict == 'BAD':
-            text = 'it sent an unreadable report: %r' % text
+            error = 'it sent an unreadable report: %r' % error
         self._fail(
             'Daemon %s failed to start:\n%s'
-            % (pid, text or 'it exited before it was ready.')
+            % (pid, error or 'it exited before it was ready.')
         )
 
-    def _give_up(self, pid, why):
+    def _give_up(self, pid: str, why: str) -> NoReturn:
         if pid != '?':
             _terminate(int(pid), _KILL_AFTER)
         self._fail(
@@ -2517,14 +2551,14 @@ class _Launcher:
         )
 
     @staticmethod
-    def _fail(message):
+    def _fail(message: str) -> NoReturn:
         try:
             sys.stderr.write(message + '\n')
         finally:
             _hard_exit(1)
 
 
-def _has_ended(pid):
+def _has_ended(pid: int) -> bool:
     """Tell whether process `pid` has ended; a zombie has.
 
     The daemon is not our child: where no one reaps orphans (some
@@ -2544,7 +2578,7 @@ def _has_ended(pid):
 _KILL_AFTER = 5.0  # Seconds a daemon that is not ready has to act on SIGTERM.
 
 
-def _terminate(pid, grace):
+def _terminate(pid: int, grace: float) -> None:
     """Send `pid` SIGTERM, and SIGKILL if it is still there after `grace` s.
 
     A daemon stuck in a start listener acts on SIGTERM only when that
@@ -2565,7 +2599,7 @@ def _terminate(pid, grace):
         time.sleep(0.02)
 
 
-def _parse_report(data):
+def _parse_report(data: bytes) -> Tuple[str, Optional[str], bytes]:
     """Parse what the daemon sent so far: (pid text, verdict, error text).
 
     The pid is '?' until its line is complete.  `verdict` is None until a
@@ -2591,7 +2625,7 @@ def _parse_report(data):
     return pid, 'ERROR', body[: int(size)]
 
 
-def _check_parent_dir(path, what):
+def _check_parent_dir(path: str, what: str) -> None:
     """Raise ValueError unless `path`'s directory exists and is writable."""
     directory = os.path.dirname(os.path.abspath(path))
     try:
@@ -2633,7 +2667,7 @@ class PIDFile(SimplePlugin):
     unwritable directory raises ValueError here.
     """
 
-    def __init__(self, bus, pidfile):
+    def __init__(self, bus: Bus, pidfile: str) -> None:
         super().__init__(bus)
         if not os.environ.get(_PIDFILE_ENV, '').endswith(
             ' ' + os.path.abspath(pidfile)
@@ -2644,12 +2678,12 @@ class PIDFile(SimplePlugin):
         self.finalized = False
         """True once the file is written."""
         self._path = os.path.abspath(pidfile)
-        self._fd = None
+        self._fd: Optional[int] = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'PIDFile(%r)' % self.pidfile
 
-    def start(self):
+    def start(self) -> None:
         """Claim the file and write our PID, or raise naming the holder."""
         pid = os.getpid()
         if self.finalized:
@@ -2659,9 +2693,9 @@ class PIDFile(SimplePlugin):
         self.finalized = True
         self.bus.log('PID %r written to %r.' % (pid, self.pidfile))
 
-    start.priority = 70
+    start.priority = 70  # type: ignore[attr-defined]  # Read by subscribe().
 
-    def exit(self):
+    def exit(self) -> None:
         """Remove the file if it still holds our PID; keep it on restart."""
         fd, self._fd = self._fd, None
         if fd is None:
@@ -2669,17 +2703,18 @@ class PIDFile(SimplePlugin):
         if self.bus.execv:  # restart(): hand the locked file to the re-exec.
             os.set_inheritable(fd, True)
             os.environ[_PIDFILE_ENV] = '%d %s' % (fd, self._path)
-            self.bus._keep_fds.add(fd)
+            self.bus._keep_fds.add(fd)  # pyright: ignore[reportPrivateUsage]
             atexit.register(self._remove, fd)  # Only if the exec fails.
             return
         self._remove(fd)
 
-    def _remove(self, fd):
+    def _remove(self, fd: int) -> None:
+        closed = False
         try:
             if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
                 if _CLOSE_BEFORE_REMOVE:
                     os.close(fd)
-                    fd = None
+                    closed = True
                 os.remove(self._path)
                 self.bus.log('PID file removed: %r.' % self.pidfile)
             else:
@@ -2694,11 +2729,11 @@ class PIDFile(SimplePlugin):
                 level=_WARNING,
             )
         finally:
-            if fd is not None:
+            if not closed:
                 os.close(fd)  # Releases the lock, after the file is gone.
             self.finalized = False
 
-    def _adopt_inherited(self):
+    def _adopt_inherited(self) -> Optional[int]:
         """Take back the locked file a restart() handed over, if ours."""
         fd_text, _, path = os.environ.get(_PIDFILE_ENV, '').partition(' ')
         if path != self._path:
@@ -2716,14 +2751,15 @@ class PIDFile(SimplePlugin):
             pass
         return None
 
-    def _claim(self):
-        if fcntl is None:
+    def _claim(self) -> int:
+        locking: Optional[ModuleType] = fcntl  # None on Windows.
+        if locking is None:
             return self._claim_exclusive()
         for _ in range(10):  # The file can be replaced while we lock it.
             fd = _open_pidfile(self._path, os.O_RDWR | os.O_CREAT)
             try:
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    locking.flock(fd, locking.LOCK_EX | locking.LOCK_NB)
                 except BlockingIOError:
                     raise self._held(_holder_pid(fd)) from None
                 if not _same_file(fd, self._path):
@@ -2736,7 +2772,7 @@ class PIDFile(SimplePlugin):
                 raise
         raise self._replaced()
 
-    def _claim_exclusive(self):
+    def _claim_exclusive(self) -> int:
         for _ in range(10):
             try:
                 fd = _open_pidfile(
@@ -2762,7 +2798,7 @@ class PIDFile(SimplePlugin):
             return fd
         raise self._replaced()
 
-    def _write(self, fd):
+    def _write(self, fd: int) -> None:
         """Write our PID into the locked file `fd`; on failure remove it."""
         self._warn_stale(_read_pid(fd))
         try:
@@ -2776,7 +2812,7 @@ class PIDFile(SimplePlugin):
                 % (self.pidfile, exc.strerror),
             ) from None
 
-    def _warn_stale(self, old_pid):
+    def _warn_stale(self, old_pid: Optional[int]) -> None:
         if old_pid is not None and old_pid != os.getpid():
             self.bus.log(
                 'Replacing stale PID file %r left by PID %r.'
@@ -2784,12 +2820,12 @@ class PIDFile(SimplePlugin):
                 level=_WARNING,
             )
 
-    def _replaced(self):
+    def _replaced(self) -> RuntimeError:
         return RuntimeError(
             'PID file %r keeps being replaced; giving up.' % self.pidfile
         )
 
-    def _held(self, pid):
+    def _held(self, pid: Optional[int]) -> RuntimeError:
         return RuntimeError(
             'PID file %r is held by running process %s; '
             'another instance is running.'
@@ -2797,7 +2833,7 @@ class PIDFile(SimplePlugin):
         )
 
 
-def _open_pidfile(path, flags):
+def _open_pidfile(path: str, flags: int) -> int:
     """Open a PID file, refusing anything but a regular file.
 
     A symlink, device, FIFO, socket or directory is refused before it is
@@ -2828,7 +2864,7 @@ def _open_pidfile(path, flags):
     return fd
 
 
-def _check_regular(path, mode):
+def _check_regular(path: str, mode: int) -> None:
     """Raise RuntimeError naming `path` unless `mode` is a regular file's."""
     import stat
 
@@ -2854,12 +2890,12 @@ def _check_regular(path, mode):
     )
 
 
-def _read_pid(fd):
+def _read_pid(fd: int) -> Optional[int]:
     os.lseek(fd, 0, os.SEEK_SET)
     return _parse_pid(os.read(fd, 64))
 
 
-def _holder_pid(fd):
+def _holder_pid(fd: int) -> Optional[int]:
     """Read the PID of the process holding the lock on `fd`.
 
     The holder writes it just after locking: give it a moment.
@@ -2872,14 +2908,14 @@ def _holder_pid(fd):
     return pid
 
 
-def _parse_pid(data):
+def _parse_pid(data: bytes) -> Optional[int]:
     try:
         return int(data.strip() or b'x')
     except ValueError:
         return None
 
 
-def _write_pid(fd):
+def _write_pid(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     data = b'%d\n' % os.getpid()
@@ -2888,7 +2924,7 @@ def _write_pid(fd):
     os.fsync(fd)
 
 
-def _same_file(fd, path):
+def _same_file(fd: int, path: str) -> bool:
     try:
         found = os.stat(path, follow_symlinks=False)
     except OSError:
@@ -2897,7 +2933,7 @@ def _same_file(fd, path):
     return (held.st_dev, held.st_ino) == (found.st_dev, found.st_ino)
 
 
-def _remove_quietly(path):
+def _remove_quietly(path: str) -> None:
     try:
         os.remove(path)
     except OSError:
