@@ -110,6 +110,10 @@ if TYPE_CHECKING:
     _Callback = TypeVar('_Callback', bound=Callable[..., Any])
     Listener = Callable[..., Any]
     SignalAction = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+    # A socket address listen() takes: a (host, port[, flowinfo, scope_id])
+    # tuple, or an AF_UNIX path (bytes when the family is given).
+    _Address = Union[str, bytes, Tuple[str, int], Tuple[str, int, int, int]]
+    _Signature = Tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
 else:
     # signal imports enum (half of this module's import time); the names
     # used here are all in the C module.
@@ -2968,13 +2972,13 @@ class ListenSockets(SimplePlugin):
     (priority 77) to bind a low port as root.
     """
 
-    def __init__(self, bus):
+    def __init__(self, bus: Bus) -> None:
         super().__init__(bus)
-        self.sockets = {}
+        self.sockets: Dict[str, socket.socket] = {}
         """Name -> the listening socket.socket that listen() handed out."""
-        self._inherited = {}  # name -> socket not yet asked for
-        self._kept = {}  # name -> our duplicate of a handed-out socket's fd
-        self._bound_paths = {}  # name -> AF_UNIX path this process bound
+        self._inherited: Dict[str, socket.socket] = {}  # not yet asked for
+        self._kept: Dict[str, int] = {}  # our dup of a handed-out socket's fd
+        self._bound_paths: Dict[str, str] = {}  # AF_UNIX paths we bound
         inherited = self._from_restart() + self._from_systemd()
         for name, fd, path in inherited:
             sock = self._adopt(name, fd)
@@ -2983,12 +2987,19 @@ class ListenSockets(SimplePlugin):
                 if path:
                     self._bound_paths[name] = path
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'ListenSockets(%s)' % ', '.join(
             sorted(set(self.sockets) | set(self._inherited))
         )
 
-    def listen(self, name, address, family=None, type=None, backlog=128):
+    def listen(
+        self,
+        name: str,
+        address: _Address,
+        family: Optional[int] = None,
+        type: Optional[int] = None,
+        backlog: int = 128,
+    ) -> socket.socket:
         """Return the listening socket called `name`, binding it if needed.
 
         `address` is a ``(host, port)`` tuple (AF_INET, or AF_INET6 when
@@ -3032,7 +3043,9 @@ class ListenSockets(SimplePlugin):
         self.sockets[name] = sock
         return sock
 
-    def _inherited_for(self, name, address):
+    def _inherited_for(
+        self, name: str, address: _Address
+    ) -> Optional[socket.socket]:
         sock = self._inherited.get(name)
         if sock is None:  # systemd's default names: match the address.
             for candidate in self._inherited.values():
@@ -3040,7 +3053,9 @@ class ListenSockets(SimplePlugin):
                     return candidate
         return sock
 
-    def _bind(self, address, family, type, backlog):
+    def _bind(
+        self, address: _Address, family: int, type: int, backlog: int
+    ) -> socket.socket:
         import socket
 
         sock = socket.socket(family, type)
@@ -3062,15 +3077,17 @@ class ListenSockets(SimplePlugin):
             raise
         return sock
 
-    def exit(self):
+    def exit(self) -> None:
         """Keep the sockets for the new image on restart; else close them."""
         fds = dict(self._kept)
         fds.update((name, s.fileno()) for name, s in self._inherited.items())
         if self.bus.execv:
             entries = ['%d' % os.getpid()]
+            # Bus's own set: restart() leaves these descriptors open.
+            keep = self.bus._keep_fds  # pyright: ignore[reportPrivateUsage]
             for name, fd in fds.items():
                 os.set_inheritable(fd, True)
-                self.bus._keep_fds.add(fd)
+                keep.add(fd)
                 path = self._bound_paths.get(name, '')
                 entries.append('%s\t%d\t%s' % (name, fd, path))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
@@ -3078,7 +3095,7 @@ class ListenSockets(SimplePlugin):
             return
         self._close()
 
-    def _close(self):
+    def _close(self) -> None:
         for sock in list(self.sockets.values()) + list(
             self._inherited.values()
         ):
@@ -3092,7 +3109,7 @@ class ListenSockets(SimplePlugin):
 
     # Inherited descriptors.
 
-    def _from_restart(self):
+    def _from_restart(self) -> List[Tuple[str, int, str]]:
         lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
         if lines[0] != '%d' % os.getpid():
             return []  # Nothing, or another process's (an inherited env).
@@ -3109,8 +3126,8 @@ class ListenSockets(SimplePlugin):
             )
             return []
 
-    def _from_systemd(self):
-        pid, count, names = (
+    def _from_systemd(self) -> List[Tuple[str, int, str]]:
+        pid, count, fdnames = (
             os.environ.pop(variable, None)
             for variable in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')
         )
@@ -3130,7 +3147,7 @@ class ListenSockets(SimplePlugin):
             )
             return []
         fds = range(_SD_LISTEN_FDS_START, _SD_LISTEN_FDS_START + int(count))
-        names = names.split(':') if names else []
+        names = fdnames.split(':') if fdnames else []
         if names and len(names) != len(fds):
             self.bus.log(
                 'Ignoring LISTEN_FDNAMES=%r: %d names for %d descriptors; '
@@ -3144,7 +3161,7 @@ class ListenSockets(SimplePlugin):
             for i, fd in enumerate(fds)
         ]
 
-    def _adopt(self, name, fd):
+    def _adopt(self, name: str, fd: int) -> Optional[socket.socket]:
         import socket
 
         try:
@@ -3174,7 +3191,7 @@ class ListenSockets(SimplePlugin):
         return sock
 
 
-def _address_family(address):
+def _address_family(address: Union[str, bytes, Tuple[object, ...]]) -> int:
     """Guess the family of `address`; ValueError when it is neither."""
     import socket
 
@@ -3193,7 +3210,7 @@ def _address_family(address):
     )
 
 
-def _socket_kind(family, type):
+def _socket_kind(family: int, type: int) -> str:
     import socket
 
     try:
@@ -3205,10 +3222,10 @@ def _socket_kind(family, type):
         return '%r/%r' % (family, type)
 
 
-def _same_address(sock, address):
+def _same_address(sock: socket.socket, address: _Address) -> bool:
     """Tell whether `sock` is bound to `address` ('' meaning any host)."""
     try:
-        bound = sock.getsockname()
+        bound: Union[str, bytes, Tuple[Any, ...]] = sock.getsockname()
     except OSError:
         return False
     if isinstance(address, str) or isinstance(bound, (str, bytes)):
@@ -3217,7 +3234,7 @@ def _same_address(sock, address):
     return (bound[0], bound[1]) == (host, address[1]) and address[1] != 0
 
 
-def _remove_stale_socket_file(path):
+def _remove_stale_socket_file(path: str) -> None:
     """Remove a socket file at `path` that no process listens on."""
     import socket
     import stat
@@ -3248,12 +3265,21 @@ class PerpetualTimer(threading.Timer):
     the timer; cancel() ends it at once.
     """
 
-    def __init__(self, *args, **kwargs):
-        self.bus = kwargs.pop('bus', None)
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        interval: float,
+        function: Callable[..., Any],
+        args: Optional[Iterable[Any]] = None,
+        kwargs: Optional[Mapping[str, Any]] = None,
+        *,
+        bus: Optional[Bus] = None,
+    ) -> None:
+        self.bus = bus
+        """The bus that logs the function's exception, or None to raise it."""
+        super().__init__(interval, function, args, kwargs)
         _check_interval(self.interval)
 
-    def run(self):
+    def run(self) -> None:
         while not self.finished.wait(self.interval):
             try:
                 self.function(*self.args, **self.kwargs)
@@ -3280,29 +3306,37 @@ class BackgroundTask(threading.Thread):
     override _sleep() to wait on something else.
     """
 
-    def __init__(self, interval, function, args=[], kwargs={}, bus=None):
+    def __init__(
+        self,
+        interval: float,
+        function: Callable[..., Any],
+        args: Sequence[Any] = [],
+        kwargs: Mapping[str, Any] = {},
+        bus: Optional[Bus] = None,
+    ) -> None:
         super().__init__()
         _check_interval(interval)
-        self.interval = interval
-        self.function = function
-        self.args = args
-        self.kwargs = kwargs
-        self.running = False
-        self.bus = bus
+        self.interval: float = interval
+        self.function: Callable[..., Any] = function
+        self.args: Sequence[Any] = args
+        self.kwargs: Mapping[str, Any] = kwargs
+        self.running: bool = False
+        self.bus: Optional[Bus] = bus
         self.daemon = True
         self._cancelled = threading.Event()
-        self._after = None  # A thread to wait for before the first run.
+        # A thread to wait for before the first run.
+        self._after: Optional[threading.Thread] = None
 
-    def cancel(self):
+    def cancel(self) -> None:
         """Stop the loop; the thread ends without waiting out its sleep."""
         self.running = False
         self._cancelled.set()
 
-    def _sleep(self):
+    def _sleep(self) -> bool:
         """Wait one interval; return True if cancelled meanwhile."""
         return self._cancelled.wait(self.interval)
 
-    def run(self):
+    def run(self) -> None:
         after = self._after
         if after is not None and after is not threading.current_thread():
             after.join()  # Monitor.graceful(): its last run must end first.
@@ -3324,7 +3358,7 @@ class BackgroundTask(threading.Thread):
                 )
 
 
-def _check_interval(interval):
+def _check_interval(interval: float) -> None:
     # Non-numbers are left to threading, as CherryPy does.
     if _is_number(interval) and not _is_finite_wait(interval):
         raise ValueError(
@@ -3348,7 +3382,13 @@ class Monitor(SimplePlugin):
     ValueError.  Subclasses may override _new_thread().
     """
 
-    def __init__(self, bus, callback, frequency=60, name=None):
+    def __init__(
+        self,
+        bus: Bus,
+        callback: Callable[[], Any],
+        frequency: float = 60,
+        name: Optional[str] = None,
+    ) -> None:
         super().__init__(bus)
         if not callable(callback):
             raise TypeError(
@@ -3359,29 +3399,30 @@ class Monitor(SimplePlugin):
                 'Invalid frequency: %r (seconds, a finite number up to '
                 'threading.TIMEOUT_MAX; <= 0 disables)' % (frequency,)
             )
-        self.callback = callback
-        self.frequency = frequency
-        self.thread = None
+        self.callback: Callable[[], Any] = callback
+        self.frequency: float = frequency
+        self.thread: Optional[BackgroundTask] = None
         """The running BackgroundTask, or None."""
-        self.name = name
+        self.name: Optional[str] = name
         self._lock = threading.RLock()  # A signal handler can reach stop().
         _guard_for_fork(self)
-        self._last = None  # The last thread stopped; it may still run.
+        # The last thread stopped; it may still run.
+        self._last: Optional[BackgroundTask] = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return '%s(%r, frequency=%r)' % (
             type(self).__name__,
             self._name(),
             self.frequency,
         )
 
-    def _name(self):
+    def _name(self) -> str:
         return self.name or type(self).__name__
 
-    def _new_thread(self):
+    def _new_thread(self) -> BackgroundTask:
         return BackgroundTask(self.frequency, self.callback, bus=self.bus)
 
-    def start(self):
+    def start(self) -> None:
         """Start the monitor thread, unless disabled or running."""
         if self.frequency <= 0:
             return
@@ -3394,15 +3435,16 @@ class Monitor(SimplePlugin):
             thread = self._new_thread()
             thread.name = self._name()
             # Stopped from its own callback, the last thread may still be
-            # running it: the new one waits for it to end.
-            thread._after = self._last
+            # running it: the new one waits for it to end (a handshake
+            # private to Monitor and BackgroundTask).
+            thread._after = self._last  # pyright: ignore[reportPrivateUsage]
             self.thread = thread
             thread.start()
         self.bus.log('Started monitor thread %r.' % self._name())
 
-    start.priority = 70
+    start.priority = 70  # type: ignore[attr-defined]  # Bus reads it.
 
-    def stop(self):
+    def stop(self) -> None:
         """Cancel the monitor thread and wait for its callback to end.
 
         Called from that callback (or one the new thread waits for), it
@@ -3423,7 +3465,7 @@ class Monitor(SimplePlugin):
             thread.join()
             self.bus.log('Stopped thread %r.' % thread.name)
 
-    def graceful(self):
+    def graceful(self) -> None:
         """Restart the monitor thread, unless the bus is stopping.
 
         An exit that began meanwhile has stopped it, or will: either way
@@ -3456,30 +3498,40 @@ class Autoreloader(Monitor):
     ``mtimes`` maps each file to its last (mtime_ns, size, inode), or None.
     """
 
-    def __init__(self, bus, frequency=1, match='.*', use_inotify=True):
-        self.files = set()
+    def __init__(
+        self,
+        bus: Bus,
+        frequency: float = 1,
+        match: str = '.*',
+        use_inotify: bool = True,
+    ) -> None:
+        self.files: Set[str] = set()
         """Extra paths to watch; add to it at any time."""
         import operator
 
-        self.mtimes = {}
-        self._signature_of = operator.attrgetter(
-            'st_mtime_ns', 'st_size', 'st_ino'
+        self.mtimes: Dict[str, Optional[_Signature]] = {}
+        self._signature_of: Callable[[os.stat_result], _Signature] = (
+            operator.attrgetter('st_mtime_ns', 'st_size', 'st_ino')
         )
-        self._verified = None  # (files, signatures) of the last full check
+        # (files, signatures) of the last full check
+        self._verified: Optional[
+            Tuple[Tuple[str, ...], Optional[List[_Signature]]]
+        ] = None
         self._full_check_at = 0.0  # When inotify's safety net runs next.
         self.match = match
-        self._ordered_from, self._ordered = None, ()
-        self.use_inotify = use_inotify
+        self._ordered_from: Optional[FrozenSet[str]] = None
+        self._ordered: Tuple[str, ...] = ()
+        self.use_inotify: bool = use_inotify
         """False forces polling."""
         super().__init__(bus, self.run, frequency)
 
     @property
-    def match(self):
+    def match(self) -> str:
         """The regex a module name must match for its file to be watched."""
         return self._match
 
     @match.setter
-    def match(self, pattern):
+    def match(self, pattern: str) -> None:
         import re
 
         try:
@@ -3489,19 +3541,20 @@ class Autoreloader(Monitor):
                 'Invalid Autoreloader match regex %r: %s' % (pattern, exc)
             ) from None
         self._match = pattern
-        self._module_files = {}  # module name -> (module, file or None)
-        self._sysfiles = frozenset()
+        # module name -> (module, file or None)
+        self._module_files: Dict[str, Tuple[ModuleType, Optional[str]]] = {}
+        self._sysfiles: FrozenSet[str] = frozenset()
 
-    def start(self):
+    def start(self) -> None:
         """Forget old signatures and start watching."""
         if self.thread is None:
             self.mtimes = {}
             self._verified = None
         super().start()
 
-    start.priority = 70
+    start.priority = 70  # type: ignore[attr-defined]  # Bus reads it.
 
-    def _new_thread(self):
+    def _new_thread(self) -> BackgroundTask:
         # Watch, then take the baseline, before the thread runs: a change
         # made during its first sleep must count too.
         watcher = self._open_watcher()
@@ -3515,7 +3568,9 @@ class Autoreloader(Monitor):
             return super()._new_thread()
         return _WatchTask(watcher, self.frequency, self.callback, bus=self.bus)
 
-    def _add_watches(self, watcher, filenames):
+    def _add_watches(
+        self, watcher: _Inotify, filenames: Iterable[str]
+    ) -> bool:
         try:
             watcher.add(filenames)
             return True
@@ -3526,11 +3581,11 @@ class Autoreloader(Monitor):
             watcher.failed = True
             return False
 
-    def _watched_files(self):
+    def _watched_files(self) -> FrozenSet[str]:
         self._scan_modules()
         return self._sysfiles.union(self.files)
 
-    def _open_watcher(self):
+    def _open_watcher(self) -> Optional[_Inotify]:
         if not self.use_inotify:
             return None
         try:
@@ -3542,12 +3597,12 @@ class Autoreloader(Monitor):
             )
             return None
 
-    def sysfiles(self):
+    def sysfiles(self) -> Set[str]:
         """Return the files of the imported modules that ``match`` names."""
         self._scan_modules()
         return set(self._sysfiles)
 
-    def _scan_modules(self):
+    def _scan_modules(self) -> None:
         # Each module is looked at once: later scans only compare identities.
         cache = self._module_files
         modules = sys.modules
@@ -3555,7 +3610,7 @@ class Autoreloader(Monitor):
         for name, module in list(modules.items()):
             entry = cache.get(name)
             if entry is None or entry[0] is not module:
-                filename = None
+                filename: Optional[str] = None
                 if self._match_re.match(name):
                     filename = self._file_for_module(module)
                     if filename and filename.endswith('.pyc'):
@@ -3572,22 +3627,24 @@ class Autoreloader(Monitor):
             )
 
     @classmethod
-    def _file_for_module(cls, module):
+    def _file_for_module(cls, module: ModuleType) -> Optional[str]:
         """Return the file to watch for `module`, or None."""
         return cls._archive_for_zip_module(
             module
         ) or cls._file_for_file_module(module)
 
     @staticmethod
-    def _archive_for_zip_module(module):
+    def _archive_for_zip_module(module: ModuleType) -> Optional[str]:
         """Return the zip archive a module was imported from, or None."""
         try:
-            return module.__loader__.archive
+            loader: Any = module.__loader__  # zipimporter has .archive
+            archive: Optional[str] = loader.archive
         except Exception:  # Lazy modules may raise anything from getattr.
             return None
+        return archive
 
     @classmethod
-    def _file_for_file_module(cls, module):
+    def _file_for_file_module(cls, module: ModuleType) -> Optional[str]:
         """Return the module's absolute ``__file__``; None if it has none."""
         try:
             filename = module.__file__
@@ -3596,25 +3653,25 @@ class Autoreloader(Monitor):
         return filename and cls._make_absolute(filename)
 
     @staticmethod
-    def _make_absolute(filename):
+    def _make_absolute(filename: str) -> str:
         """Make `filename` absolute against the start-up directory."""
         if os.path.isabs(filename) or _STARTUP_DIR is None:
             return filename
         return os.path.normpath(os.path.join(_STARTUP_DIR, filename))
 
-    def run(self):
+    def run(self) -> None:
         """Check the watched files once; restart the bus if one changed."""
         watched = self._watched_files()
-        watcher = getattr(self.thread, 'watcher', None)
-        candidates = None
+        watcher: Optional[_Inotify] = getattr(self.thread, 'watcher', None)
+        candidates: Optional[Tuple[str, ...]] = None
         if watcher is not None and not watcher.failed:
-            changed = watched.intersection(watcher.pop_changed())
+            touched = watched.intersection(watcher.pop_changed())
             new = watched.difference(self.mtimes)
             # Changed paths are watched anew: a symlink on their way may
             # lead elsewhere now (a ConfigMap's ..data, say).
-            if self._add_watches(watcher, new.union(changed)):
+            if self._add_watches(watcher, new.union(touched)):
                 candidates = tuple(
-                    sorted(new.union(changed, watcher.unwatched))
+                    sorted(new.union(touched, watcher.unwatched))
                 )
         now = time.monotonic()
         if candidates is None or now >= self._full_check_at:
@@ -3632,7 +3689,7 @@ class Autoreloader(Monitor):
                 self.bus.log('Stopped thread %r.' % thread.name)
             self.bus.restart()
 
-    def _in_order(self, filenames):
+    def _in_order(self, filenames: FrozenSet[str]) -> Tuple[str, ...]:
         # Sorted, the stats walk one directory after another and the dict
         # in insertion order: a polling tick is ~8% faster than in hash
         # order.  Re-sorted only when the set of watched files changes.
@@ -3641,13 +3698,15 @@ class Autoreloader(Monitor):
             self._ordered = tuple(sorted(filenames))
         return self._ordered
 
-    def _first_change(self, filenames):
+    def _first_change(self, filenames: Tuple[str, ...]) -> Optional[str]:
         """Return a file whose signature moved; record unseen ones."""
         # Polling's hot path.  When the same files show the same signatures
         # as at the last full check, nothing moved: map() over os.stat runs
         # in C, ~5% cheaper than the exact loop, which runs otherwise.
         try:
-            now = list(map(self._signature_of, map(os.stat, filenames)))
+            now: Optional[List[_Signature]] = list(
+                map(self._signature_of, map(os.stat, filenames))
+            )
         except OSError:
             now = None  # A file is missing: the exact loop says which.
         if now is not None and self._verified == (filenames, now):
@@ -3657,13 +3716,17 @@ class Autoreloader(Monitor):
         self._verified = (filenames, now) if unchanged else None
         return changed
 
-    def _compare_each(self, filenames):
+    def _compare_each(self, filenames: Iterable[str]) -> Optional[str]:
         mtimes = self.mtimes
         stat = os.stat
         for filename in filenames:
             try:
                 st = stat(filename)
-                signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+                signature: Optional[_Signature] = (
+                    st.st_mtime_ns,
+                    st.st_size,
+                    st.st_ino,
+                )
             except OSError:
                 signature = None
             old = mtimes.get(filename, _UNSEEN)
@@ -3677,20 +3740,20 @@ class Autoreloader(Monitor):
 class _WatchTask(BackgroundTask):
     """A BackgroundTask whose sleep also ends when inotify has events."""
 
-    def __init__(self, watcher, *args, **kwargs):
+    def __init__(self, watcher: _Inotify, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.watcher = watcher
 
-    def cancel(self):
+    def cancel(self) -> None:
         super().cancel()
         self.watcher.wake()
 
-    def _sleep(self):
+    def _sleep(self) -> bool:
         if not self._cancelled.is_set():
             self.watcher.wait(self.interval)
         return self._cancelled.is_set()
 
-    def run(self):
+    def run(self) -> None:
         try:
             super().run()
         finally:
@@ -3730,20 +3793,17 @@ class _Inotify:
     serves both.  Raises OSError when inotify is unavailable.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         if not _LINUX:
             raise OSError(errno.ENOSYS, 'inotify exists only on Linux')
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         init1 = libc.inotify_init1  # AttributeError: no such symbol.
-        self._add_watch = libc.inotify_add_watch
-        self._add_watch.argtypes = (
-            ctypes.c_int,
-            ctypes.c_char_p,
-            ctypes.c_uint32,
-        )
-        fd = init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        add_watch = libc.inotify_add_watch
+        add_watch.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32)
+        self._add_watch: Callable[[int, bytes, int], int] = add_watch
+        fd: int = init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
             code = ctypes.get_errno()
             raise OSError(code, os.strerror(code), 'inotify_init1')
@@ -3754,13 +3814,17 @@ class _Inotify:
         self._lock = threading.Lock()
         _guard_for_fork(self)
         self._closed = False
-        self._wds = {}  # real directory -> watch descriptor, or None
-        self._paths = {}  # watch descriptor -> {name: watched paths}
-        self._resolved = {}  # directory as given -> _resolve_links()
-        self.unwatched = set()  # files whose directory cannot be watched
+        # real directory -> watch descriptor, or None
+        self._wds: Dict[str, Optional[int]] = {}
+        # watch descriptor -> {name: watched paths}
+        self._paths: Dict[int, Dict[str, Set[str]]] = {}
+        # directory as given -> _resolve_links()
+        self._resolved: Dict[str, Tuple[str, List[Tuple[str, str]]]] = {}
+        # files whose directory cannot be watched
+        self.unwatched: Set[str] = set()
         self.failed = False  # set by the reloader: poll instead
 
-    def add(self, filenames):
+    def add(self, filenames: Iterable[str]) -> None:
         """Watch what these paths go through; OSError at the watch limit.
 
         Adding a path again watches it anew, as it resolves now.
@@ -3779,16 +3843,17 @@ class _Inotify:
             else:
                 self.unwatched.add(path)  # Polled instead.
 
-    def _entries_of(self, path):
+    def _entries_of(self, path: str) -> List[Tuple[str, str]]:
         """List the (real directory, name) entries `path` goes through:
         each symlink met while resolving it, then the file it names."""
         directory, name = os.path.split(path)
-        entries = []
+        entries: List[Tuple[str, str]] = []
         for _ in range(_MAX_SYMLINKS):
-            real, links = self._resolved.get(directory, (None, None))
-            if real is None:
-                real, links = _resolve_links(directory or os.curdir)
-                self._resolved[directory] = real, links
+            resolved = self._resolved.get(directory)
+            if resolved is None:
+                resolved = _resolve_links(directory or os.curdir)
+                self._resolved[directory] = resolved
+            real, links = resolved
             entries.extend(links)
             entries.append((real, name))
             try:
@@ -3798,7 +3863,7 @@ class _Inotify:
             directory, name = os.path.split(os.path.join(real, target))
         return entries
 
-    def _watch(self, directory):
+    def _watch(self, directory: str) -> Optional[int]:
         """Return the watch descriptor of `directory`; None if it has none."""
         wd = self._wds.get(directory, -1)
         if wd == -1:
@@ -3817,14 +3882,14 @@ class _Inotify:
             self._wds[directory] = wd
         return wd
 
-    def wait(self, timeout):
+    def wait(self, timeout: float) -> None:
         """Block until an event, a wake() or `timeout` seconds."""
         # poll() takes at most ~24 days: a longer wait wakes early, once.
         ready = _readable([self.fd, self._wake_r], min(timeout, 86400.0))
         if self._wake_r in ready:
             os.read(self._wake_r, 512)
 
-    def wake(self):
+    def wake(self) -> None:
         """End a wait() now (from any thread)."""
         with self._lock:
             if not self._closed:
@@ -3833,9 +3898,9 @@ class _Inotify:
                 except OSError:
                     pass  # Pipe full: a wake-up is pending anyway.
 
-    def pop_changed(self):
+    def pop_changed(self) -> Set[str]:
         """Return the watched paths with events, once a save has settled."""
-        changed = set()
+        changed: Set[str] = set()
         self._drain(changed)
         deadline = time.monotonic() + 0.5  # A file written without pause.
         while changed and time.monotonic() < deadline:
@@ -3847,7 +3912,7 @@ class _Inotify:
             self._wds = {d: wd for d, wd in self._wds.items() if wd}
         return changed
 
-    def _drain(self, changed):
+    def _drain(self, changed: Set[str]) -> None:
         import struct
 
         while True:
@@ -3862,10 +3927,10 @@ class _Inotify:
                 offset += 16 + length
                 self._note(wd, mask, os.fsdecode(name), changed)
 
-    def _note(self, wd, mask, name, changed):
+    def _note(self, wd: int, mask: int, name: str, changed: Set[str]) -> None:
         if mask & _IN_Q_OVERFLOW:  # Events were lost: check everything.
-            for names in self._paths.values():
-                for paths in names.values():
+            for by_name in self._paths.values():
+                for paths in by_name.values():
                     changed.update(paths)
             return
         names = self._paths.get(wd)
@@ -3881,7 +3946,7 @@ class _Inotify:
         elif name in names:
             changed.update(names[name])
 
-    def close(self):
+    def close(self) -> None:
         """Release the descriptors; later wake() calls do nothing."""
         with self._lock:
             if self._closed:
@@ -3894,7 +3959,7 @@ class _Inotify:
 _MAX_SYMLINKS = 40  # Linux's own limit when it resolves a path.
 
 
-def _resolve_links(path):
+def _resolve_links(path: str) -> Tuple[str, List[Tuple[str, str]]]:
     """Resolve `path` as the kernel would: (real path, links met).
 
     Each symlink met is given as the (real directory, name) of its entry.
@@ -3904,7 +3969,8 @@ def _resolve_links(path):
         path = os.path.join(os.getcwd(), path)
     parts = path.split(os.sep)
     parts.reverse()
-    real, links = os.sep, []
+    real = os.sep
+    links: List[Tuple[str, str]] = []
     while parts:
         part = parts.pop()
         if part in ('', os.curdir):
