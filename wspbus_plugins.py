@@ -77,6 +77,7 @@ from _weakrefset import WeakSet  # What threading uses: costs no import.
 # is read by mypy and pyright, and never imported when the program runs.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import argparse
     import asyncio
     import logging
     import signal as _signal
@@ -114,6 +115,8 @@ if TYPE_CHECKING:
     # tuple, or an AF_UNIX path (bytes when the family is given).
     _Address = Union[str, bytes, Tuple[str, int], Tuple[str, int, int, int]]
     _Signature = Tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+    _Subscription = Tuple[str, Listener, Optional[int]]  # channel, priority
+    _Zombie = Tuple[int, int]  # a zombie child's PID and start time
 else:
     # signal imports enum (half of this module's import time); the names
     # used here are all in the C module.
@@ -4007,8 +4010,8 @@ class ThreadManager(SimplePlugin):
     among the threads that hold one.  ``threads`` maps thread ident to index.
     """
 
-    def __init__(self, bus):
-        self.threads = {}
+    def __init__(self, bus: Bus) -> None:
+        self.threads: Dict[int, int] = {}
         super().__init__(bus)
         self._lock = threading.RLock()  # A signal handler can reach stop().
         _guard_for_fork(self)
@@ -4020,7 +4023,7 @@ class ThreadManager(SimplePlugin):
         ):
             self.bus.listeners.setdefault(channel, set())
 
-    def acquire_thread(self):
+    def acquire_thread(self) -> None:
         """Give the calling thread an index; publish ``start_thread``."""
         ident = threading.get_ident()
         with self._lock:
@@ -4033,14 +4036,14 @@ class ThreadManager(SimplePlugin):
             self.threads[ident] = index
         self.bus.publish('start_thread', index)
 
-    def release_thread(self):
+    def release_thread(self) -> None:
         """Free the calling thread's index; publish ``stop_thread``."""
         with self._lock:
             index = self.threads.pop(threading.get_ident(), None)
         if index is not None:
             self.bus.publish('stop_thread', index)
 
-    def stop(self):
+    def stop(self) -> None:
         """Release every thread; ``stop_thread`` for each."""
         with self._lock:
             indexes = sorted(self.threads.values())
@@ -4096,35 +4099,36 @@ class ChildReaper(SimplePlugin):
     there is nothing to reap and does nothing.
     """
 
-    interval = 0.1
+    interval: float = 0.1
     """Seconds between two peeks for zombies."""
-    grace = 0.2
+    grace: float = 0.2
     """Seconds a zombie must stay one before it is reaped."""
 
-    def __init__(self, bus, subreaper=False):
+    def __init__(self, bus: Bus, subreaper: bool = False) -> None:
         super().__init__(bus)
         if subreaper not in (True, False):
             raise TypeError(
                 'ChildReaper subreaper must be True or False, not %r'
                 % (subreaper,)
             )
-        self.subreaper = bool(subreaper)
+        self.subreaper: bool = bool(subreaper)
         """Become a subreaper on start when not PID 1."""
-        self.reaped = 0
+        self.reaped: int = 0
         """How many orphans this plugin reaped."""
-        self.thread = None
+        self.thread: Optional[threading.Thread] = None
         """The reaping thread while it runs, else None."""
         self._lock = threading.RLock()  # A signal handler can reach stop().
-        self._stopped = None  # Event that ends the thread.
-        self._kept = {}  # pid -> start time (None: unknown) from keep()
+        self._stopped: Optional[threading.Event] = None  # Ends the thread.
+        # pid -> start time (None: unknown) from keep()
+        self._kept: Dict[int, Optional[int]] = {}
         self._prune_at = 16  # Forget ended kept PIDs past this many.
         self._made_subreaper = False
         _guard_for_fork(self)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'ChildReaper(subreaper=%r)' % self.subreaper
 
-    def keep(self, pid):
+    def keep(self, pid: int) -> Callable[[], None]:
         """Never reap child `pid`: the program will wait for it itself.
 
         Call it right after the fork.  Returns a function that undoes it,
@@ -4132,7 +4136,7 @@ class ChildReaper(SimplePlugin):
         is gone, so a new process given the same PID is not kept.  Raises
         TypeError or ValueError unless `pid` is a positive int.
         """
-        if not isinstance(pid, int) or isinstance(pid, bool):
+        if not _is_int(pid):  # Untyped callers may pass anything.
             raise TypeError('PID must be an int, not %r' % (pid,))
         if pid <= 0:
             raise ValueError('Invalid PID: %r (a positive int)' % (pid,))
@@ -4144,15 +4148,15 @@ class ChildReaper(SimplePlugin):
             self._prune()
         return lambda: self.release(pid)
 
-    def release(self, pid):
+    def release(self, pid: int) -> None:
         """Let child `pid` be reaped again like any orphan."""
         with self._lock:
             self._kept.pop(pid, None)
 
-    def _prune(self):
+    def _prune(self) -> None:
         with self._lock:
             kept = dict(self._kept)
-        ended = []
+        ended: List[int] = []
         for pid, start in kept.items():
             now = _start_time(pid)
             if now is None or start not in (None, now):
@@ -4163,12 +4167,12 @@ class ChildReaper(SimplePlugin):
                     del self._kept[pid]
             self._prune_at = 2 * len(self._kept) + 16
 
-    def _is_kept(self, zombie):
+    def _is_kept(self, zombie: _Zombie) -> bool:
         pid, start = zombie
         with self._lock:
             return pid in self._kept and self._kept[pid] in (None, start)
 
-    def start(self):
+    def start(self) -> None:
         """Start reaping if this process adopts orphans; else log why not."""
         if self.thread is not None:
             self.bus.log('ChildReaper already running.')
@@ -4186,9 +4190,9 @@ class ChildReaper(SimplePlugin):
         thread.start()
         self.bus.log('Reaping orphaned processes as %s.' % role)
 
-    start.priority = 70
+    start.priority = 70  # type: ignore[attr-defined]  # A function attribute.
 
-    def _role(self):
+    def _role(self) -> Optional[str]:
         """Return 'PID 1' or 'a subreaper', or log why neither and None."""
         if not _LINUX:
             self.bus.log(
@@ -4225,12 +4229,12 @@ class ChildReaper(SimplePlugin):
             return None
         return 'a subreaper'
 
-    def stop(self):
+    def stop(self) -> None:
         """End the reaping thread; stop being a subreaper if we became one."""
         with self._lock:
             thread, self.thread = self.thread, None
             stopped = self._stopped
-        if thread is None:
+        if thread is None or stopped is None:  # Both set, or neither.
             return
         stopped.set()
         if thread is not threading.current_thread():
@@ -4246,11 +4250,11 @@ class ChildReaper(SimplePlugin):
                 )
         self.bus.log('Stopped reaping orphaned processes.')
 
-    stop.priority = 90
+    stop.priority = 90  # type: ignore[attr-defined]  # A function attribute.
 
-    def _run(self, stopped):
-        seen = {}  # zombie (pid, start time) -> when first seen
-        theirs = {}  # zombie -> whether the program waits for it
+    def _run(self, stopped: threading.Event) -> None:
+        seen: Dict[_Zombie, float] = {}  # zombie -> when first seen
+        theirs: Dict[_Zombie, bool] = {}  # whether the program waits for it
         try:
             while not stopped.wait(self.interval):
                 if seen or _zombie_waiting():
@@ -4262,7 +4266,9 @@ class ChildReaper(SimplePlugin):
                 traceback=True,
             )
 
-    def _reap(self, seen, theirs):
+    def _reap(
+        self, seen: Dict[_Zombie, float], theirs: Dict[_Zombie, bool]
+    ) -> Tuple[Dict[_Zombie, float], Dict[_Zombie, bool]]:
         """Reap the aged zombies nobody waits for; return the new state."""
         now = time.monotonic()
         zombies = _zombie_children()
@@ -4283,7 +4289,7 @@ class ChildReaper(SimplePlugin):
                 self._reap_one(zombie[0])
         return seen, theirs
 
-    def _reap_one(self, pid):
+    def _reap_one(self, pid: int) -> None:
         try:
             reaped, status = os.waitpid(pid, os.WNOHANG)
         except ChildProcessError:
@@ -4297,7 +4303,7 @@ class ChildReaper(SimplePlugin):
         )
 
 
-def _read_stat(pid):
+def _read_stat(pid: Union[int, str]) -> Optional[Tuple[bytes, int, int]]:
     """Return (state, parent PID, start time) of process `pid`, or None."""
     try:
         fd = os.open('/proc/%s/stat' % pid, os.O_RDONLY)
@@ -4317,15 +4323,19 @@ def _read_stat(pid):
         return None
 
 
-def _start_time(pid):
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _start_time(pid: int) -> Optional[int]:
     stat = _read_stat(pid) if _LINUX else None
     return None if stat is None else stat[2]
 
 
-def _zombie_children():
+def _zombie_children() -> Set[_Zombie]:
     """Return the (pid, start time) of each zombie child of this process."""
     me = os.getpid()
-    zombies = set()
+    zombies: Set[_Zombie] = set()
     for name in os.listdir('/proc'):
         if name.isdigit():
             stat = _read_stat(name)
@@ -4334,7 +4344,7 @@ def _zombie_children():
     return zombies
 
 
-def _zombie_waiting():
+def _zombie_waiting() -> bool:
     """Tell whether some child is a zombie, without reaping it."""
     if not _CAN_PEEK_AT_ZOMBIES:
         return True  # Cannot peek: the caller scans /proc each time.
@@ -4345,7 +4355,7 @@ def _zombie_waiting():
         return False  # No child at all.
 
 
-def _waited_pids():
+def _waited_pids() -> Set[Optional[int]]:
     """Return the PIDs of the children the program will wait for itself.
 
     Popen objects whose returncode is None (but not those subprocess keeps
@@ -4356,7 +4366,7 @@ def _waited_pids():
     """
     import gc
 
-    pids = set()
+    pids: Set[Optional[int]] = set()
     subprocess = sys.modules.get('subprocess')
     popen_fork = sys.modules.get('multiprocessing.popen_fork')
     classes = tuple(m.Popen for m in (subprocess, popen_fork) if m)
@@ -4379,13 +4389,13 @@ def _waited_pids():
     return pids
 
 
-def _exit_reason(status):
+def _exit_reason(status: int) -> str:
     if os.WIFSIGNALED(status):
         return 'killed by signal %d' % os.WTERMSIG(status)
     return 'exit status %d' % os.WEXITSTATUS(status)
 
 
-def _proc_shows_self():
+def _proc_shows_self() -> bool:
     """Tell whether /proc is this PID namespace's (it names us as self)."""
     try:
         return os.readlink('/proc/self') == str(os.getpid())
@@ -4393,7 +4403,7 @@ def _proc_shows_self():
         return False
 
 
-def _prctl(option, arg):
+def _prctl(option: int, arg: object) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -4403,7 +4413,7 @@ def _prctl(option, arg):
         raise OSError(code, os.strerror(code), 'prctl')
 
 
-def _child_subreaper():
+def _child_subreaper() -> bool:
     """Tell whether this process is a child subreaper."""
     import ctypes
 
@@ -4412,7 +4422,7 @@ def _child_subreaper():
     return bool(flag.value)
 
 
-def _set_child_subreaper(on):
+def _set_child_subreaper(on: bool) -> None:
     import ctypes
 
     _prctl(_PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(int(on)))
@@ -4451,11 +4461,18 @@ class ProbeFiles(SimplePlugin):
     the probe fails and says why.
     """
 
-    def __init__(self, bus, ready=None, alive=None, interval=5, drain=0):
+    def __init__(
+        self,
+        bus: Bus,
+        ready: Optional[str] = None,
+        alive: Optional[str] = None,
+        interval: float = 5,
+        drain: float = 0,
+    ) -> None:
         super().__init__(bus)
-        self.ready = _probe_path(ready, 'Ready file')
+        self.ready: Optional[str] = _probe_path(ready, 'Ready file')
         """Absolute path of the readiness file, or None."""
-        self.alive = _probe_path(alive, 'Alive file')
+        self.alive: Optional[str] = _probe_path(alive, 'Alive file')
         """Absolute path of the liveness file, or None."""
         if self.ready is not None and self.alive is not None:
             if self.ready == self.alive:
@@ -4472,16 +4489,18 @@ class ProbeFiles(SimplePlugin):
             raise ValueError(
                 'Invalid drain: %r (seconds, a finite number >= 0)' % (drain,)
             )
-        self.interval = interval
+        self.interval: float = interval
         """Seconds between two touches of `alive`."""
-        self.drain = drain
+        self.drain: float = drain
         """Seconds to go on serving after an exit is asked for."""
-        self._made = {}  # path -> (st_dev, st_ino) of the file we made
-        self._touched = None  # monotonic time of the last touch of alive
+        # path -> (st_dev, st_ino) of the file we made
+        self._made: Dict[str, Tuple[int, int]] = {}
+        # monotonic time of the last touch of alive
+        self._touched: Optional[float] = None
         self._touch_failed = False
         self._serving = False  # Between started and stop: drain applies.
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'ProbeFiles(ready=%r, alive=%r, interval=%r, drain=%r)' % (
             self.ready,
             self.alive,
@@ -4489,7 +4508,7 @@ class ProbeFiles(SimplePlugin):
             self.drain,
         )
 
-    def _listeners(self):
+    def _listeners(self) -> Tuple[_Subscription, ...]:
         return (
             ('start', self.start, 10),
             ('started', self.started, None),
@@ -4498,23 +4517,23 @@ class ProbeFiles(SimplePlugin):
             ('exit', self.exit, None),
         )
 
-    def subscribe(self):
+    def subscribe(self) -> None:
         """Subscribe to every channel above (``started`` included)."""
         for channel, listener, priority in self._listeners():
             self.bus.subscribe(channel, listener, priority)
 
-    def unsubscribe(self):
+    def unsubscribe(self) -> None:
         """Unsubscribe from every channel above."""
         for channel, listener, _ in self._listeners():
             self.bus.unsubscribe(channel, listener)
 
-    def start(self):
+    def start(self) -> None:
         """Create `alive`; raise OSError naming it if that fails."""
         if self.alive is not None:
             self._make(self.alive)
             self._touched = time.monotonic()
 
-    def started(self):
+    def started(self) -> None:
         """Create `ready` and touch `alive`: the bus is STARTED."""
         self._serving = True
         if self.ready is not None:
@@ -4528,55 +4547,64 @@ class ProbeFiles(SimplePlugin):
                 )
         self._touch_alive(force=True)
 
-    def main(self):
+    def main(self) -> None:
         """Touch `alive` if `interval` seconds have passed, while STARTED."""
         if self.bus.state is states.STARTED:
             self._touch_alive()
 
-    def stop(self):
+    def stop(self) -> None:
         """Remove `ready`; when exiting from STARTED, wait `drain` s."""
         serving, self._serving = self._serving, False
         if self.ready is not None:
             self._remove(self.ready)
+        # Draining is part of the bus's exit: it reads the bus's private
+        # state, here and in _drain (hence pyright's reportPrivateUsage).
+        phase = self.bus._exit_phase  # pyright: ignore[reportPrivateUsage]
         if (
             serving
             and self.drain > 0
-            and self.bus._exit_phase == 'running'
+            and phase == 'running'
             and not self.bus.execv
         ):
             self._drain()
 
-    def exit(self):
+    def exit(self) -> None:
         """Remove both files."""
         for path in (self.ready, self.alive):
             if path is not None:
                 self._remove(path)
         self._touched = None
 
-    def _drain(self):
+    def _drain(self) -> None:
         self.bus.log(
             'Draining: serving %r s more before stopping (a second SIGTERM '
             'or Ctrl+C stops now).' % self.drain
         )
         bus = self.bus
         deadline = time.monotonic() + self.drain
-        while not bus._hurry:
+        while not bus._hurry:  # pyright: ignore[reportPrivateUsage]
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._touch_alive()
             # A signal handler releases _wakeup (Bus._wake) on the main
             # thread: a second SIGTERM ends this wait at once there.
-            bus._wakeup.acquire(timeout=min(remaining, _DRAIN_STEP))
-        bus._wake()  # Pass on a wake-up this loop may have taken.
-        if bus._hurry:
+            wakeup = bus._wakeup  # pyright: ignore[reportPrivateUsage]
+            wakeup.acquire(timeout=min(remaining, _DRAIN_STEP))
+        # Pass on a wake-up this loop may have taken.
+        bus._wake()  # pyright: ignore[reportPrivateUsage]
+        if bus._hurry:  # pyright: ignore[reportPrivateUsage]
             bus.log('Draining cut short: stopping now.')
 
-    def _touch_alive(self, force=False):
+    def _touch_alive(self, force: bool = False) -> None:
         if self.alive is None or (self._touched is None and not force):
             return  # Not started, or exited.
         now = time.monotonic()
-        if not force and now - self._touched < self.interval:
+        if (
+            not force
+            and self._touched is not None  # None only when forced (above).
+            and now - self._touched < self.interval
+        ):
             return
         self._touched = now
         try:
@@ -4593,7 +4621,7 @@ class ProbeFiles(SimplePlugin):
                 self.bus.log('Alive file %r touched again.' % self.alive)
             self._touch_failed = False
 
-    def _make(self, path):
+    def _make(self, path: str) -> None:
         """Create `path` or update its mtime, refusing a non-regular file."""
         import stat
 
@@ -4610,7 +4638,7 @@ class ProbeFiles(SimplePlugin):
             os.close(fd)
         self._made[path] = (info.st_dev, info.st_ino)
 
-    def _remove(self, path):
+    def _remove(self, path: str) -> None:
         """Remove `path` if it is the file this plugin made."""
         made = self._made.pop(path, None)
         if made is None:
@@ -4633,11 +4661,11 @@ class ProbeFiles(SimplePlugin):
             )
 
 
-def _is_wait(seconds):
+def _is_wait(seconds: float) -> bool:
     return _is_number(seconds) and _is_finite_wait(seconds)
 
 
-def _probe_path(path, what):
+def _probe_path(path: Optional[str], what: str) -> Optional[str]:
     """Return `path` made absolute, checked; None stays None.
 
     Absolute: the program may change its working directory meanwhile.
@@ -4676,17 +4704,20 @@ class SystemdNotifier(SimplePlugin):
     notify() do nothing; a send that fails is logged, never raised.
     """
 
-    def __init__(self, bus):
+    def __init__(self, bus: Bus) -> None:
         super().__init__(bus)
-        self.socket_path = os.environ.get('NOTIFY_SOCKET') or None
+        self.socket_path: Optional[str] = (
+            os.environ.get('NOTIFY_SOCKET') or None
+        )
         """Where messages go, read from NOTIFY_SOCKET; None disables."""
-        self._ping_every = None  # Seconds between pings, while started.
-        self._last_ping = None
+        # Seconds between pings, while started.
+        self._ping_every: Optional[float] = None
+        self._last_ping: Optional[float] = None
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'SystemdNotifier(%r)' % self.socket_path
 
-    def _listeners(self):
+    def _listeners(self) -> Tuple[_Subscription, ...]:
         return (
             ('started', self.started, None),
             ('main', self._watchdog, None),
@@ -4695,17 +4726,17 @@ class SystemdNotifier(SimplePlugin):
             ('stop', self.stop, 0),
         )
 
-    def subscribe(self):
+    def subscribe(self) -> None:
         """Subscribe when NOTIFY_SOCKET is set."""
         if self.socket_path:
             for channel, listener, priority in self._listeners():
                 self.bus.subscribe(channel, listener, priority)
 
-    def unsubscribe(self):
+    def unsubscribe(self) -> None:
         for channel, listener, _ in self._listeners():
             self.bus.unsubscribe(channel, listener)
 
-    def notify(self, *fields):
+    def notify(self, *fields: str) -> None:
         """Send one datagram of ``KEY=value`` fields; log failures.
 
         Does nothing without NOTIFY_SOCKET.
@@ -4726,13 +4757,13 @@ class SystemdNotifier(SimplePlugin):
                 level=_WARNING,
             )
 
-    def started(self):
+    def started(self) -> None:
         """Send READY=1 with our PID; block()'s loop sends the pings."""
         self._ping_every = self._watchdog_interval()
         self._last_ping = None
         self.notify('READY=1', 'MAINPID=%d' % os.getpid(), 'STATUS=started')
 
-    def _watchdog_interval(self):
+    def _watchdog_interval(self) -> Optional[float]:
         usec, pid = (
             os.environ.get('WATCHDOG_USEC'),
             os.environ.get('WATCHDOG_PID'),
@@ -4748,7 +4779,7 @@ class SystemdNotifier(SimplePlugin):
             )
             return None
 
-    def _watchdog(self):
+    def _watchdog(self) -> None:
         # On ``main``, from the thread in block(): the pings prove that
         # thread alive, which a timer thread of our own would not.
         every = self._ping_every
@@ -4759,17 +4790,17 @@ class SystemdNotifier(SimplePlugin):
             self._last_ping = now
             self.notify('WATCHDOG=1')
 
-    def _reloading(self, status='reloading'):
+    def _reloading(self, status: str = 'reloading') -> None:
         self.notify(
             'RELOADING=1',
             'MONOTONIC_USEC=%d' % (time.monotonic_ns() // 1000),
             'STATUS=' + status,
         )
 
-    def _reloaded(self):
+    def _reloaded(self) -> None:
         self.notify('READY=1', 'STATUS=started')
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop the pings; send STOPPING=1, or RELOADING=1 for restart()."""
         self._ping_every = None
         if self.bus.execv:  # The re-executed process sends READY=1.
@@ -4790,19 +4821,21 @@ class LoggingBridge(SimplePlugin):
     raises into the bus.
     """
 
-    def __init__(self, bus, logger=None):
+    def __init__(
+        self, bus: Bus, logger: Optional[logging.Logger] = None
+    ) -> None:
         super().__init__(bus)
         if logger is None:
             import logging
 
             logger = logging.getLogger('wspbus')
-        self.logger = logger
+        self.logger: logging.Logger = logger
         """Where records go."""
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return 'LoggingBridge(%r)' % self.logger.name
 
-    def log(self, msg, level):
+    def log(self, msg: str, level: int) -> None:
         """Log `msg` at `level`."""
         try:
             self.logger.log(level, msg)
@@ -4813,7 +4846,7 @@ class LoggingBridge(SimplePlugin):
 # -- Demo ---------------------------------------------------------------------
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the demo service of ``python -m wspbus_plugins``; return status.
 
     Bad options print one line naming the value and exit 2 (SystemExit);
@@ -4851,7 +4884,7 @@ def main(argv=None):
         _DemoServer(demo, sockets.listen('demo', options.listen)).subscribe()
     if options.heartbeat > 0:
 
-        def heartbeat():
+        def heartbeat() -> None:
             demo.publish('acquire_thread')
             demo.log(
                 'Heartbeat from PID %d (thread index %r).'
@@ -4878,13 +4911,13 @@ class _DemoServer(SimplePlugin):
     The start count lives in the environment, so it survives restart().
     """
 
-    def __init__(self, bus, sock):
+    def __init__(self, bus: Bus, sock: socket.socket) -> None:
         super().__init__(bus)
         self.sock = sock
-        self.thread = None
+        self.thread: Optional[threading.Thread] = None
         self._done = threading.Event()
 
-    def start(self):
+    def start(self) -> None:
         starts = int(os.environ.get('WSPBUS_DEMO_STARTS', '0')) + 1
         os.environ['WSPBUS_DEMO_STARTS'] = str(starts)
         reply = b'wspbus_plugins demo, PID %d, start %d\n' % (
@@ -4897,27 +4930,29 @@ class _DemoServer(SimplePlugin):
         )
         self.thread.start()
 
-    start.priority = 80  # Serve once all else is ready (privileges too).
+    # Serve once all else is ready (privileges too).
+    start.priority = 80  # type: ignore[attr-defined]  # A function attribute.
 
-    def _serve(self, reply):
+    def _serve(self, reply: bytes) -> None:
         while not self._done.is_set():
             if _readable([self.sock.fileno()], 0.05):
                 connection = self.sock.accept()[0]
                 with connection:
                     connection.sendall(reply)
 
-    def stop(self):
+    def stop(self) -> None:
         """Stop accepting; connections meanwhile wait for the next start."""
         self._done.set()
         if self.thread is not None:
             self.thread.join()
 
 
-def _demo_logger(options):
+def _demo_logger(options: argparse.Namespace) -> logging.Logger:
     import logging
 
     logger = logging.getLogger('wspbus.demo')
     logger.propagate = False
+    handler: logging.Handler
     if options.log_file:
         handler = logging.FileHandler(options.log_file)
     else:
@@ -4930,11 +4965,13 @@ def _demo_logger(options):
     return logger
 
 
-def _parse_demo_options(argv):
+def _parse_demo_options(
+    argv: Optional[Sequence[str]],
+) -> argparse.Namespace:
     import argparse
 
-    def option_type(check):
-        def convert(text):
+    def option_type(check: Callable[[str], _T]) -> Callable[[str], _T]:
+        def convert(text: str) -> _T:
             try:
                 return check(text)
             except (ValueError, KeyError) as exc:
@@ -4943,7 +4980,7 @@ def _parse_demo_options(argv):
         convert.__name__ = check.__name__
         return convert
 
-    def seconds(text):
+    def seconds(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
@@ -4955,7 +4992,7 @@ def _parse_demo_options(argv):
             )
         return value
 
-    def umask(text):
+    def umask(text: str) -> int:
         if (
             not text
             or any(c not in '01234567' for c in text)
@@ -4964,19 +5001,19 @@ def _parse_demo_options(argv):
             raise ValueError('invalid umask: %r (octal, like 022)' % text)
         return int(text, 8)
 
-    def user(text):
+    def user(text: str) -> str:
         DropPrivileges(Bus(), uid=text)  # ValueError names an unknown one.
         return text
 
-    def group(text):
+    def group(text: str) -> str:
         DropPrivileges(Bus(), gid=text)
         return text
 
-    def writable_path(text):
+    def writable_path(text: str) -> str:
         _check_parent_dir(text, 'the')
         return text
 
-    def address(text):
+    def address(text: str) -> Tuple[str, int]:
         host, colon, port = text.rpartition(':')
         if not (colon and port.isdigit() and 0 < int(port) < 65536):
             raise ValueError(
@@ -5075,10 +5112,11 @@ def _parse_demo_options(argv):
     )
     add('--version', action='version', version='%(prog)s ' + __version__)
 
-    def one_line_error(message):
+    def one_line_error(message: str) -> NoReturn:
         parser.exit(2, '%s: error: %s\n' % (parser.prog, message))
 
-    parser.error = one_line_error
+    # mypy refuses a method patched on an instance; this one parser wants it.
+    parser.error = one_line_error  # type: ignore[method-assign]
     return parser.parse_args(argv)
 
 
