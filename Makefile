@@ -300,12 +300,14 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check $(PY_FILES)
 	$(VENV)/bin/ruff format --check $(PY_FILES)
 	$(VENV)/bin/vermin -t=3.8- --violations --no-tips wspbus_plugins.py
+	$(MAKE) --no-print-directory typecheck
 
-# The module and README's typed program (extracted to .typecheck/) under
-# mypy --strict, mypy 1.14.1 for a Python 3.8 target (mypy 2 refuses
-# versions below 3.10) and pyright strict; settings in pyproject.toml.
-# Pinned, so that a new checker release cannot fail CI; pyright fetches its
-# node package from npm on first use (node must be installed).
+# The module and README's typed program (extracted to build/typecheck/:
+# pyright skips hidden directories) under mypy --strict, mypy 1.14.1 for a
+# Python 3.8 target (mypy 2 refuses versions below 3.10) and pyright
+# strict; settings in pyproject.toml. Pinned, so that a new checker release
+# cannot fail CI; pyright fetches its node package from npm on first use
+# (node must be installed).
 MYPY38_VENV = .venv-mypy38
 define TYPED_EXAMPLE
 import re
@@ -313,7 +315,7 @@ with open('README.md') as f:
     blocks = re.findall(r'^```python\n(# typed_service\.py.*?)^```',
                         f.read(), re.M | re.S)
 assert len(blocks) == 1, 'README.md: no single typed_service.py block'
-with open('.typecheck/typed_service.py', 'w') as f:
+with open('build/typecheck/typed_service.py', 'w') as f:
     f.write(blocks[0])
 endef
 export TYPED_EXAMPLE
@@ -325,15 +327,15 @@ typecheck: $(STAMP)
 	test -x $(MYPY38_VENV)/bin/mypy || { $(PYTHON) -m venv $(MYPY38_VENV) \
 	  && $(MYPY38_VENV)/bin/pip install --quiet \
 	     --disable-pip-version-check mypy==1.14.1; }
-	mkdir -p .typecheck && $(VENV_PY) -c "$$TYPED_EXAMPLE"
-	$(VENV)/bin/mypy wspbus_plugins.py .typecheck/typed_service.py
+	mkdir -p build/typecheck && $(VENV_PY) -c "$$TYPED_EXAMPLE"
+	$(VENV)/bin/mypy wspbus_plugins.py build/typecheck/typed_service.py
 	$(MYPY38_VENV)/bin/mypy --python-version 3.8 \
 	  --cache-dir .mypy_cache/mypy-1.14.1 \
-	  wspbus_plugins.py .typecheck/typed_service.py
-	$(VENV)/bin/pyright wspbus_plugins.py .typecheck/typed_service.py
+	  wspbus_plugins.py build/typecheck/typed_service.py
+	$(VENV)/bin/pyright wspbus_plugins.py build/typecheck/typed_service.py
 
 .PHONY: clean
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) $(PYPY_VENV) .venv-compat .venv-3.* \
-	  $(MYPY38_VENV) .typecheck .mypy_cache \
+	  $(MYPY38_VENV) .mypy_cache \
 	  .pytest_cache __pycache__ build *.egg-info

@@ -326,6 +326,8 @@ def test_channelfailures_collects_and_joins():
     failures.get_instances().clear()  # A copy.
     assert str(failures) == "ValueError('a')\nKeyError('b')"
     assert repr(failures) == str(failures)
+    failures.handle_exception()  # Nothing is being handled: no None kept.
+    assert failures.get_instances() == errors
 
 
 # -- Bus ----------------------------------------------------------------------

@@ -58,6 +58,22 @@ The states, and the calls that move between them::
                                          EXITING  (block() returns;
                                                    restart() re-executes)
 
+The file's sections, in order (``grep '^# --'`` prints their banners):
+
+    Platform        every difference between platforms, decided once
+    Types           names for type checkers; typing is never imported
+    States, Errors  the bus's states; ChannelFailures
+    Bus             channels, transitions, signals, block(), run_async(),
+                    restart(); then the module's own ``bus``
+    SimplePlugin    the base of the plugins that follow:
+    SignalHandler, ConsoleCtrlHandler, DropPrivileges, Daemonizer, PIDFile
+    ListenSockets   listening sockets kept across restart(); systemd's
+    PerpetualTimer and BackgroundTask, Monitor, Autoreloader (and inotify)
+    ThreadManager
+    Containers      ChildReaper and ProbeFiles: PID 1, probes, draining
+    SystemdNotifier, LoggingBridge
+    Demo            main(): ``python -m wspbus_plugins``
+
 This file is a drop-in for ``cherrypy.process.wspbus`` and
 ``cherrypy.process.plugins`` with fixes and additions; see README.md.
 """
@@ -73,50 +89,9 @@ import time
 import warnings
 from _weakrefset import WeakSet  # What threading uses: costs no import.
 
-# Type checkers take this name to mean typing.TYPE_CHECKING: what follows
-# is read by mypy and pyright, and never imported when the program runs.
-TYPE_CHECKING = False
+TYPE_CHECKING = False  # Read as typing.TYPE_CHECKING by type checkers.
 if TYPE_CHECKING:
-    import argparse
-    import asyncio
-    import logging
     import signal as _signal
-    import socket
-    from types import FrameType, ModuleType, TracebackType
-    from typing import (
-        IO,
-        Any,
-        Awaitable,
-        Callable,
-        Collection,
-        Dict,
-        FrozenSet,
-        Iterable,
-        Iterator,
-        List,
-        Mapping,
-        MutableMapping,
-        NoReturn,
-        Optional,
-        Sequence,
-        Set,
-        Tuple,
-        Type,
-        TypeVar,
-        Union,
-        overload,
-    )
-
-    _T = TypeVar('_T')
-    _Callback = TypeVar('_Callback', bound=Callable[..., Any])
-    Listener = Callable[..., Any]
-    SignalAction = Union[Callable[[int, Optional[FrameType]], Any], int, None]
-    # A socket address listen() takes: a (host, port[, flowinfo, scope_id])
-    # tuple, or an AF_UNIX path (bytes when the family is given).
-    _Address = Union[str, bytes, Tuple[str, int], Tuple[str, int, int, int]]
-    _Signature = Tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
-    _Subscription = Tuple[str, Listener, Optional[int]]  # channel, priority
-    _Zombie = Tuple[int, int]  # a zombie child's PID and start time
 else:
     # signal imports enum (half of this module's import time); the names
     # used here are all in the C module.
@@ -369,6 +344,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _is_finite_wait(seconds: float) -> bool:
     """Tell whether a number of seconds is one threading can wait.
 
@@ -376,6 +355,55 @@ def _is_finite_wait(seconds: float) -> bool:
     OverflowError in the waiting thread.
     """
     return -threading.TIMEOUT_MAX <= seconds <= threading.TIMEOUT_MAX
+
+
+# -- Types --------------------------------------------------------------------
+# For mypy and pyright only: the annotations are strings (from __future__
+# import annotations), and what they name is imported here, which the
+# program never runs.  The classes of this one file share private state
+# (the bus's signals and kept descriptors), which pyright's strict mode
+# would flag at each use:
+# pyright: reportPrivateUsage=false
+
+if TYPE_CHECKING:
+    import argparse
+    import asyncio
+    import logging
+    import socket
+    from types import FrameType, ModuleType
+    from typing import (
+        IO,
+        Any,
+        Awaitable,
+        Callable,
+        Collection,
+        Dict,
+        FrozenSet,
+        Iterable,
+        Iterator,
+        List,
+        Mapping,
+        MutableMapping,
+        NoReturn,
+        Optional,
+        Sequence,
+        Set,
+        Tuple,
+        TypeVar,
+        Union,
+        overload,
+    )
+
+    _T = TypeVar('_T')
+    _Callback = TypeVar('_Callback', bound=Callable[..., Any])
+    Listener = Callable[..., Any]
+    SignalAction = Union[Callable[[int, Optional[FrameType]], Any], int, None]
+    # A socket address listen() takes: a (host, port[, flowinfo, scope_id])
+    # tuple, or an AF_UNIX path (bytes when the family is given).
+    _Address = Union[str, bytes, Tuple[str, int], Tuple[str, int, int, int]]
+    _Signature = Tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+    _Subscription = Tuple[str, Listener, Optional[int]]  # channel, priority
+    _Zombie = Tuple[int, int]  # a zombie child's PID and start time
 
 
 # -- States -------------------------------------------------------------------
@@ -424,13 +452,15 @@ class ChannelFailures(Exception):
 
     def __init__(self, *args: object, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._exceptions: List[Optional[BaseException]] = []
+        self._exceptions: List[BaseException] = []
 
     def handle_exception(self) -> None:
-        """Record the exception being handled right now."""
-        self._exceptions.append(sys.exc_info()[1])
+        """Record the exception being handled right now (if any)."""
+        error = sys.exc_info()[1]
+        if error is not None:
+            self._exceptions.append(error)
 
-    def get_instances(self) -> List[Optional[BaseException]]:
+    def get_instances(self) -> List[BaseException]:
         """Return a copy of the recorded exceptions, in raising order."""
         return self._exceptions[:]
 
@@ -1866,7 +1896,7 @@ class SignalHandler:
         atexit.unregister(self._ignore_late_signals)
         for signum, handler in self._previous_handlers.items():
             # The bus's own record, kept by its plugins (also below).
-            self.bus._handled_signals.pop(signum, None)  # pyright: ignore[reportPrivateUsage]
+            self.bus._handled_signals.pop(signum, None)
             signame = self.signals[signum]
             if handler is None:
                 self.bus.log('Restoring %s handler to SIG_DFL.' % signame)
@@ -1918,7 +1948,7 @@ class SignalHandler:
             if signum == _signal.SIGINT:
                 previous = _signal.default_int_handler
         self._previous_handlers.setdefault(signum, previous)
-        self.bus._handled_signals[signum] = signame  # pyright: ignore[reportPrivateUsage]
+        self.bus._handled_signals[signum] = signame
         if listener is not None:
             self.bus.log('Listening for %s.' % signame)
             self.bus.subscribe(signame, listener)
@@ -1929,7 +1959,7 @@ class SignalHandler:
     ) -> None:
         """Hand the signal to the bus, which publishes its name as soon as
         the main thread is not in the middle of a transition or a wait."""
-        self.bus._signal_arrived(self.signals[signum])  # pyright: ignore[reportPrivateUsage]
+        self.bus._signal_arrived(self.signals[signum])
 
     def handle_SIGHUP(self) -> None:
         """Restart when daemonized, else exit.
@@ -2161,12 +2191,7 @@ class DropPrivileges(SimplePlugin):
                     level=_WARNING,
                 )
                 value = None
-            elif (
-                # Checked all the same, for untyped callers.
-                not isinstance(value, int)  # pyright: ignore[reportUnnecessaryIsInstance]
-                or isinstance(value, bool)
-                or not 0 <= value <= 0o777
-            ):
+            elif not _is_int(value) or not 0 <= value <= 0o777:
                 raise ValueError(
                     'Invalid umask: %r (an int from 0 to 0o777)' % (value,)
                 )
@@ -2710,7 +2735,7 @@ class PIDFile(SimplePlugin):
         if self.bus.execv:  # restart(): hand the locked file to the re-exec.
             os.set_inheritable(fd, True)
             os.environ[_PIDFILE_ENV] = '%d %s' % (fd, self._path)
-            self.bus._keep_fds.add(fd)  # pyright: ignore[reportPrivateUsage]
+            self.bus._keep_fds.add(fd)
             atexit.register(self._remove, fd)  # Only if the exec fails.
             return
         self._remove(fd)
@@ -3087,7 +3112,7 @@ class ListenSockets(SimplePlugin):
         if self.bus.execv:
             entries = ['%d' % os.getpid()]
             # Bus's own set: restart() leaves these descriptors open.
-            keep = self.bus._keep_fds  # pyright: ignore[reportPrivateUsage]
+            keep = self.bus._keep_fds
             for name, fd in fds.items():
                 os.set_inheritable(fd, True)
                 keep.add(fd)
@@ -3440,12 +3465,12 @@ class Monitor(SimplePlugin):
             # Stopped from its own callback, the last thread may still be
             # running it: the new one waits for it to end (a handshake
             # private to Monitor and BackgroundTask).
-            thread._after = self._last  # pyright: ignore[reportPrivateUsage]
+            thread._after = self._last
             self.thread = thread
             thread.start()
         self.bus.log('Started monitor thread %r.' % self._name())
 
-    start.priority = 70  # type: ignore[attr-defined]  # Bus reads it.
+    start.priority = 70  # type: ignore[attr-defined]  # Read by subscribe().
 
     def stop(self) -> None:
         """Cancel the monitor thread and wait for its callback to end.
@@ -3555,7 +3580,7 @@ class Autoreloader(Monitor):
             self._verified = None
         super().start()
 
-    start.priority = 70  # type: ignore[attr-defined]  # Bus reads it.
+    start.priority = 70  # type: ignore[attr-defined]  # Read by subscribe().
 
     def _new_thread(self) -> BackgroundTask:
         # Watch, then take the baseline, before the thread runs: a change
@@ -4190,7 +4215,7 @@ class ChildReaper(SimplePlugin):
         thread.start()
         self.bus.log('Reaping orphaned processes as %s.' % role)
 
-    start.priority = 70  # type: ignore[attr-defined]  # A function attribute.
+    start.priority = 70  # type: ignore[attr-defined]  # Read by subscribe().
 
     def _role(self) -> Optional[str]:
         """Return 'PID 1' or 'a subreaper', or log why neither and None."""
@@ -4250,7 +4275,7 @@ class ChildReaper(SimplePlugin):
                 )
         self.bus.log('Stopped reaping orphaned processes.')
 
-    stop.priority = 90  # type: ignore[attr-defined]  # A function attribute.
+    stop.priority = 90  # type: ignore[attr-defined]  # Read by subscribe().
 
     def _run(self, stopped: threading.Event) -> None:
         seen: Dict[_Zombie, float] = {}  # zombie -> when first seen
@@ -4321,10 +4346,6 @@ def _read_stat(pid: Union[int, str]) -> Optional[Tuple[bytes, int, int]]:
         return fields[0], int(fields[1]), int(fields[19])
     except (IndexError, ValueError):
         return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _start_time(pid: int) -> Optional[int]:
@@ -4559,7 +4580,7 @@ class ProbeFiles(SimplePlugin):
             self._remove(self.ready)
         # Draining is part of the bus's exit: it reads the bus's private
         # state, here and in _drain (hence pyright's reportPrivateUsage).
-        phase = self.bus._exit_phase  # pyright: ignore[reportPrivateUsage]
+        phase = self.bus._exit_phase
         if (
             serving
             and self.drain > 0
@@ -4582,18 +4603,18 @@ class ProbeFiles(SimplePlugin):
         )
         bus = self.bus
         deadline = time.monotonic() + self.drain
-        while not bus._hurry:  # pyright: ignore[reportPrivateUsage]
+        while not bus._hurry:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
             self._touch_alive()
             # A signal handler releases _wakeup (Bus._wake) on the main
             # thread: a second SIGTERM ends this wait at once there.
-            wakeup = bus._wakeup  # pyright: ignore[reportPrivateUsage]
+            wakeup = bus._wakeup
             wakeup.acquire(timeout=min(remaining, _DRAIN_STEP))
         # Pass on a wake-up this loop may have taken.
-        bus._wake()  # pyright: ignore[reportPrivateUsage]
-        if bus._hurry:  # pyright: ignore[reportPrivateUsage]
+        bus._wake()
+        if bus._hurry:
             bus.log('Draining cut short: stopping now.')
 
     def _touch_alive(self, force: bool = False) -> None:
@@ -4931,7 +4952,7 @@ class _DemoServer(SimplePlugin):
         self.thread.start()
 
     # Serve once all else is ready (privileges too).
-    start.priority = 80  # type: ignore[attr-defined]  # A function attribute.
+    start.priority = 80  # type: ignore[attr-defined]  # Read by subscribe().
 
     def _serve(self, reply: bytes) -> None:
         while not self._done.is_set():
