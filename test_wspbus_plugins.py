@@ -10,6 +10,7 @@ import ast
 import atexit
 import ctypes
 import errno
+import importlib.util
 import json
 import logging
 import os
@@ -290,6 +291,21 @@ def test_module_import_never_loads_typing():
         check=True,
     )
     assert out.stdout.split() == ['[]']
+
+
+def test_mutation_targets_still_exist_in_the_module():
+    # make mutation (not in CI) edits the module's text: each edit's lines
+    # must still occur exactly once, or the mutant cannot be applied.
+    spec = importlib.util.spec_from_file_location(
+        'bench', os.path.join(HERE, 'bench_wspbus_plugins.py')
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    mutants = bench.parse_mutants()
+    assert len(mutants) >= 28
+    for name, _, edits in mutants:
+        for old, _ in edits:
+            assert SOURCE.count(old) == 1, (name, old)
 
 
 def test_module_version_and_all_follow_file_order():
