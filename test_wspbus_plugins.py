@@ -4451,7 +4451,7 @@ NOT_FINITE = [
 @pytest.mark.parametrize('task', [wp.BackgroundTask, wp.PerpetualTimer])
 def test_backgroundtask_interval_must_be_finite(bus, task, interval):
     # NaN made the thread spin; inf and huge values killed it with an
-    # OverflowError.  Non-numbers stay threading's business.
+    # OverflowError.  (Negatives and non-numbers: below.)
     with pytest.raises(
         ValueError, match=re.escape('Invalid interval: %r' % interval)
     ):

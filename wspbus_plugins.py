@@ -2191,10 +2191,8 @@ class DropPrivileges(SimplePlugin):
                     level=_WARNING,
                 )
                 value = None
-            elif not _is_int(value) or not 0 <= value <= 0o777:
-                raise ValueError(
-                    'Invalid umask: %r (an int from 0 to 0o777)' % (value,)
-                )
+            else:
+                _check_umask(value)
         self._umask = value
 
     def _users_group(self) -> Optional[Tuple[str, int]]:
@@ -2269,6 +2267,13 @@ class DropPrivileges(SimplePlugin):
     start.priority = 77  # type: ignore[attr-defined]  # Read by subscribe().
 
 
+def _check_umask(umask: int) -> None:
+    if not _is_int(umask) or not 0 <= umask <= 0o777:
+        raise ValueError(
+            'Invalid umask: %r (an int from 0 to 0o777)' % (umask,)
+        )
+
+
 # -- Daemonizer ---------------------------------------------------------------
 
 
@@ -2276,9 +2281,10 @@ class Daemonizer(SimplePlugin):
     """Detach the process from its terminal: double fork, new session.
 
     Channel: ``start`` (priority 65, before PIDFile, so the file holds the
-    daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy) and
-    its descriptors 0, 1 and 2 the files named, even if they were closed
-    (``app >&-``) or sys.stdout was replaced.
+    daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy; an
+    int from 0 to 0o777, else ValueError here) and its descriptors 0, 1
+    and 2 the files named, even if they were closed (``app >&-``) or
+    sys.stdout was replaced.
 
     With `wait_ready` (the default) the process you launched waits until the
     daemon's bus is STARTED, then exits 0; if a start listener fails or the
@@ -2312,6 +2318,7 @@ class Daemonizer(SimplePlugin):
                 'Invalid ready_timeout: %r (seconds, a finite number > 0)'
                 % (ready_timeout,)
             )
+        _check_umask(umask)  # Not only in the daemon, too late to say.
         for path in (stdout, stderr):
             if not _daemonized_by_us():  # Re-executed: no files to open.
                 _check_parent_dir(path, 'Daemonizer output')
@@ -3346,10 +3353,10 @@ def _remove_stale_socket_file(path: str) -> None:
 class PerpetualTimer(threading.Timer):
     """A threading.Timer that calls its function every `interval` seconds.
 
-    Takes Timer's arguments plus `bus`; an `interval` threading cannot wait
-    (NaN, inf, beyond TIMEOUT_MAX) raises ValueError.  The first exception
-    from the function is logged on the bus (raised, without one) and ends
-    the timer; cancel() ends it at once.
+    Takes Timer's arguments plus `bus`; an `interval` that is not a number
+    from 0 to threading.TIMEOUT_MAX (negative, NaN, inf) raises ValueError.
+    The first exception from the function is logged on the bus (raised,
+    without one) and ends the timer; cancel() ends it at once.
     """
 
     def __init__(
@@ -3385,8 +3392,9 @@ class PerpetualTimer(threading.Timer):
 class BackgroundTask(threading.Thread):
     """A daemon thread that calls ``function(*args, **kwargs)`` repeatedly.
 
-    It waits `interval` seconds before each call; a number that threading
-    cannot wait (NaN, inf, beyond TIMEOUT_MAX) raises ValueError here.
+    It waits `interval` seconds before each call; anything but a number
+    from 0 to threading.TIMEOUT_MAX (negative, NaN, inf) raises ValueError
+    here.
     cancel() ends the thread at once, even in the middle of a wait.  The
     first exception is logged on `bus` (raised, without one) and ends the
     thread.  ``running`` is True while the thread loops.  Subclasses may
@@ -3446,10 +3454,12 @@ class BackgroundTask(threading.Thread):
 
 
 def _check_interval(interval: float) -> None:
-    # Non-numbers are left to threading, as CherryPy does.
-    if _is_number(interval) and not _is_finite_wait(interval):
+    # Here, not in the thread: CherryPy's time.sleep() raised there for a
+    # non-number or a negative number; a negative wait returns at once, so
+    # the function would run in a hot loop.
+    if not _is_number(interval) or not 0 <= interval <= threading.TIMEOUT_MAX:
         raise ValueError(
-            'Invalid interval: %r (seconds, a finite number up to '
+            'Invalid interval: %r (seconds, a number from 0 to '
             'threading.TIMEOUT_MAX)' % (interval,)
         )
 
@@ -4531,10 +4541,10 @@ class ProbeFiles(SimplePlugin):
       touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
     - ``exit`` removes both files.
 
-    `ready` and `alive` are paths (None: not used), made absolute, whose
-    directory must exist and be writable; `interval` a finite number of
-    seconds > 0; `drain` a finite number of seconds >= 0.  Anything else
-    raises here.
+    `ready` and `alive` are paths (None: not used), made absolute, naming
+    a file (not '', a directory, or with a NUL), whose directory must exist
+    and be writable; `interval` a finite number of seconds > 0; `drain` a
+    finite number of seconds >= 0.  Anything else raises here.
     A symlink or anything but a regular file at a path is refused, and a
     file is removed only if it is still the one this plugin made.  A file
     that cannot be made or touched is logged (for ``start``: raised), so
@@ -4753,12 +4763,17 @@ def _probe_path(path: Optional[str], what: str) -> Optional[str]:
     if path is None:
         return None
     try:
-        path = os.fspath(path)
+        path = os.fsdecode(path)
     except TypeError:
         raise TypeError(
             'ProbeFiles %s must be a path or None, not %r'
             % (what.lower(), path)
         ) from None
+    if '\0' in path:
+        raise ValueError('%s %r contains a NUL byte.' % (what, path))
+    # '' would be the working directory: ready never made, only logged.
+    if not os.path.basename(path) or os.path.isdir(path):
+        raise ValueError('%s %r names a directory, not a file.' % (what, path))
     _check_parent_dir(path, what)
     return os.path.abspath(path)
 
