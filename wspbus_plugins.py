@@ -3394,10 +3394,9 @@ class BackgroundTask(threading.Thread):
 
     It waits `interval` seconds before each call; anything but a number
     from 0 to threading.TIMEOUT_MAX (negative, NaN, inf) raises ValueError
-    here.
-    cancel() ends the thread at once, even in the middle of a wait.  The
-    first exception is logged on `bus` (raised, without one) and ends the
-    thread.  ``running`` is True while the thread loops.  Subclasses may
+    here.  cancel() ends the thread at once, even in the middle of a wait.
+    The first exception is logged on `bus` (raised, without one) and ends
+    the thread.  ``running`` is True while the thread loops.  Subclasses may
     override _sleep() to wait on something else.
     """
 
