@@ -3272,6 +3272,10 @@ def test_daemonizer_needs_fork(bus, monkeypatch):
         ({'ready_timeout': float('nan')}, 'Invalid ready_timeout: nan'),
         ({'ready_timeout': float('inf')}, 'Invalid ready_timeout: inf'),
         ({'stdout': '/no/such/dir/out.log'}, "'/no/such/dir' does not exist"),
+        ({'umask': 'x'}, "Invalid umask: 'x' (an int from 0 to 0o777)"),
+        ({'umask': -1}, 'Invalid umask: -1 '),
+        ({'umask': 0o1000}, 'Invalid umask: 512 '),
+        ({'umask': 0.5}, 'Invalid umask: 0.5 '),
     ],
 )
 def test_daemonizer_bad_input_is_named(bus, kwargs, message):
@@ -3829,6 +3833,80 @@ def test_listensockets_adopts_systemd_socket_activation(tmp_path):
             proc.communicate(timeout=TIMEOUT)
 
 
+ACTIVATING_CHILD = """
+    import fcntl, os, socket, sys
+    # Plays systemd: holds listening sockets and passes them to the
+    # service it starts at descriptors 3, 4, ... with LISTEN_* set.
+    ports, names = sys.argv[1].split(','), sys.argv[2]
+    held = []
+    for port in ports:
+        sock = socket.socket()
+        sock.bind(('127.0.0.1', int(port)))
+        sock.listen()
+        held.append(sock)
+    pid = os.fork()
+    if pid == 0:
+        moved = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
+                 for s in held]
+        for i, fd in enumerate(moved):
+            os.dup2(fd, 3 + i)  # Inheritable, as systemd passes them.
+        os.environ.update(LISTEN_PID=str(os.getpid()),
+                          LISTEN_FDS=str(len(held)), LISTEN_FDNAMES=names)
+        os.execv(sys.executable, [sys.executable] + sys.argv[3:])
+    print(pid, flush=True)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else 99)
+"""
+
+
+def free_ports(count):
+    ports = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+@needs_fork
+def test_listensockets_systemd_default_names_keep_every_socket(
+    child, tmp_path
+):
+    # A .socket unit with two ListenStream= and no FileDescriptorName=
+    # names both descriptors after the unit.  The second used to replace
+    # the first, whose descriptor was closed: systemd still held the port,
+    # so the service could not listen on it.
+    ports = free_ports(2)
+    service, events = tmp_path / 'service.py', tmp_path / 'events'
+    service.write_text(textwrap.dedent(LISTEN_CHILD))
+    # The first image asks for one socket by the default name; the other
+    # crosses the restart unasked, and the second image asks for it.
+    later = "if starts > 1: sockets.listen('two', ('127.0.0.1', %d))"
+    proc = child(
+        ACTIVATING_CHILD,
+        '%d,%d' % tuple(ports),
+        'app.socket:app.socket',
+        str(service),
+        str(events),
+        repr({'app.socket': ('127.0.0.1', ports[0])}),
+        later % ports[1],
+    )
+    pid = int(proc.stdout.readline())
+    child.track(pid)
+    wait_until(
+        lambda: starts_of(events) or proc.poll() is not None,
+        'the activated start',
+    )
+    assert starts_of(events), finish(proc)
+    assert ask(('127.0.0.1', ports[0])) == '%d 1\n' % pid
+    with socket.create_connection(('127.0.0.1', ports[1]), TIMEOUT) as early:
+        restart_and_wait_pid(pid, events, 2)  # early waits in the backlog.
+        assert early.makefile('rb').readline() == b'%d 2\n' % pid
+    for port in ports:
+        assert ask(('127.0.0.1', port)) == '%d 2\n' % pid
+    os.kill(pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+
+
 def python_for_nobody():
     """An interpreter that user nobody can run this module with."""
     import pwd
@@ -3982,11 +4060,65 @@ def test_listensockets_finds_an_unnamed_socket_by_its_address(
     assert got.getsockname() == listener.getsockname()
 
 
+def test_listensockets_duplicate_names_are_told_apart_by_address(
+    bus, inherit, listen_sockets
+):
+    first, second = socket.socket(), socket.socket()
+    try:
+        for sock in (first, second):
+            sock.bind(('127.0.0.1', 0))
+            sock.listen()
+        addresses = [first.getsockname(), second.getsockname()]
+        fds = inherit(first, second, names='app.socket:app.socket')
+    finally:
+        first.close()
+        second.close()
+    sockets = listen_sockets()
+    for fd in fds:
+        os.fstat(fd)  # Neither replaced by the other and closed.
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "2 inherited sockets are called 'app.socket' and none is bound "
+            "to ('127.0.0.1', 1)"
+        ),
+    ):
+        sockets.listen('app.socket', ('127.0.0.1', 1))
+    got = sockets.listen('app.socket', addresses[1])
+    assert got.getsockname() == addresses[1]
+    assert sockets.listen('web', addresses[0]).getsockname() == addresses[0]
+    assert bus.recorder.messages(30) == []
+
+
+@pytest.mark.parametrize('fd', ['99999999999999999999', '-1', 'twice'])
+def test_listensockets_restart_garbage_is_ignored(
+    bus, listener, listen_sockets, monkeypatch, fd
+):
+    entries = 'web\t%s\t' % fd
+    if fd == 'twice':  # Two sockets on one descriptor: one would close both.
+        fd = str(os.dup(listener.fileno()))
+        entries = 'web\t%s\t\nadmin\t%s\t' % (fd, fd)
+    monkeypatch.setenv(wp._LISTEN_ENV, '%d\n%s' % (os.getpid(), entries))
+    sockets = listen_sockets()
+    [warning] = bus.recorder.messages(30)
+    if entries.count('\n'):
+        assert repr(sockets) == 'ListenSockets(web)'
+        assert warning.startswith(
+            'Ignoring inherited descriptor %s (admin)' % fd
+        )
+    else:
+        assert repr(sockets) == 'ListenSockets()'
+        assert warning.startswith(
+            'Ignoring inherited descriptor %s (web)' % fd
+        )
+
+
 @pytest.mark.parametrize(
     'env, message',
     [
         ({'LISTEN_PID': '1'}, "LISTEN_PID='1' is not this process"),
         ({'LISTEN_FDS': 'two'}, "Ignoring LISTEN_FDS='two': not a number."),
+        ({'LISTEN_FDS': '\u00b2'}, "Ignoring LISTEN_FDS='\u00b2': not a"),
     ],
 )
 def test_listensockets_ignores_variables_not_meant_for_it(
@@ -3996,7 +4128,7 @@ def test_listensockets_ignores_variables_not_meant_for_it(
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     sockets = listen_sockets()
-    assert sockets._inherited == {}
+    assert sockets._inherited == []
     assert [m for m in bus.recorder.messages(30) if message in m]
     assert 'LISTEN_FDS' not in os.environ  # Children never see them.
 
@@ -4023,7 +4155,7 @@ def test_listensockets_ignores_what_is_not_a_listening_socket(
         for fd in (read, write):
             os.close(fd)
         idle.close()
-    assert sockets._inherited == {}
+    assert sockets._inherited == []
     warnings = bus.recorder.messages(30)
     assert 'Ignoring inherited descriptor %d (pipe)' % fds[0] in warnings[0]
     assert warnings[1] == (
@@ -4078,6 +4210,53 @@ def test_listensockets_unix_path_stale_is_replaced_live_is_refused(
     assert not os.path.exists(path)
 
 
+@linux_only
+def test_listensockets_abstract_unix_address_has_no_file_to_check(bus):
+    name = '\0wspbus-test-%d' % os.getpid()
+    sockets = wp.ListenSockets(bus)
+    try:
+        got = sockets.listen('abstract', name)
+        assert got.getsockname() in (name, name.encode())
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(name)
+    finally:
+        sockets.exit()
+
+
+FULL_BACKLOG_CHILD = """
+    import sys, wspbus_plugins as wp
+    try:
+        wp.ListenSockets(wp.Bus()).listen('api', sys.argv[1])
+    except OSError as exc:
+        print(exc)
+"""
+
+
+def test_listensockets_unix_path_of_a_wedged_owner_is_in_use(child, tmp_path):
+    # Its backlog full, the owner accepts nothing: a blocking probe
+    # connect() waited for ever.  The path is in use, not stale.
+    path = str(tmp_path / 'api.sock')
+    owner = socket.socket(socket.AF_UNIX)
+    filler = socket.socket(socket.AF_UNIX)
+    try:
+        owner.bind(path)
+        owner.listen(0)
+        filler.setblocking(False)
+        try:
+            filler.connect(path)
+        except BlockingIOError:
+            pass
+        status, out, err = finish(child(FULL_BACKLOG_CHILD, path))
+        assert (status, err) == (0, '')
+        assert out.startswith(
+            '[Errno %d] Cannot listen on %r' % (errno.EADDRINUSE, path)
+        )
+        assert os.path.exists(path)  # Left to its owner.
+    finally:
+        filler.close()
+        owner.close()
+
+
 def test_listensockets_restart_hands_sockets_to_the_new_image(
     bus, monkeypatch
 ):
@@ -4097,7 +4276,7 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     bus.execv = False
     again.exit()
     monkeypatch.setenv(wp._LISTEN_ENV, '1\nweb\t%d\t' % fd)  # Not ours.
-    assert wp.ListenSockets(bus)._inherited == {}
+    assert wp.ListenSockets(bus)._inherited == []
 
 
 PIDFILE_KIND_CHILD = """
@@ -4275,11 +4454,25 @@ NOT_FINITE = [
 @pytest.mark.parametrize('task', [wp.BackgroundTask, wp.PerpetualTimer])
 def test_backgroundtask_interval_must_be_finite(bus, task, interval):
     # NaN made the thread spin; inf and huge values killed it with an
-    # OverflowError.  Non-numbers stay threading's business.
+    # OverflowError.  (Negatives and non-numbers: below.)
     with pytest.raises(
         ValueError, match=re.escape('Invalid interval: %r' % interval)
     ):
         task(interval, lambda: None)
+
+
+@pytest.mark.parametrize('interval', [-1, -0.5, '1', None, True])
+@pytest.mark.parametrize('task', [wp.BackgroundTask, wp.PerpetualTimer])
+def test_backgroundtask_interval_must_be_a_number_from_zero(
+    bus, task, interval
+):
+    # -1 made BackgroundTask call its function in a hot loop (CherryPy's
+    # time.sleep(-1) raised); '1' failed only inside the thread.
+    with pytest.raises(
+        ValueError, match=re.escape('Invalid interval: %r' % (interval,))
+    ):
+        task(interval, lambda: None)
+    task(0, lambda: None)  # As time.sleep(0): allowed.
 
 
 # -- Monitor ------------------------------------------------------------------
@@ -5432,6 +5625,29 @@ def test_probefiles_rejects_bad_paths(bus, tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'access', lambda *args, **kwargs: False)
     with pytest.raises(ValueError, match='Alive file directory .* not writ'):
         wp.ProbeFiles(bus, alive=same)
+
+
+@pytest.mark.parametrize(
+    'path, message',
+    [
+        ('', "Ready file '' names a directory, not a file."),
+        ('sub/', "Ready file 'sub/' names a directory, not a file."),
+        ('.', "Ready file '.' names a directory, not a file."),
+        ('sub', "Ready file 'sub' names a directory, not a file."),
+        ('a\0b', "Ready file 'a\\x00b' contains a NUL byte."),
+    ],
+)
+def test_probefiles_rejects_a_path_that_is_no_file(
+    bus, tmp_path, monkeypatch, path, message
+):
+    # '' used to become the working directory, where ready could never be
+    # made: the service ran, never ready, with only an error logged.
+    monkeypatch.chdir(str(tmp_path))
+    (tmp_path / 'sub').mkdir()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        wp.ProbeFiles(bus, ready=path)
+    with pytest.raises(ValueError, match=re.escape(message[6:])):
+        wp.ProbeFiles(bus, alive=path.encode())
 
 
 @pytest.fixture

@@ -2191,10 +2191,8 @@ class DropPrivileges(SimplePlugin):
                     level=_WARNING,
                 )
                 value = None
-            elif not _is_int(value) or not 0 <= value <= 0o777:
-                raise ValueError(
-                    'Invalid umask: %r (an int from 0 to 0o777)' % (value,)
-                )
+            else:
+                _check_umask(value)
         self._umask = value
 
     def _users_group(self) -> Optional[Tuple[str, int]]:
@@ -2269,6 +2267,13 @@ class DropPrivileges(SimplePlugin):
     start.priority = 77  # type: ignore[attr-defined]  # Read by subscribe().
 
 
+def _check_umask(umask: int) -> None:
+    if not _is_int(umask) or not 0 <= umask <= 0o777:
+        raise ValueError(
+            'Invalid umask: %r (an int from 0 to 0o777)' % (umask,)
+        )
+
+
 # -- Daemonizer ---------------------------------------------------------------
 
 
@@ -2276,9 +2281,10 @@ class Daemonizer(SimplePlugin):
     """Detach the process from its terminal: double fork, new session.
 
     Channel: ``start`` (priority 65, before PIDFile, so the file holds the
-    daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy) and
-    its descriptors 0, 1 and 2 the files named, even if they were closed
-    (``app >&-``) or sys.stdout was replaced.
+    daemon's PID).  The daemon's umask becomes `umask` (0, as CherryPy; an
+    int from 0 to 0o777, else ValueError here) and its descriptors 0, 1
+    and 2 the files named, even if they were closed (``app >&-``) or
+    sys.stdout was replaced.
 
     With `wait_ready` (the default) the process you launched waits until the
     daemon's bus is STARTED, then exits 0; if a start listener fails or the
@@ -2312,6 +2318,7 @@ class Daemonizer(SimplePlugin):
                 'Invalid ready_timeout: %r (seconds, a finite number > 0)'
                 % (ready_timeout,)
             )
+        _check_umask(umask)  # Not only in the daemon, too late to say.
         for path in (stdout, stderr):
             if not _daemonized_by_us():  # Re-executed: no files to open.
                 _check_parent_dir(path, 'Daemonizer output')
@@ -3004,20 +3011,22 @@ class ListenSockets(SimplePlugin):
         super().__init__(bus)
         self.sockets: Dict[str, socket.socket] = {}
         """Name -> the listening socket.socket that listen() handed out."""
-        self._inherited: Dict[str, socket.socket] = {}  # not yet asked for
+        # Not yet asked for: (name, socket, AF_UNIX path an earlier image
+        # bound or ''), a list: systemd gives every socket of a unit the
+        # unit's name unless told otherwise.
+        self._inherited: List[Tuple[str, socket.socket, str]] = []
         self._kept: Dict[str, int] = {}  # our dup of a handed-out socket's fd
         self._bound_paths: Dict[str, str] = {}  # AF_UNIX paths we bound
         inherited = self._from_restart() + self._from_systemd()
         for name, fd, path in inherited:
             sock = self._adopt(name, fd)
             if sock is not None:
-                self._inherited[name] = sock
-                if path:
-                    self._bound_paths[name] = path
+                self._inherited.append((name, sock, path))
 
     def __repr__(self) -> str:
+        names = {name for name, _, _ in self._inherited}
         return 'ListenSockets(%s)' % ', '.join(
-            sorted(set(self.sockets) | set(self._inherited))
+            sorted(set(self.sockets) | names)
         )
 
     def listen(
@@ -3034,9 +3043,11 @@ class ListenSockets(SimplePlugin):
         the host has a colon) or a ``str`` path (AF_UNIX); `family` and
         `type` (default SOCK_STREAM) override the guess.  An inherited
         socket of that name, or bound to that address, is returned instead
-        of a new one; a family or type that differs from what was asked is
-        a ValueError.  A new AF_UNIX socket first removes a stale socket
-        file at the path (one nobody listens on).
+        of a new one (of several with that name, the one bound there; none
+        is a ValueError); a family or type that differs from what was asked
+        is a ValueError.  A new AF_UNIX socket first removes a stale socket
+        file at the path (one nobody listens on; an abstract name, starting
+        with a NUL, has no file).
         """
         import socket
 
@@ -3047,8 +3058,8 @@ class ListenSockets(SimplePlugin):
         sock = sock or inherited
         if sock is None:
             sock = self._bind(address, family, type, backlog)
-            if isinstance(address, str) and not address.startswith('\0'):
-                self._bound_paths[name] = address  # Not abstract: a file.
+            if isinstance(address, str) and not _is_abstract(address):
+                self._bound_paths[name] = address
             self.bus.log('Listening on %r (%s).' % (address, name))
         elif (sock.family, sock.type) != (family, type):
             raise ValueError(
@@ -3061,10 +3072,7 @@ class ListenSockets(SimplePlugin):
                 )
             )
         if inherited is not None:
-            for other in [k for k, v in self._inherited.items() if v is sock]:
-                del self._inherited[other]
-                if other != name and other in self._bound_paths:
-                    self._bound_paths[name] = self._bound_paths.pop(other)
+            self._claim(name, inherited)
             self.bus.log('Listening on %r (%s), inherited.' % (address, name))
         if name not in self._kept:
             self._kept[name] = os.dup(sock.fileno())
@@ -3074,12 +3082,35 @@ class ListenSockets(SimplePlugin):
     def _inherited_for(
         self, name: str, address: _Address
     ) -> Optional[socket.socket]:
-        sock = self._inherited.get(name)
-        if sock is None:  # systemd's default names: match the address.
-            for candidate in self._inherited.values():
-                if _same_address(candidate, address):
-                    return candidate
-        return sock
+        named = [sock for n, sock, _ in self._inherited if n == name]
+        if len(named) == 1:
+            return named[0]  # The name wins, whatever the address.
+        # Several of that name, or none (systemd's default names, the
+        # unit's): the one bound to the address.
+        for sock in named or [sock for _, sock, _ in self._inherited]:
+            if _same_address(sock, address):
+                return sock
+        if named:
+            raise ValueError(
+                '%d inherited sockets are called %r and none is bound to '
+                '%r: they are bound to %s.'
+                % (
+                    len(named),
+                    name,
+                    address,
+                    ', '.join(repr(_bound_address(s)) for s in named),
+                )
+            )
+        return None
+
+    def _claim(self, name: str, sock: socket.socket) -> None:
+        """Move inherited `sock` to those handed out, as `name`."""
+        for entry in self._inherited:
+            if entry[1] is sock:
+                self._inherited.remove(entry)
+                if entry[2]:
+                    self._bound_paths[name] = entry[2]
+                return
 
     def _bind(
         self, address: _Address, family: int, type: int, backlog: int
@@ -3090,7 +3121,7 @@ class ListenSockets(SimplePlugin):
         try:
             if family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            elif isinstance(address, str):
+            elif isinstance(address, str) and not _is_abstract(address):
                 _remove_stale_socket_file(address)
             sock.bind(address)
             if type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
@@ -3107,16 +3138,18 @@ class ListenSockets(SimplePlugin):
 
     def exit(self) -> None:
         """Keep the sockets for the new image on restart; else close them."""
-        fds = dict(self._kept)
-        fds.update((name, s.fileno()) for name, s in self._inherited.items())
+        fds = [
+            (name, fd, self._bound_paths.get(name, ''))
+            for name, fd in self._kept.items()
+        ]
+        fds += [(name, s.fileno(), path) for name, s, path in self._inherited]
         if self.bus.execv:
             entries = ['%d' % os.getpid()]
             # Bus's own set: restart() leaves these descriptors open.
             keep = self.bus._keep_fds
-            for name, fd in fds.items():
+            for name, fd, path in fds:
                 os.set_inheritable(fd, True)
                 keep.add(fd)
-                path = self._bound_paths.get(name, '')
                 entries.append('%s\t%d\t%s' % (name, fd, path))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
             atexit.register(self._close)  # Only if the exec fails.
@@ -3124,14 +3157,17 @@ class ListenSockets(SimplePlugin):
         self._close()
 
     def _close(self) -> None:
-        for sock in list(self.sockets.values()) + list(
-            self._inherited.values()
-        ):
+        paths = list(self._bound_paths.values())
+        for _, sock, path in self._inherited:
+            sock.close()
+            if path:
+                paths.append(path)
+        for sock in self.sockets.values():
             sock.close()
         for fd in self._kept.values():
             _close_quietly(fd)
-        self.sockets, self._inherited, self._kept = {}, {}, {}
-        for path in self._bound_paths.values():
+        self.sockets, self._inherited, self._kept = {}, [], {}
+        for path in paths:
             _remove_quietly(path)
         self._bound_paths = {}
 
@@ -3168,7 +3204,7 @@ class ListenSockets(SimplePlugin):
                 level=_WARNING,
             )
             return []
-        if not count.isdigit():
+        if not (count.isascii() and count.isdigit()):  # Not '²', nor ' 1'.
             self.bus.log(
                 'Ignoring LISTEN_FDS=%r: not a number.' % count,
                 level=_WARNING,
@@ -3192,14 +3228,17 @@ class ListenSockets(SimplePlugin):
     def _adopt(self, name: str, fd: int) -> Optional[socket.socket]:
         import socket
 
+        if any(s.fileno() == fd for _, s, _ in self._inherited):
+            # A second socket object would close it under the first.
+            self._ignore(fd, name, 'listed twice')
+            return None
         try:
             sock = socket.socket(fileno=fd)
         except OSError as exc:  # Not a socket, or not open.
-            self.bus.log(
-                'Ignoring inherited descriptor %d (%s): %s.'
-                % (fd, name, exc.strerror or exc),
-                level=_WARNING,
-            )
+            self._ignore(fd, name, exc.strerror or str(exc))
+            return None
+        except (ValueError, OverflowError) as exc:  # -1, 10**20
+            self._ignore(fd, name, str(exc))
             return None
         accepting = getattr(socket, 'SO_ACCEPTCONN', None)
         if (
@@ -3208,15 +3247,17 @@ class ListenSockets(SimplePlugin):
             and not sock.getsockopt(socket.SOL_SOCKET, accepting)
         ):
             sock.detach()
-            self.bus.log(
-                'Ignoring inherited descriptor %d (%s): not a listening '
-                'socket.' % (fd, name),
-                level=_WARNING,
-            )
+            self._ignore(fd, name, 'not a listening socket')
             return None
         os.set_inheritable(fd, False)
         sock.setblocking(True)  # As a new one; the last owner may differ.
         return sock
+
+    def _ignore(self, fd: int, name: str, reason: str) -> None:
+        self.bus.log(
+            'Ignoring inherited descriptor %d (%s): %s.' % (fd, name, reason),
+            level=_WARNING,
+        )
 
 
 def _address_family(address: Union[str, bytes, Tuple[object, ...]]) -> int:
@@ -3252,14 +3293,35 @@ def _socket_kind(family: int, type: int) -> str:
 
 def _same_address(sock: socket.socket, address: _Address) -> bool:
     """Tell whether `sock` is bound to `address` ('' meaning any host)."""
+    bound = _bound_address(sock)
+    if bound is None:
+        return False
+    if isinstance(address, (str, bytes)) or isinstance(bound, (str, bytes)):
+        # AF_UNIX; Linux gives an abstract name back as bytes.
+        return (
+            isinstance(address, (str, bytes))
+            and isinstance(bound, (str, bytes))
+            and os.fsencode(bound) == os.fsencode(address)
+        )
+    host = address[0] or ('::' if ':' in bound[0] else '0.0.0.0')
+    return (bound[0], bound[1]) == (host, address[1]) and address[1] != 0
+
+
+def _bound_address(
+    sock: socket.socket,
+) -> Union[str, bytes, Tuple[Any, ...], None]:
     try:
         bound: Union[str, bytes, Tuple[Any, ...]] = sock.getsockname()
     except OSError:
-        return False
-    if isinstance(address, str) or isinstance(bound, (str, bytes)):
-        return bound == address
-    host = address[0] or ('::' if ':' in bound[0] else '0.0.0.0')
-    return (bound[0], bound[1]) == (host, address[1]) and address[1] != 0
+        return None
+    return bound
+
+
+def _is_abstract(address: Union[str, bytes]) -> bool:
+    """Tell whether an AF_UNIX address is abstract (Linux): not a file."""
+    if isinstance(address, str):
+        return address.startswith('\0')
+    return address.startswith(b'\0')
 
 
 def _remove_stale_socket_file(path: str) -> None:
@@ -3273,6 +3335,10 @@ def _remove_stale_socket_file(path: str) -> None:
     except OSError:
         return
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        # Never wait: connect() to a listener whose backlog is full (wedged,
+        # stopped or busy) blocks until it accepts.  Only ECONNREFUSED says
+        # nobody listens; EAGAIN is a full backlog, in use all the same.
+        probe.setblocking(False)
         try:
             probe.connect(path)
         except ConnectionRefusedError:
@@ -3287,10 +3353,10 @@ def _remove_stale_socket_file(path: str) -> None:
 class PerpetualTimer(threading.Timer):
     """A threading.Timer that calls its function every `interval` seconds.
 
-    Takes Timer's arguments plus `bus`; an `interval` threading cannot wait
-    (NaN, inf, beyond TIMEOUT_MAX) raises ValueError.  The first exception
-    from the function is logged on the bus (raised, without one) and ends
-    the timer; cancel() ends it at once.
+    Takes Timer's arguments plus `bus`; an `interval` that is not a number
+    from 0 to threading.TIMEOUT_MAX (negative, NaN, inf) raises ValueError.
+    The first exception from the function is logged on the bus (raised,
+    without one) and ends the timer; cancel() ends it at once.
     """
 
     def __init__(
@@ -3326,11 +3392,11 @@ class PerpetualTimer(threading.Timer):
 class BackgroundTask(threading.Thread):
     """A daemon thread that calls ``function(*args, **kwargs)`` repeatedly.
 
-    It waits `interval` seconds before each call; a number that threading
-    cannot wait (NaN, inf, beyond TIMEOUT_MAX) raises ValueError here.
-    cancel() ends the thread at once, even in the middle of a wait.  The
-    first exception is logged on `bus` (raised, without one) and ends the
-    thread.  ``running`` is True while the thread loops.  Subclasses may
+    It waits `interval` seconds before each call; anything but a number
+    from 0 to threading.TIMEOUT_MAX (negative, NaN, inf) raises ValueError
+    here.  cancel() ends the thread at once, even in the middle of a wait.
+    The first exception is logged on `bus` (raised, without one) and ends
+    the thread.  ``running`` is True while the thread loops.  Subclasses may
     override _sleep() to wait on something else.
     """
 
@@ -3387,10 +3453,12 @@ class BackgroundTask(threading.Thread):
 
 
 def _check_interval(interval: float) -> None:
-    # Non-numbers are left to threading, as CherryPy does.
-    if _is_number(interval) and not _is_finite_wait(interval):
+    # Here, not in the thread: CherryPy's time.sleep() raised there for a
+    # non-number or a negative number; a negative wait returns at once, so
+    # the function would run in a hot loop.
+    if not _is_number(interval) or not 0 <= interval <= threading.TIMEOUT_MAX:
         raise ValueError(
-            'Invalid interval: %r (seconds, a finite number up to '
+            'Invalid interval: %r (seconds, a number from 0 to '
             'threading.TIMEOUT_MAX)' % (interval,)
         )
 
@@ -4472,10 +4540,10 @@ class ProbeFiles(SimplePlugin):
       touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
     - ``exit`` removes both files.
 
-    `ready` and `alive` are paths (None: not used), made absolute, whose
-    directory must exist and be writable; `interval` a finite number of
-    seconds > 0; `drain` a finite number of seconds >= 0.  Anything else
-    raises here.
+    `ready` and `alive` are paths (None: not used), made absolute, naming
+    a file (not '', a directory, or with a NUL), whose directory must exist
+    and be writable; `interval` a finite number of seconds > 0; `drain` a
+    finite number of seconds >= 0.  Anything else raises here.
     A symlink or anything but a regular file at a path is refused, and a
     file is removed only if it is still the one this plugin made.  A file
     that cannot be made or touched is logged (for ``start``: raised), so
@@ -4694,12 +4762,17 @@ def _probe_path(path: Optional[str], what: str) -> Optional[str]:
     if path is None:
         return None
     try:
-        path = os.fspath(path)
+        path = os.fsdecode(path)
     except TypeError:
         raise TypeError(
             'ProbeFiles %s must be a path or None, not %r'
             % (what.lower(), path)
         ) from None
+    if '\0' in path:
+        raise ValueError('%s %r contains a NUL byte.' % (what, path))
+    # '' would be the working directory: ready never made, only logged.
+    if not os.path.basename(path) or os.path.isdir(path):
+        raise ValueError('%s %r names a directory, not a file.' % (what, path))
     _check_parent_dir(path, what)
     return os.path.abspath(path)
 
