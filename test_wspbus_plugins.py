@@ -2403,6 +2403,41 @@ def test_run_async_error_in_main_is_logged_status_1_no_pid_file(
     assert not pidfile.exists()
 
 
+@pytest.mark.parametrize(
+    'raised, status, out',
+    [('SystemExit(3)', 3, ''), ('KeyboardInterrupt', 0, 'None\n')],
+)
+def test_run_async_sys_exit_or_ctrl_c_in_main_still_cleans_up(
+    child, tmp_path, raised, status, out
+):
+    # asyncio lets these two out of run_until_complete() at once.
+    pidfile = tmp_path / 'app.pid'
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        wp.PIDFile(bus, sys.argv[3]).subscribe()
+        async def leftover():
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                note('leftover cancelled')
+        async def quits():
+            asyncio.ensure_future(leftover())
+            await asyncio.sleep(0.01)
+            raise %s
+        handler.subscribe()
+        print(bus.run_async(quits()), flush=True)
+        """
+        % raised,
+        '0',
+        str(pidfile),
+    )
+    assert finish(proc) == (status, out, '')
+    assert lines_of(events) == ['stop', 'exit', 'leftover cancelled']
+    assert not pidfile.exists()
+
+
 def test_run_async_executor_work_never_holds_the_exit(child, tmp_path):
     proc, events = async_child(
         child,

@@ -1249,7 +1249,10 @@ class Bus:
         or Ctrl+C while the main task cleans up cancels that cleanup; the
         ``exit`` listeners still run.  ``main`` is published every
         `interval` seconds.  An exception in `main` is logged, and the
-        process then exits with status 1 (SystemExit).
+        process then exits with status 1 (SystemExit).  SystemExit or
+        KeyboardInterrupt raised in a task is an exit() too: once the bus
+        has exited, the SystemExit is raised again (its status kept), and
+        a KeyboardInterrupt returns None, as Ctrl+C does.
         """
         import asyncio
 
@@ -1259,9 +1262,9 @@ class Bus:
             asyncio.set_event_loop(loop)
             restore = self._loop_signals(loop)
             try:
-                outcome = loop.run_until_complete(
-                    self._drive(loop, main, interval)
-                )
+                drive = loop.create_task(self._drive(loop, main, interval))
+                escaped = self._run_driver(loop, drive)
+                failed, result, interrupt = drive.result()
             finally:
                 restore()
         finally:
@@ -1272,22 +1275,50 @@ class Bus:
             self._after_exit()
         finally:
             self._end_busy(main_thread)
-        failed, result = outcome
+        interrupt = escaped or interrupt
+        if isinstance(interrupt, SystemExit):
+            raise interrupt  # With its status, as block() does.
         if failed:
             raise SystemExit(1)
         return result
+
+    def _run_driver(
+        self, loop: asyncio.AbstractEventLoop, drive: asyncio.Task[Any]
+    ) -> Optional[BaseException]:
+        """Run `drive` to its end; return a SystemExit or KeyboardInterrupt
+        that a task raised meanwhile.
+
+        asyncio lets those out of run_until_complete() at once, leaving
+        `drive` suspended: take each as an exit() (as block() does) and run
+        the loop on, so the bus still exits and cleans up.
+        """
+        escaped: Optional[BaseException] = None
+        while True:
+            try:
+                loop.run_until_complete(drive)
+                return escaped
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if drive.done():
+                    raise  # The driver's own: nothing is left to run.
+                escaped = escaped or exc
+                if isinstance(exc, SystemExit):
+                    self.log('SystemExit raised: shutting down bus')
+                else:
+                    self.log('Keyboard Interrupt: shutting down bus')
+                self.exit()
 
     async def _drive(
         self,
         loop: asyncio.AbstractEventLoop,
         main: Awaitable[_T],
         interval: float,
-    ) -> Tuple[bool, Optional[_T]]:
+    ) -> Tuple[bool, Optional[_T], Optional[BaseException]]:
         import asyncio
 
         tick = loop.call_later(interval, self._tick, loop, interval)
         failed = False
         result: Optional[_T] = None
+        interrupt: Optional[BaseException] = None
         if self._exit_phase is None:  # Else start() was cut short.
             task = asyncio.ensure_future(main)
             with self._lock:
@@ -1296,6 +1327,8 @@ class Bus:
                 result = await task
             except asyncio.CancelledError:
                 pass  # exit() asked for it.
+            except (KeyboardInterrupt, SystemExit) as exc:
+                interrupt = exc  # _run_driver() has asked for the exit.
             except Exception:
                 failed = True
                 self.log('Error in the main task:', _ERROR, traceback=True)
@@ -1317,7 +1350,7 @@ class Bus:
                 executor.shutdown(wait=False, cancel_futures=True)
             else:
                 executor.shutdown(wait=False)
-        return failed, result
+        return failed, result, interrupt
 
     def _tick(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         loop.call_later(interval, self._tick, loop, interval)
