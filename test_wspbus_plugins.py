@@ -7,6 +7,7 @@ Run one area with ``-k``, e.g. ``.venv/bin/python -m pytest -k PIDFile``.
 """
 
 import ast
+import asyncio
 import atexit
 import ctypes
 import errno
@@ -2436,6 +2437,35 @@ def test_run_async_sys_exit_or_ctrl_c_in_main_still_cleans_up(
     assert finish(proc) == (status, out, '')
     assert lines_of(events) == ['stop', 'exit', 'leftover cancelled']
     assert not pidfile.exists()
+
+
+async def sleeper():
+    await asyncio.sleep(3600)
+
+
+@pytest.mark.parametrize(
+    'main', [sleeper, 42, None], ids=['func', '42', 'None']
+)
+def test_run_async_refuses_a_non_awaitable_before_starting(bus, main):
+    # Before any start listener (Daemonizer's launcher would say "ready").
+    bus.subscribe('start', bus.recorder.listener('start'))
+    with pytest.raises(TypeError) as raised:
+        bus.run_async(main)
+    assert str(raised.value) == (
+        'run_async() needs an awaitable, such as main(), not %r' % (main,)
+    )
+    assert bus.recorder.calls == [] and bus.state is wp.states.STOPPED
+
+
+def test_run_async_closes_main_when_the_start_fails(bus):
+    def fail():
+        raise ValueError('no database')
+
+    bus.subscribe('start', fail)
+    coroutine = sleeper()
+    with pytest.raises(HardExit):  # Status 70, as for start().
+        bus.run_async(coroutine)
+    assert coroutine.cr_frame is None  # Closed: no "never awaited".
 
 
 def test_run_async_executor_work_never_holds_the_exit(child, tmp_path):

@@ -1239,6 +1239,8 @@ class Bus:
         its result.
 
         Call it from the main thread, in place of start() and block().
+        `main` that is not awaitable (``main`` for ``main()``, say) is a
+        TypeError, raised before the bus starts.
         SignalHandler's signals (and Ctrl+C) come through the loop, so their
         listeners run between two callbacks, never nested.  exit() from
         anywhere (a signal, another thread, a listener) cancels the main
@@ -1255,8 +1257,18 @@ class Bus:
         a KeyboardInterrupt returns None, as Ctrl+C does.
         """
         import asyncio
+        import inspect  # (asyncio imports it.)
 
-        self.start()
+        if not inspect.isawaitable(main):  # Before a start listener forks.
+            raise TypeError(
+                'run_async() needs an awaitable, such as main(), not %r'
+                % (main,)
+            )
+        try:
+            self.start()
+        except BaseException:
+            self._never_run(main)
+            raise
         loop = asyncio.new_event_loop()
         try:
             asyncio.set_event_loop(loop)
@@ -1335,8 +1347,8 @@ class Bus:
             finally:
                 with self._lock:
                     self._main_task = None
-        elif asyncio.iscoroutine(main):
-            main.close()  # Never awaited: say so to nobody.
+        else:
+            self._never_run(main)
         self._ask_exit()
         self._transition(_nothing, wait=False)
         while self._exit_phase != 'done':  # Run by a thread's transition.
@@ -1351,6 +1363,15 @@ class Bus:
             else:
                 executor.shutdown(wait=False)
         return failed, result, interrupt
+
+    @staticmethod
+    def _never_run(main: Awaitable[Any]) -> None:
+        """Close `main` if it is a coroutine, so that Python does not warn
+        that it was never awaited (it will not be)."""
+        import asyncio
+
+        if asyncio.iscoroutine(main):
+            main.close()
 
     def _tick(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         loop.call_later(interval, self._tick, loop, interval)
