@@ -2351,6 +2351,43 @@ def test_run_async_exit_from_a_thread_or_a_listener(child, tmp_path, where):
     assert lines_of(events)[1:] == ['cleaning', 'cleaned', 'stop', 'exit']
 
 
+def test_run_async_exit_while_the_main_task_is_made_cancels_it(
+    child, tmp_path
+):
+    # A task factory lets another thread's exit() land exactly while
+    # run_async() makes the main task.
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def served():
+            try:
+                await asyncio.sleep(5)
+                note('never cancelled')
+            except asyncio.CancelledError:
+                note('cancelled')
+                raise
+        served = served()
+        def factory(loop, coro, **kwargs):
+            if coro is served:
+                asker = threading.Thread(target=bus.exit)
+                asker.start()
+                asker.join(0.5)  # Or it waits for the bus.
+            return asyncio.Task(coro, loop=loop, **kwargs)
+        class Policy(asyncio.DefaultEventLoopPolicy):
+            def new_event_loop(self):
+                loop = super().new_event_loop()
+                loop.set_task_factory(factory)
+                return loop
+        asyncio.set_event_loop_policy(Policy())
+        handler.subscribe()
+        print(bus.run_async(served), flush=True)
+        """,
+    )
+    assert finish(proc, timeout=15) == (0, 'None\n', '')
+    assert lines_of(events) == ['cancelled', 'stop', 'exit']
+
+
 def test_run_async_second_sigterm_cuts_the_cleanup_short(child, tmp_path):
     proc, events = async_child(child, tmp_path, '', '60')
     wait_for_note(events, 'main %d' % proc.pid)

@@ -1328,27 +1328,7 @@ class Bus:
         import asyncio
 
         tick = loop.call_later(interval, self._tick, loop, interval)
-        failed = False
-        result: Optional[_T] = None
-        interrupt: Optional[BaseException] = None
-        if self._exit_phase is None:  # Else start() was cut short.
-            task = asyncio.ensure_future(main)
-            with self._lock:
-                self._main_task, self._loop = task, loop
-            try:
-                result = await task
-            except asyncio.CancelledError:
-                pass  # exit() asked for it.
-            except (KeyboardInterrupt, SystemExit) as exc:
-                interrupt = exc  # _run_driver() has asked for the exit.
-            except Exception:
-                failed = True
-                self.log('Error in the main task:', _ERROR, traceback=True)
-            finally:
-                with self._lock:
-                    self._main_task = None
-        else:
-            self._never_run(main)
+        outcome = await self._run_main(loop, main)
         self._ask_exit()
         self._transition(_nothing, wait=False)
         while self._exit_phase != 'done':  # Run by a thread's transition.
@@ -1362,7 +1342,47 @@ class Bus:
                 executor.shutdown(wait=False, cancel_futures=True)
             else:
                 executor.shutdown(wait=False)
-        return failed, result, interrupt
+        return outcome
+
+    def _make_main_task(
+        self, loop: asyncio.AbstractEventLoop, main: Awaitable[_T]
+    ) -> Optional[asyncio.Future[_T]]:
+        """Return `main`'s task, or None if an exit came first.
+
+        Made under the lock: an exit() from another thread either comes
+        first, or finds the task to cancel.
+        """
+        import asyncio
+
+        with self._lock:
+            if self._exit_phase is None:  # Else start() was cut short.
+                task = asyncio.ensure_future(main)
+                self._main_task, self._loop = task, loop
+                return task
+        self._never_run(main)
+        return None
+
+    async def _run_main(
+        self, loop: asyncio.AbstractEventLoop, main: Awaitable[_T]
+    ) -> Tuple[bool, Optional[_T], Optional[BaseException]]:
+        """Run `main` as the main task; return (failed, result, interrupt)."""
+        import asyncio
+
+        task = self._make_main_task(loop, main)
+        if task is None:
+            return False, None, None
+        try:
+            return False, await task, None
+        except asyncio.CancelledError:
+            return False, None, None  # exit() asked for it.
+        except (KeyboardInterrupt, SystemExit) as exc:
+            return False, None, exc  # _run_driver() has asked for the exit.
+        except Exception:
+            self.log('Error in the main task:', _ERROR, traceback=True)
+            return True, None, None
+        finally:
+            with self._lock:
+                self._main_task = None
 
     @staticmethod
     def _never_run(main: Awaitable[Any]) -> None:
