@@ -5679,17 +5679,45 @@ PROBE_CHILD = """
 """
 
 
-def start_probe_child(child, tmp_path, drain):
+PROBE_ASYNC_CHILD = """
+    import asyncio, os, sys, wspbus_plugins as wp
+    ready, alive, drain = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr))
+    wp.SignalHandler(bus).subscribe()
+    wp.ProbeFiles(bus, ready, alive, interval=0.1, drain=drain).subscribe()
+
+    async def answer(reader, writer):
+        writer.write(b'served\\n')
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(answer, '127.0.0.1', 0)
+        port = server.sockets[0].getsockname()[1]
+        print('started', port, os.path.exists(ready), flush=True)
+        try:
+            await server.serve_forever()
+        finally:
+            print('stopped serving', flush=True)
+
+    bus.run_async(main())
+"""
+PROBE_CHILDREN = {'block': PROBE_CHILD, 'run_async': PROBE_ASYNC_CHILD}
+
+
+def start_probe_child(child, tmp_path, drain, how='block'):
     ready, alive = str(tmp_path / 'ready'), str(tmp_path / 'alive')
-    proc = child(PROBE_CHILD, ready, alive, str(drain))
+    proc = child(PROBE_CHILDREN[how], ready, alive, str(drain))
     _, port, was_ready = expect_line(proc, 'started').split()
     assert was_ready == 'True'
     assert ask(('127.0.0.1', int(port))) == 'served\n'
     return proc, int(port), ready, alive
 
 
-def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path):
-    proc, port, ready, alive = start_probe_child(child, tmp_path, 2)
+@pytest.mark.parametrize('how', sorted(PROBE_CHILDREN))
+def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path, how):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 2, how)
     sigterm = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     wait_until(lambda: not os.path.exists(ready), 'ready removed', timeout=1)
@@ -5708,8 +5736,9 @@ def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path):
     assert not os.path.exists(ready) and not os.path.exists(alive)
 
 
-def test_probefiles_second_sigterm_cuts_the_drain_short(child, tmp_path):
-    proc, port, ready, alive = start_probe_child(child, tmp_path, 60)
+@pytest.mark.parametrize('how', sorted(PROBE_CHILDREN))
+def test_probefiles_second_sigterm_cuts_the_drain_short(child, tmp_path, how):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 60, how)
     os.kill(proc.pid, signal.SIGTERM)
     wait_until(lambda: not os.path.exists(ready), 'ready removed')
     assert ask(('127.0.0.1', port)) == 'served\n'

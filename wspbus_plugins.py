@@ -1231,6 +1231,8 @@ class Bus:
     # loop is one more thing that waits for the exit.  While its main task
     # runs, exit() cancels that task instead of running the exit, and the
     # driver runs the exit once the task has finished its own cleanup.
+    # Before that cancel, the bus publishes ``_drain`` on the loop; its
+    # listeners (ProbeFiles) may return seconds the task serves on.
 
     def run_async(
         self, main: Awaitable[_T], interval: float = 0.1
@@ -1460,10 +1462,33 @@ class Bus:
         """Under run_async(), an exit first cancels the main task."""
         with self._lock:
             task, loop = self._main_task, self._loop
-        if task is None or loop is None:  # (A task comes with its loop.)
-            return False
-        loop.call_soon_threadsafe(task.cancel)
+        if task is None or loop is None or loop.is_closed():
+            return False  # (A task comes with its loop.)
+        loop.call_soon_threadsafe(self._drain_main_task, loop, task)
         return True
+
+    def _drain_main_task(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]
+    ) -> None:
+        """Cancel the main task, after the longest drain that the
+        ``_drain`` listeners return (ProbeFiles: the service goes on
+        serving while the orchestrator stops routing to it).
+
+        A second SIGTERM or Ctrl+C (_loop_signal) cancels it at once.
+        """
+        try:
+            drains = self.publish('_drain')
+        except ChannelFailures:
+            drains = []  # Logged by publish: no drain.
+        seconds = max([0.0] + [s for s in drains if _is_number(s)])
+        if seconds > 0 and not self._hurry:
+            loop.call_later(seconds, self._end_drain, task)
+        else:
+            task.cancel()
+
+    def _end_drain(self, task: asyncio.Future[Any]) -> None:
+        if not self._hurry:  # Else cancelled already, when hurried.
+            task.cancel()
 
     def wait(
         self,
@@ -4544,6 +4569,9 @@ class ProbeFiles(SimplePlugin):
       seconds before the other stop listeners run, so the service goes on
       serving while the orchestrator stops routing to it; `alive` is still
       touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
+    - ``_drain``, which run_async() publishes on the loop as an exit is
+      asked for: the same, but the main task (the server) goes on running
+      `drain` seconds before the bus cancels it; the loop is never blocked.
     - ``exit`` removes both files.
 
     `ready` and `alive` are paths (None: not used), made absolute, whose
@@ -4594,6 +4622,8 @@ class ProbeFiles(SimplePlugin):
         self._touched: Optional[float] = None
         self._touch_failed = False
         self._serving = False  # Between started and stop: drain applies.
+        # run_async(): when the main task's drain ends (monotonic), or None
+        self._draining_until: Optional[float] = None
 
     def __repr__(self) -> str:
         return 'ProbeFiles(ready=%r, alive=%r, interval=%r, drain=%r)' % (
@@ -4610,6 +4640,7 @@ class ProbeFiles(SimplePlugin):
             ('main', self.main, None),
             ('stop', self.stop, 0),
             ('exit', self.exit, None),
+            ('_drain', self._drain_async, None),
         )
 
     def subscribe(self) -> None:
@@ -4649,19 +4680,37 @@ class ProbeFiles(SimplePlugin):
 
     def stop(self) -> None:
         """Remove `ready`; when exiting from STARTED, wait `drain` s."""
+        # Draining is part of the bus's exit: it reads the bus's private
+        # state, here and in _drain (hence pyright's reportPrivateUsage).
+        if self._stop_serving() and self.bus._exit_phase == 'running':
+            self._drain()
+        elif self._draining_until is not None:  # Under run_async().
+            if self.bus._hurry and time.monotonic() < self._draining_until:
+                self.bus.log('Draining cut short: stopping now.')
+        self._draining_until = None
+
+    def _stop_serving(self) -> bool:
+        """Remove `ready`; return whether to drain: leaving STARTED, and
+        not for restart() (whose sockets ListenSockets keeps)."""
         serving, self._serving = self._serving, False
         if self.ready is not None:
             self._remove(self.ready)
-        # Draining is part of the bus's exit: it reads the bus's private
-        # state, here and in _drain (hence pyright's reportPrivateUsage).
-        phase = self.bus._exit_phase
-        if (
-            serving
-            and self.drain > 0
-            and phase == 'running'
-            and not self.bus.execv
-        ):
-            self._drain()
+        return serving and self.drain > 0 and not self.bus.execv
+
+    def _drain_async(self) -> float:
+        """Under run_async(), as an exit is asked for: remove `ready`, and
+        return how long the main task (the server) is to go on serving."""
+        if not self._stop_serving():
+            return 0
+        self._draining_until = time.monotonic() + self.drain
+        self._log_draining()
+        return self.drain
+
+    def _log_draining(self) -> None:
+        self.bus.log(
+            'Draining: serving %r s more before stopping (a second SIGTERM '
+            'or Ctrl+C stops now).' % self.drain
+        )
 
     def exit(self) -> None:
         """Remove both files."""
@@ -4671,10 +4720,7 @@ class ProbeFiles(SimplePlugin):
         self._touched = None
 
     def _drain(self) -> None:
-        self.bus.log(
-            'Draining: serving %r s more before stopping (a second SIGTERM '
-            'or Ctrl+C stops now).' % self.drain
-        )
+        self._log_draining()
         bus = self.bus
         deadline = time.monotonic() + self.drain
         while not bus._hurry:
