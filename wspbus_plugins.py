@@ -1462,8 +1462,10 @@ class Bus:
         """Under run_async(), an exit first cancels the main task."""
         with self._lock:
             task, loop = self._main_task, self._loop
-        if task is None or loop is None or loop.is_closed():
-            return False  # (A task comes with its loop.)
+        if task is None or loop is None:  # (A task comes with its loop.)
+            return False
+        if loop.is_closed():  # run_async() was cut short: exit here.
+            return False
         loop.call_soon_threadsafe(self._drain_main_task, loop, task)
         return True
 
