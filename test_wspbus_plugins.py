@@ -7,6 +7,7 @@ Run one area with ``-k``, e.g. ``.venv/bin/python -m pytest -k PIDFile``.
 """
 
 import ast
+import asyncio
 import atexit
 import ctypes
 import errno
@@ -2353,6 +2354,43 @@ def test_run_async_exit_from_a_thread_or_a_listener(child, tmp_path, where):
     assert lines_of(events)[1:] == ['cleaning', 'cleaned', 'stop', 'exit']
 
 
+def test_run_async_exit_while_the_main_task_is_made_cancels_it(
+    child, tmp_path
+):
+    # A task factory lets another thread's exit() land exactly while
+    # run_async() makes the main task.
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def served():
+            try:
+                await asyncio.sleep(5)
+                note('never cancelled')
+            except asyncio.CancelledError:
+                note('cancelled')
+                raise
+        served = served()
+        def factory(loop, coro, **kwargs):
+            if coro is served:
+                asker = threading.Thread(target=bus.exit)
+                asker.start()
+                asker.join(0.5)  # Or it waits for the bus.
+            return asyncio.Task(coro, loop=loop, **kwargs)
+        class Policy(asyncio.DefaultEventLoopPolicy):
+            def new_event_loop(self):
+                loop = super().new_event_loop()
+                loop.set_task_factory(factory)
+                return loop
+        asyncio.set_event_loop_policy(Policy())
+        handler.subscribe()
+        print(bus.run_async(served), flush=True)
+        """,
+    )
+    assert finish(proc, timeout=15) == (0, 'None\n', '')
+    assert lines_of(events) == ['cancelled', 'stop', 'exit']
+
+
 def test_run_async_second_sigterm_cuts_the_cleanup_short(child, tmp_path):
     proc, events = async_child(child, tmp_path, '', '60')
     wait_for_note(events, 'main %d' % proc.pid)
@@ -2404,6 +2442,70 @@ def test_run_async_error_in_main_is_logged_status_1_no_pid_file(
     assert err == 'Error in the main task:\n'
     assert lines_of(events) == ['stop', 'exit']
     assert not pidfile.exists()
+
+
+@pytest.mark.parametrize(
+    'raised, status, out',
+    [('SystemExit(3)', 3, ''), ('KeyboardInterrupt', 0, 'None\n')],
+)
+def test_run_async_sys_exit_or_ctrl_c_in_main_still_cleans_up(
+    child, tmp_path, raised, status, out
+):
+    # asyncio lets these two out of run_until_complete() at once.
+    pidfile = tmp_path / 'app.pid'
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        wp.PIDFile(bus, sys.argv[3]).subscribe()
+        async def leftover():
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                note('leftover cancelled')
+        async def quits():
+            asyncio.ensure_future(leftover())
+            await asyncio.sleep(0.01)
+            raise %s
+        handler.subscribe()
+        print(bus.run_async(quits()), flush=True)
+        """
+        % raised,
+        '0',
+        str(pidfile),
+    )
+    assert finish(proc) == (status, out, '')
+    assert lines_of(events) == ['stop', 'exit', 'leftover cancelled']
+    assert not pidfile.exists()
+
+
+async def sleeper():
+    await asyncio.sleep(3600)
+
+
+@pytest.mark.parametrize(
+    'main', [sleeper, 42, None], ids=['func', '42', 'None']
+)
+def test_run_async_refuses_a_non_awaitable_before_starting(bus, main):
+    # Before any start listener (Daemonizer's launcher would say "ready").
+    bus.subscribe('start', bus.recorder.listener('start'))
+    with pytest.raises(TypeError) as raised:
+        bus.run_async(main)
+    assert str(raised.value) == (
+        'run_async() needs an awaitable, such as main(), not %r' % (main,)
+    )
+    assert bus.recorder.calls == [] and bus.state is wp.states.STOPPED
+
+
+def test_run_async_closes_main_when_the_start_fails(bus):
+    def fail():
+        raise ValueError('no database')
+
+    bus.subscribe('start', fail)
+    coroutine = sleeper()
+    with pytest.raises(HardExit):  # Status 70, as for start().
+        bus.run_async(coroutine)
+    assert coroutine.cr_frame is None  # Closed: no "never awaited".
 
 
 def test_run_async_executor_work_never_holds_the_exit(child, tmp_path):
@@ -5796,17 +5898,45 @@ PROBE_CHILD = """
 """
 
 
-def start_probe_child(child, tmp_path, drain):
+PROBE_ASYNC_CHILD = """
+    import asyncio, os, sys, wspbus_plugins as wp
+    ready, alive, drain = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr))
+    wp.SignalHandler(bus).subscribe()
+    wp.ProbeFiles(bus, ready, alive, interval=0.1, drain=drain).subscribe()
+
+    async def answer(reader, writer):
+        writer.write(b'served\\n')
+        await writer.drain()
+        writer.close()
+
+    async def main():
+        server = await asyncio.start_server(answer, '127.0.0.1', 0)
+        port = server.sockets[0].getsockname()[1]
+        print('started', port, os.path.exists(ready), flush=True)
+        try:
+            await server.serve_forever()
+        finally:
+            print('stopped serving', flush=True)
+
+    bus.run_async(main())
+"""
+PROBE_CHILDREN = {'block': PROBE_CHILD, 'run_async': PROBE_ASYNC_CHILD}
+
+
+def start_probe_child(child, tmp_path, drain, how='block'):
     ready, alive = str(tmp_path / 'ready'), str(tmp_path / 'alive')
-    proc = child(PROBE_CHILD, ready, alive, str(drain))
+    proc = child(PROBE_CHILDREN[how], ready, alive, str(drain))
     _, port, was_ready = expect_line(proc, 'started').split()
     assert was_ready == 'True'
     assert ask(('127.0.0.1', int(port))) == 'served\n'
     return proc, int(port), ready, alive
 
 
-def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path):
-    proc, port, ready, alive = start_probe_child(child, tmp_path, 2)
+@pytest.mark.parametrize('how', sorted(PROBE_CHILDREN))
+def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path, how):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 2, how)
     sigterm = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
     wait_until(lambda: not os.path.exists(ready), 'ready removed', timeout=1)
@@ -5825,8 +5955,9 @@ def test_probefiles_drain_keeps_serving_then_exits(child, tmp_path):
     assert not os.path.exists(ready) and not os.path.exists(alive)
 
 
-def test_probefiles_second_sigterm_cuts_the_drain_short(child, tmp_path):
-    proc, port, ready, alive = start_probe_child(child, tmp_path, 60)
+@pytest.mark.parametrize('how', sorted(PROBE_CHILDREN))
+def test_probefiles_second_sigterm_cuts_the_drain_short(child, tmp_path, how):
+    proc, port, ready, alive = start_probe_child(child, tmp_path, 60, how)
     os.kill(proc.pid, signal.SIGTERM)
     wait_until(lambda: not os.path.exists(ready), 'ready removed')
     assert ask(('127.0.0.1', port)) == 'served\n'

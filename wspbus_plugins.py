@@ -1231,6 +1231,8 @@ class Bus:
     # loop is one more thing that waits for the exit.  While its main task
     # runs, exit() cancels that task instead of running the exit, and the
     # driver runs the exit once the task has finished its own cleanup.
+    # Before that cancel, the bus publishes ``_drain`` on the loop; its
+    # listeners (ProbeFiles) may return seconds the task serves on.
 
     def run_async(
         self, main: Awaitable[_T], interval: float = 0.1
@@ -1239,6 +1241,8 @@ class Bus:
         its result.
 
         Call it from the main thread, in place of start() and block().
+        `main` that is not awaitable (``main`` for ``main()``, say) is a
+        TypeError, raised before the bus starts.
         SignalHandler's signals (and Ctrl+C) come through the loop, so their
         listeners run between two callbacks, never nested.  exit() from
         anywhere (a signal, another thread, a listener) cancels the main
@@ -1249,19 +1253,32 @@ class Bus:
         or Ctrl+C while the main task cleans up cancels that cleanup; the
         ``exit`` listeners still run.  ``main`` is published every
         `interval` seconds.  An exception in `main` is logged, and the
-        process then exits with status 1 (SystemExit).
+        process then exits with status 1 (SystemExit).  SystemExit or
+        KeyboardInterrupt raised in a task is an exit() too: once the bus
+        has exited, the SystemExit is raised again (its status kept), and
+        a KeyboardInterrupt returns None, as Ctrl+C does.
         """
         import asyncio
+        import inspect  # (asyncio imports it.)
 
-        self.start()
+        if not inspect.isawaitable(main):  # Before a start listener forks.
+            raise TypeError(
+                'run_async() needs an awaitable, such as main(), not %r'
+                % (main,)
+            )
+        try:
+            self.start()
+        except BaseException:
+            self._never_run(main)
+            raise
         loop = asyncio.new_event_loop()
         try:
             asyncio.set_event_loop(loop)
             restore = self._loop_signals(loop)
             try:
-                outcome = loop.run_until_complete(
-                    self._drive(loop, main, interval)
-                )
+                drive = loop.create_task(self._drive(loop, main, interval))
+                escaped = self._run_driver(loop, drive)
+                failed, result, interrupt = drive.result()
             finally:
                 restore()
         finally:
@@ -1272,38 +1289,48 @@ class Bus:
             self._after_exit()
         finally:
             self._end_busy(main_thread)
-        failed, result = outcome
+        interrupt = escaped or interrupt
+        if isinstance(interrupt, SystemExit):
+            raise interrupt  # With its status, as block() does.
         if failed:
             raise SystemExit(1)
         return result
+
+    def _run_driver(
+        self, loop: asyncio.AbstractEventLoop, drive: asyncio.Task[Any]
+    ) -> Optional[BaseException]:
+        """Run `drive` to its end; return a SystemExit or KeyboardInterrupt
+        that a task raised meanwhile.
+
+        asyncio lets those out of run_until_complete() at once, leaving
+        `drive` suspended: take each as an exit() (as block() does) and run
+        the loop on, so the bus still exits and cleans up.
+        """
+        escaped: Optional[BaseException] = None
+        while True:
+            try:
+                loop.run_until_complete(drive)
+                return escaped
+            except (KeyboardInterrupt, SystemExit) as exc:
+                if drive.done():
+                    raise  # The driver's own: nothing is left to run.
+                escaped = escaped or exc
+                if isinstance(exc, SystemExit):
+                    self.log('SystemExit raised: shutting down bus')
+                else:
+                    self.log('Keyboard Interrupt: shutting down bus')
+                self.exit()
 
     async def _drive(
         self,
         loop: asyncio.AbstractEventLoop,
         main: Awaitable[_T],
         interval: float,
-    ) -> Tuple[bool, Optional[_T]]:
+    ) -> Tuple[bool, Optional[_T], Optional[BaseException]]:
         import asyncio
 
         tick = loop.call_later(interval, self._tick, loop, interval)
-        failed = False
-        result: Optional[_T] = None
-        if self._exit_phase is None:  # Else start() was cut short.
-            task = asyncio.ensure_future(main)
-            with self._lock:
-                self._main_task, self._loop = task, loop
-            try:
-                result = await task
-            except asyncio.CancelledError:
-                pass  # exit() asked for it.
-            except Exception:
-                failed = True
-                self.log('Error in the main task:', _ERROR, traceback=True)
-            finally:
-                with self._lock:
-                    self._main_task = None
-        elif asyncio.iscoroutine(main):
-            main.close()  # Never awaited: say so to nobody.
+        outcome = await self._run_main(loop, main)
         self._ask_exit()
         self._transition(_nothing, wait=False)
         while self._exit_phase != 'done':  # Run by a thread's transition.
@@ -1317,7 +1344,56 @@ class Bus:
                 executor.shutdown(wait=False, cancel_futures=True)
             else:
                 executor.shutdown(wait=False)
-        return failed, result
+        return outcome
+
+    def _make_main_task(
+        self, loop: asyncio.AbstractEventLoop, main: Awaitable[_T]
+    ) -> Optional[asyncio.Future[_T]]:
+        """Return `main`'s task, or None if an exit came first.
+
+        Made under the lock: an exit() from another thread either comes
+        first, or finds the task to cancel.
+        """
+        import asyncio
+
+        with self._lock:
+            if self._exit_phase is None:  # Else start() was cut short.
+                task = asyncio.ensure_future(main)
+                self._main_task, self._loop = task, loop
+                return task
+        self._never_run(main)
+        return None
+
+    async def _run_main(
+        self, loop: asyncio.AbstractEventLoop, main: Awaitable[_T]
+    ) -> Tuple[bool, Optional[_T], Optional[BaseException]]:
+        """Run `main` as the main task; return (failed, result, interrupt)."""
+        import asyncio
+
+        task = self._make_main_task(loop, main)
+        if task is None:
+            return False, None, None
+        try:
+            return False, await task, None
+        except asyncio.CancelledError:
+            return False, None, None  # exit() asked for it.
+        except (KeyboardInterrupt, SystemExit) as exc:
+            return False, None, exc  # _run_driver() has asked for the exit.
+        except Exception:
+            self.log('Error in the main task:', _ERROR, traceback=True)
+            return True, None, None
+        finally:
+            with self._lock:
+                self._main_task = None
+
+    @staticmethod
+    def _never_run(main: Awaitable[Any]) -> None:
+        """Close `main` if it is a coroutine, so that Python does not warn
+        that it was never awaited (it will not be)."""
+        import asyncio
+
+        if asyncio.iscoroutine(main):
+            main.close()
 
     def _tick(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         loop.call_later(interval, self._tick, loop, interval)
@@ -1388,8 +1464,33 @@ class Bus:
             task, loop = self._main_task, self._loop
         if task is None or loop is None:  # (A task comes with its loop.)
             return False
-        loop.call_soon_threadsafe(task.cancel)
+        if loop.is_closed():  # run_async() was cut short: exit here.
+            return False
+        loop.call_soon_threadsafe(self._drain_main_task, loop, task)
         return True
+
+    def _drain_main_task(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Future[Any]
+    ) -> None:
+        """Cancel the main task, after the longest drain that the
+        ``_drain`` listeners return (ProbeFiles: the service goes on
+        serving while the orchestrator stops routing to it).
+
+        A second SIGTERM or Ctrl+C (_loop_signal) cancels it at once.
+        """
+        try:
+            drains = self.publish('_drain')
+        except ChannelFailures:
+            drains = []  # Logged by publish: no drain.
+        seconds = max([0.0] + [s for s in drains if _is_number(s)])
+        if seconds > 0 and not self._hurry:
+            loop.call_later(seconds, self._end_drain, task)
+        else:
+            task.cancel()
+
+    def _end_drain(self, task: asyncio.Future[Any]) -> None:
+        if not self._hurry:  # Else cancelled already, when hurried.
+            task.cancel()
 
     def wait(
         self,
@@ -4538,6 +4639,9 @@ class ProbeFiles(SimplePlugin):
       seconds before the other stop listeners run, so the service goes on
       serving while the orchestrator stops routing to it; `alive` is still
       touched meanwhile.  A second SIGTERM or Ctrl+C ends the wait at once.
+    - ``_drain``, which run_async() publishes on the loop as an exit is
+      asked for: the same, but the main task (the server) goes on running
+      `drain` seconds before the bus cancels it; the loop is never blocked.
     - ``exit`` removes both files.
 
     `ready` and `alive` are paths (None: not used), made absolute, naming
@@ -4588,6 +4692,8 @@ class ProbeFiles(SimplePlugin):
         self._touched: Optional[float] = None
         self._touch_failed = False
         self._serving = False  # Between started and stop: drain applies.
+        # run_async(): when the main task's drain ends (monotonic), or None
+        self._draining_until: Optional[float] = None
 
     def __repr__(self) -> str:
         return 'ProbeFiles(ready=%r, alive=%r, interval=%r, drain=%r)' % (
@@ -4604,6 +4710,7 @@ class ProbeFiles(SimplePlugin):
             ('main', self.main, None),
             ('stop', self.stop, 0),
             ('exit', self.exit, None),
+            ('_drain', self._drain_async, None),
         )
 
     def subscribe(self) -> None:
@@ -4643,19 +4750,37 @@ class ProbeFiles(SimplePlugin):
 
     def stop(self) -> None:
         """Remove `ready`; when exiting from STARTED, wait `drain` s."""
+        # Draining is part of the bus's exit: it reads the bus's private
+        # state, here and in _drain (hence pyright's reportPrivateUsage).
+        if self._stop_serving() and self.bus._exit_phase == 'running':
+            self._drain()
+        elif self._draining_until is not None:  # Under run_async().
+            if self.bus._hurry and time.monotonic() < self._draining_until:
+                self.bus.log('Draining cut short: stopping now.')
+        self._draining_until = None
+
+    def _stop_serving(self) -> bool:
+        """Remove `ready`; return whether to drain: leaving STARTED, and
+        not for restart() (whose sockets ListenSockets keeps)."""
         serving, self._serving = self._serving, False
         if self.ready is not None:
             self._remove(self.ready)
-        # Draining is part of the bus's exit: it reads the bus's private
-        # state, here and in _drain (hence pyright's reportPrivateUsage).
-        phase = self.bus._exit_phase
-        if (
-            serving
-            and self.drain > 0
-            and phase == 'running'
-            and not self.bus.execv
-        ):
-            self._drain()
+        return serving and self.drain > 0 and not self.bus.execv
+
+    def _drain_async(self) -> float:
+        """Under run_async(), as an exit is asked for: remove `ready`, and
+        return how long the main task (the server) is to go on serving."""
+        if not self._stop_serving():
+            return 0
+        self._draining_until = time.monotonic() + self.drain
+        self._log_draining()
+        return self.drain
+
+    def _log_draining(self) -> None:
+        self.bus.log(
+            'Draining: serving %r s more before stopping (a second SIGTERM '
+            'or Ctrl+C stops now).' % self.drain
+        )
 
     def exit(self) -> None:
         """Remove both files."""
@@ -4665,10 +4790,7 @@ class ProbeFiles(SimplePlugin):
         self._touched = None
 
     def _drain(self) -> None:
-        self.bus.log(
-            'Draining: serving %r s more before stopping (a second SIGTERM '
-            'or Ctrl+C stops now).' % self.drain
-        )
+        self._log_draining()
         bus = self.bus
         deadline = time.monotonic() + self.drain
         while not bus._hurry:
