@@ -172,8 +172,9 @@ _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
 # restart() blocks the signals the program handles across the re-exec and
 # names them here.  From this module's import on, the new image holds them
 # instead (a handler that only counts), so nothing it starts inherits a
-# blocked mask; SignalHandler raises a held one again once its own handler
-# is in place, and the bus releases the rest when it starts.
+# blocked mask.  SignalHandler puts its own handler in place for the signals
+# to come; those that came meanwhile wait until the bus has started (or the
+# main thread blocks or waits), when every plugin has subscribed.
 _CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'  # 'numbers/wakeup pipe'
 _sigmask: Optional[Callable[[int, Iterable[int]], Set[int]]]
 _sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
@@ -778,7 +779,7 @@ class Bus:
             self.publish('started')
         except ChannelFailures:
             pass  # Logged by publish; the service is running regardless.
-        _release_carried_signals(self._signals)
+        _release_carried_signals(self)
 
     def stop(self) -> None:
         """Move to STOPPING, publish ``stop``, then move to STOPPED.
@@ -1127,7 +1128,7 @@ class Bus:
         """
         main = self._begin_busy()
         try:
-            _release_carried_signals(self._signals)
+            _release_carried_signals(self)
             try:
                 self._wait_for(
                     lambda: self._state is states.EXITING, interval, 'main'
@@ -1416,6 +1417,7 @@ class Bus:
             wanted = (state,)
         main = self._begin_busy(defer_sigint=False)  # Ctrl+C interrupts.
         try:
+            _release_carried_signals(self)
             self._wait_for(lambda: self._state in wanted, interval, channel)
         finally:
             self._end_busy(main)
@@ -1682,33 +1684,42 @@ def _main_thread_id() -> int:
     return ident
 
 
-def _release_carried_signals(signals: List[str]) -> None:
-    """End the hold on signals no handler took since the re-exec.
+def _release_carried_signals(bus: Bus) -> None:
+    """Act on the signals carried across the re-exec, and end their hold.
 
-    Called when the bus has started or blocks: a held Ctrl+C is recorded in
-    its `signals` and acted on by the bus; any other held signal gets its
-    default action now.
+    Called on the main thread when `bus` has started, blocks or waits: not
+    earlier, when the program has not subscribed all its plugins yet (a
+    SIGTERM must find PIDFile, a SIGHUP ListenSockets).  Those `bus`
+    handles, and a held Ctrl+C, are recorded as if they came now, and acted
+    on by the bus (a SIGTERM then asks for the exit; it never hurries one);
+    another handler in place gets its signal again; a signal no longer
+    handled gets its default action.
     """
-    main = _main_thread_id()
+    if threading.current_thread() is not threading.main_thread():
+        return  # (Only the main thread may set handlers.)
     for signum, arrived in list(_held.items()):
         del _held[signum]
-        if _signal.getsignal(signum) is not _hold:
+        handler = _signal.getsignal(signum)
+        if handler is _hold:
+            handler = _unhold(signum)
+        if not arrived:
             continue
-        if signum == _signal.SIGINT:
-            _signal.signal(signum, _signal.default_int_handler)
-            if arrived:
-                signals.append('SIGINT')
+        if signum == _signal.SIGINT and handler is _signal.default_int_handler:
+            bus._signals.append('SIGINT')
+        elif signum in bus._handled_signals:
+            bus._signals.append(bus._handled_signals[signum])
         else:
-            _signal.signal(signum, _signal.SIG_DFL)
-            if arrived:
-                _signal.pthread_kill(main, signum)
+            _signal.pthread_kill(_main_thread_id(), signum)
 
 
-def _take_held(signum: int) -> None:
-    """Stop holding `signum`: its handler is in place; re-raise it if it
-    came meanwhile."""
-    if _held.pop(signum, False):
-        _signal.pthread_kill(_main_thread_id(), signum)
+def _unhold(signum: int) -> SignalAction:
+    """Give a held signal no handler took its default handling back."""
+    if signum == _signal.SIGINT:
+        handler: SignalAction = _signal.default_int_handler
+    else:
+        handler = _signal.SIG_DFL
+    _signal.signal(signum, handler)
+    return handler
 
 
 def _describe(error: Optional[BaseException]) -> str:
@@ -1952,7 +1963,6 @@ class SignalHandler:
         if listener is not None:
             self.bus.log('Listening for %s.' % signame)
             self.bus.subscribe(signame, listener)
-        _take_held(signum)  # After the listener: it may act on it now.
 
     def _handle_signal(
         self, signum: int, frame: Optional[FrameType] = None
