@@ -1610,6 +1610,47 @@ def test_lifecycle_second_sigterm_stops_waiting_for_a_stuck_thread(
     ]
 
 
+@pytest.mark.parametrize('second', ['SIGTERM', 'SIGINT'])
+@pytest.mark.parametrize('runner', ['block', 'run_async'])
+def test_lifecycle_second_signal_stops_waiting_for_a_busy_executor(
+    child, tmp_path, runner, second
+):
+    # The interpreter's exit waits for executor work, after block() or
+    # run_async() returned: a second SIGTERM or Ctrl+C ends that wait too.
+    proc, events = lifecycle_child(
+        child,
+        tmp_path,
+        """
+        import asyncio, atexit, concurrent.futures
+        atexit.register(note, 'atexit')
+        wp.SignalHandler(bus).subscribe()
+        def job():
+            note('job running')
+            time.sleep(60)  # A stuck DNS lookup, say.
+        if sys.argv[2] == 'block':
+            concurrent.futures.ThreadPoolExecutor(2).submit(job)
+            bus.start()
+            bus.block()
+        else:
+            async def main():
+                asyncio.get_running_loop().run_in_executor(None, job)
+                await asyncio.sleep(60)
+            bus.run_async(main())
+        note('returned')
+        """,
+        runner,
+    )
+    wait_for_note(events, 'job running')
+    wait_for_note(events, 'started')
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for_note(events, 'returned')
+    time.sleep(0.2)  # In the interpreter's exit by now (either way).
+    os.kill(proc.pid, getattr(signal, second))
+    status, out, err = finish(proc, timeout=10)
+    assert (status, err) == (0, '')
+    assert lines_of(events)[-2:] == ['returned', 'atexit']
+
+
 def test_lifecycle_signal_during_a_restarts_exit_reaches_the_new_image(
     child, tmp_path
 ):

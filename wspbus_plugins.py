@@ -546,6 +546,9 @@ class Bus:
         self._saved_sigint: SignalAction = None
         self._sigint_seen = False
         self._hurry = False  # A second SIGTERM/SIGINT while exiting.
+        self._exit_status = 0  # What a hurried interpreter exit returns.
+        self._exit_hook_registered = False
+        self._exit_interruptible = False  # Waiting as the interpreter ends.
         _guard_for_fork(self)
 
     def __repr__(self) -> str:
@@ -1013,6 +1016,8 @@ class Bus:
         """Act on signal `channel` now, or record it if the main thread is
         busy; called by signal handlers (SignalHandler, SIGINT)."""
         self._sigint_seen = self._sigint_seen or channel == 'SIGINT'
+        if channel in ('SIGTERM', 'SIGINT') and self._exit_interruptible:
+            raise _ExitHurried  # Out of the interpreter's wait for threads.
         if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
             self._hurry = True
         elif channel == 'SIGINT' and 'SIGINT' in self._signals:
@@ -1123,7 +1128,8 @@ class Bus:
         thread ran them (CherryPy issue #1942).  Idle ``concurrent.futures``
         and asyncio executor threads are not waited for (the interpreter
         stops them at exit); other non-daemon threads are, with a log line
-        every few seconds; a second SIGTERM or Ctrl+C stops that wait.
+        every few seconds; a second SIGTERM or Ctrl+C stops that wait (and
+        the interpreter's, after this returns, for running executor work).
         ``main`` is published every `interval` seconds while waiting.
         """
         main = self._begin_busy()
@@ -1149,8 +1155,9 @@ class Bus:
         finally:
             self._end_busy(main)
 
-    def _after_exit(self) -> None:
-        """Join the threads left, then re-execute or end as asked."""
+    def _after_exit(self, status: int = 0) -> None:
+        """Join the threads left, then re-execute or end as asked (with
+        `status` if hurried)."""
         self.log('Waiting for child threads to terminate...')
         left = self._join_threads()
         if self.execv and not left:
@@ -1158,7 +1165,47 @@ class Bus:
         if self.execv:
             self._do_execv()  # Signals recorded meanwhile go along.
         if left:
-            self._hurried_exit(left)
+            self._hurried_exit(left, status)
+        self._exit_status = status
+        self._hurry_interpreter_exit()
+
+    def _hurry_interpreter_exit(self) -> None:
+        """Let a second SIGTERM or Ctrl+C cut short the interpreter's own
+        wait for running executor work, after block() has returned."""
+        if self._exit_hook_registered:
+            return
+        # Run before concurrent.futures' own wait: Python 3.9+ calls these
+        # hooks in reverse order before joining threads; 3.8 uses atexit.
+        register = getattr(threading, '_register_atexit', atexit.register)
+        try:
+            register(self._end_executors_at_exit)
+        except RuntimeError:
+            return  # The interpreter's exit has begun already.
+        self._exit_hook_registered = True
+
+    def _end_executors_at_exit(self) -> None:
+        """Wait for running executor work here, on the main thread, as the
+        interpreter would next (Python 3.12 starts no thread any more); a
+        second SIGTERM or Ctrl+C interrupts the wait and ends the process.
+        """
+        try:
+            self._exit_interruptible = True
+            try:
+                for end in _executor_ends():
+                    end()
+            finally:
+                self._exit_interruptible = False
+        except (_ExitHurried, KeyboardInterrupt):
+            left = [t for t in threading.enumerate() if _is_pool_thread(t)]
+            if hasattr(threading, '_register_atexit'):  # Joined next.
+                self._hurried_exit(left, self._exit_status)
+            self.log(  # Python 3.8: daemon workers, joined by atexit.
+                'Not waiting for threads %s: exiting now.'
+                % ', '.join(t.name for t in left),
+                level=_WARNING,
+            )
+            for end in _executor_ends():
+                atexit.unregister(end)
 
     def _join_threads(self) -> List[threading.Thread]:
         """Join the non-daemon threads; return those left when hurried."""
@@ -1196,15 +1243,9 @@ class Bus:
     def _end_executors(self) -> List[threading.Thread]:
         """Let executor workers finish their work, as the interpreter does
         at exit (an exec skips that); return them if hurried meanwhile."""
-        ends = [
-            getattr(sys.modules.get(name), '_python_exit', None)
-            for name in (
-                'concurrent.futures.thread',
-                'concurrent.futures.process',
-            )
-        ]
+        ends = _executor_ends()
         ender = threading.Thread(
-            target=lambda: [end() for end in ends if end is not None],
+            target=lambda: [end() for end in ends],
             name='ending executors',
             daemon=True,
         )
@@ -1215,7 +1256,9 @@ class Bus:
                 return [t for t in threading.enumerate() if _is_pool_thread(t)]
         return []
 
-    def _hurried_exit(self, threads: Iterable[threading.Thread]) -> NoReturn:
+    def _hurried_exit(
+        self, threads: Iterable[threading.Thread], status: int = 0
+    ) -> NoReturn:
         # Python would wait for these threads again at its own shutdown.
         self.log(
             'Not waiting for threads %s: exiting now.'
@@ -1225,7 +1268,7 @@ class Bus:
         run_exitfuncs = getattr(atexit, '_run_exitfuncs', None)
         if run_exitfuncs is not None:
             run_exitfuncs()
-        _hard_exit(0)
+        _hard_exit(status)
 
     # -- asyncio --
     # run_async() drives an event loop over the bus's own transitions: the
@@ -1270,7 +1313,7 @@ class Bus:
             loop.close()
         main_thread = self._begin_busy()
         try:
-            self._after_exit()
+            self._after_exit(1 if outcome[0] else 0)
         finally:
             self._end_busy(main_thread)
         failed, result = outcome
@@ -1676,6 +1719,20 @@ def _is_pool_thread(thread: threading.Thread) -> bool:
     processes = sys.modules.get('concurrent.futures.process')
     manager = getattr(processes, '_ExecutorManagerThread', None)
     return manager is not None and isinstance(thread, manager)
+
+
+def _executor_ends() -> List[Callable[[], None]]:
+    """The hooks by which concurrent.futures waits for its work at exit."""
+    ends: List[Callable[[], None]] = []
+    for name in ('concurrent.futures.thread', 'concurrent.futures.process'):
+        end = getattr(sys.modules.get(name), '_python_exit', None)
+        if end is not None:
+            ends.append(end)
+    return ends
+
+
+class _ExitHurried(BaseException):
+    """A second SIGTERM or Ctrl+C during the interpreter's exit."""
 
 
 def _main_thread_id() -> int:
