@@ -1255,14 +1255,14 @@ def test_lifecycle_signal_during_reexec_is_kept_for_the_new_image(
     os.kill(proc.pid, signal.SIGHUP)
     wait_for_note(events, 'run', 2)
     os.kill(proc.pid, getattr(signal, second))  # Lands in the slow import.
-    # The new image acts on it as its SignalHandler subscribes, before its
-    # bus starts: SIGHUP restarts it again, SIGTERM ends it, and SIGUSR1
-    # (a reload: it just loaded everything) is ignored.
+    # The new image acts on it once its bus has started (every plugin
+    # subscribed): SIGHUP restarts it again, SIGTERM ends it, and SIGUSR1
+    # reloads it.
     run = ['run', 'started', 'exit']
     expected = {
-        'SIGHUP': run + ['run', 'exit', 'run', 'started'],
-        'SIGUSR1': run + ['run', 'started'],
-        'SIGTERM': run + ['run', 'exit'],
+        'SIGHUP': run * 2 + ['run', 'started'],
+        'SIGUSR1': run + ['run', 'started', 'graceful'],
+        'SIGTERM': run * 2,
     }[second]
     wait_until(
         lambda: lines_of(events) == expected or proc.poll() is not None,
@@ -1614,6 +1614,47 @@ def test_lifecycle_second_sigterm_stops_waiting_for_a_stuck_thread(
     ]
 
 
+@pytest.mark.parametrize('second', ['SIGTERM', 'SIGINT'])
+@pytest.mark.parametrize('runner', ['block', 'run_async'])
+def test_lifecycle_second_signal_stops_waiting_for_a_busy_executor(
+    child, tmp_path, runner, second
+):
+    # The interpreter's exit waits for executor work, after block() or
+    # run_async() returned: a second SIGTERM or Ctrl+C ends that wait too.
+    proc, events = lifecycle_child(
+        child,
+        tmp_path,
+        """
+        import asyncio, atexit, concurrent.futures
+        atexit.register(note, 'atexit')
+        wp.SignalHandler(bus).subscribe()
+        def job():
+            note('job running')
+            time.sleep(60)  # A stuck DNS lookup, say.
+        if sys.argv[2] == 'block':
+            concurrent.futures.ThreadPoolExecutor(2).submit(job)
+            bus.start()
+            bus.block()
+        else:
+            async def main():
+                asyncio.get_running_loop().run_in_executor(None, job)
+                await asyncio.sleep(60)
+            bus.run_async(main())
+        note('returned')
+        """,
+        runner,
+    )
+    wait_for_note(events, 'job running')
+    wait_for_note(events, 'started')
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for_note(events, 'returned')
+    time.sleep(0.2)  # In the interpreter's exit by now (either way).
+    os.kill(proc.pid, getattr(signal, second))
+    status, out, err = finish(proc, timeout=10)
+    assert (status, err) == (0, '')
+    assert lines_of(events)[-2:] == ['returned', 'atexit']
+
+
 def test_lifecycle_signal_during_a_restarts_exit_reaches_the_new_image(
     child, tmp_path
 ):
@@ -1894,10 +1935,10 @@ def test_lifecycle_start_during_a_restart_does_not_cancel_it(child, tmp_path):
     assert lines_of(events).count('run') == 2  # It re-executed.
 
 
-def restart_then_signal_in_the_window(child, tmp_path, code, sig):
+def restart_then_signal_in_the_window(child, tmp_path, code, sig, *args):
     """SIGHUP (restart), then `sig` while the old image blocks signals
     for the re-exec; return the process and its notes."""
-    proc, events = lifecycle_child(child, tmp_path, code)
+    proc, events = lifecycle_child(child, tmp_path, code, *args)
     wait_for_note(events, 'started')
     os.kill(proc.pid, signal.SIGHUP)
     wait_until(
@@ -1927,6 +1968,162 @@ def test_lifecycle_ctrl_c_during_reexec_stops_the_new_image(child, tmp_path):
         status, out, err = finish(proc, timeout=10)
         assert (status, err) == (0, ''), 'attempt %d' % attempt
         assert lines_of(events)[-2:] == ['started', 'exit']
+
+
+def restart_on_sighup(code):
+    """`code` after a SignalHandler whose SIGHUP restarts, noting 'run'.
+
+    The second image is slow to get there: a signal sent in the re-exec
+    window then always comes before its handlers are in place.
+    """
+    return textwrap.dedent("""
+        note('run')
+        if runs() == 2:
+            time.sleep(0.5)
+        handler = wp.SignalHandler(bus)
+        handler.handlers['SIGHUP'] = bus.restart
+        handler.subscribe()
+    """) + textwrap.dedent(code)
+
+
+@linux_only
+@pytest.mark.parametrize('runner', ['block', 'run_async'])
+def test_lifecycle_sigterm_carried_across_reexec_waits_for_the_plugins(
+    child, tmp_path, runner
+):
+    # SignalHandler first, as in every recipe: the new image must not exit
+    # before the program has subscribed PIDFile.
+    pidfile = tmp_path / 'pid'
+    proc, events = restart_then_signal_in_the_window(
+        child,
+        tmp_path,
+        restart_on_sighup(
+            """
+        wp.PIDFile(bus, sys.argv[2]).subscribe()
+        if sys.argv[3] == 'block':
+            bus.start()
+            bus.block()
+        else:
+            import asyncio
+            async def main():
+                note('main')
+                await asyncio.sleep(60)
+            bus.run_async(main())
+        """
+        ),
+        signal.SIGTERM,
+        str(pidfile),
+        runner,
+    )
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+    lines = [line for line in lines_of(events) if line != 'main']
+    assert lines == ['run', 'started', 'exit'] * 2
+    assert not pidfile.exists()
+
+
+@linux_only
+def test_lifecycle_sigusr1_carried_across_reexec_runs_graceful_once_started(
+    child, tmp_path
+):
+    proc, events = restart_then_signal_in_the_window(
+        child,
+        tmp_path,
+        restart_on_sighup(
+            """
+        bus.subscribe('graceful', lambda: note('graceful'))
+        bus.start()
+        bus.block()
+        """
+        ),
+        signal.SIGUSR1,
+    )
+    wait_for_note(events, 'graceful')
+    os.kill(proc.pid, signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+    assert lines_of(events) == [
+        'run',
+        'started',
+        'exit',
+        'run',
+        'started',
+        'graceful',
+        'exit',
+    ]
+
+
+@linux_only
+def test_lifecycle_sighup_carried_across_reexec_hands_the_socket_on(
+    child, tmp_path
+):
+    # Two reloads in a row: the second restarts the new image, which must
+    # pass on the listening socket it inherited (same port: never rebound).
+    proc, events = restart_then_signal_in_the_window(
+        child,
+        tmp_path,
+        restart_on_sighup(
+            """
+        sockets = wp.ListenSockets(bus)
+        sockets.subscribe()
+        server = sockets.listen('web', ('127.0.0.1', 0))
+        note('port', server.getsockname()[1])
+        if runs() == 3:
+            bus.subscribe('started', bus.exit)
+        bus.start()
+        bus.block()
+        """
+        ),
+        signal.SIGHUP,
+    )
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+    lines = lines_of(events)
+    ports = [line for line in lines if line.startswith('port')]
+    assert [line for line in lines if line not in ports] == [
+        'run',
+        'started',
+        'exit',
+    ] * 3
+    assert len(ports) == 3 and len(set(ports)) == 1, ports
+
+
+@linux_only
+@pytest.mark.parametrize('how', ['wait', 'exit'])
+def test_lifecycle_carried_sigterm_without_a_start(child, tmp_path, how):
+    # A new image that never starts its bus: wait() acts on the signal;
+    # an exit by hand takes it as asked for, not as a second SIGTERM that
+    # would hurry block()'s wait for the threads.
+    proc, events = restart_then_signal_in_the_window(
+        child,
+        tmp_path,
+        restart_on_sighup(
+            """
+        if runs() == 1:
+            bus.start()
+            bus.block()
+        elif sys.argv[2] == 'wait':
+            bus.wait(wp.states.EXITING)
+            note('waited')
+        else:
+            def work():
+                time.sleep(0.5)
+                note('thread done')
+            threading.Thread(target=work).start()
+            bus.exit()
+            bus.block()
+            note('block returned')
+        """
+        ),
+        signal.SIGTERM,
+        how,
+    )
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+    ending = ['waited'] if how == 'wait' else ['thread done', 'block returned']
+    assert lines_of(events) == ['run', 'started', 'exit', 'run', 'exit'] + (
+        ending
+    )
 
 
 @linux_only

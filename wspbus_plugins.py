@@ -172,8 +172,9 @@ _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
 # restart() blocks the signals the program handles across the re-exec and
 # names them here.  From this module's import on, the new image holds them
 # instead (a handler that only counts), so nothing it starts inherits a
-# blocked mask; SignalHandler raises a held one again once its own handler
-# is in place, and the bus releases the rest when it starts.
+# blocked mask.  SignalHandler puts its own handler in place for the signals
+# to come; those that came meanwhile wait until the bus has started (or the
+# main thread blocks or waits), when every plugin has subscribed.
 _CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'  # 'numbers/wakeup pipe'
 _sigmask: Optional[Callable[[int, Iterable[int]], Set[int]]]
 _sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
@@ -545,6 +546,9 @@ class Bus:
         self._saved_sigint: SignalAction = None
         self._sigint_seen = False
         self._hurry = False  # A second SIGTERM/SIGINT while exiting.
+        self._exit_status = 0  # What a hurried interpreter exit returns.
+        self._exit_hook_registered = False
+        self._exit_interruptible = False  # Waiting as the interpreter ends.
         _guard_for_fork(self)
 
     def __repr__(self) -> str:
@@ -778,7 +782,7 @@ class Bus:
             self.publish('started')
         except ChannelFailures:
             pass  # Logged by publish; the service is running regardless.
-        _release_carried_signals(self._signals)
+        _release_carried_signals(self)
 
     def stop(self) -> None:
         """Move to STOPPING, publish ``stop``, then move to STOPPED.
@@ -1012,6 +1016,8 @@ class Bus:
         """Act on signal `channel` now, or record it if the main thread is
         busy; called by signal handlers (SignalHandler, SIGINT)."""
         self._sigint_seen = self._sigint_seen or channel == 'SIGINT'
+        if channel in ('SIGTERM', 'SIGINT') and self._exit_interruptible:
+            raise _ExitHurried  # Out of the interpreter's wait for threads.
         if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
             self._hurry = True
         elif channel == 'SIGINT' and 'SIGINT' in self._signals:
@@ -1122,12 +1128,13 @@ class Bus:
         thread ran them (CherryPy issue #1942).  Idle ``concurrent.futures``
         and asyncio executor threads are not waited for (the interpreter
         stops them at exit); other non-daemon threads are, with a log line
-        every few seconds; a second SIGTERM or Ctrl+C stops that wait.
+        every few seconds; a second SIGTERM or Ctrl+C stops that wait (and
+        the interpreter's, after this returns, for running executor work).
         ``main`` is published every `interval` seconds while waiting.
         """
         main = self._begin_busy()
         try:
-            _release_carried_signals(self._signals)
+            _release_carried_signals(self)
             try:
                 self._wait_for(
                     lambda: self._state is states.EXITING, interval, 'main'
@@ -1148,8 +1155,9 @@ class Bus:
         finally:
             self._end_busy(main)
 
-    def _after_exit(self) -> None:
-        """Join the threads left, then re-execute or end as asked."""
+    def _after_exit(self, status: int = 0) -> None:
+        """Join the threads left, then re-execute or end as asked (with
+        `status` if hurried)."""
         self.log('Waiting for child threads to terminate...')
         left = self._join_threads()
         if self.execv and not left:
@@ -1157,7 +1165,47 @@ class Bus:
         if self.execv:
             self._do_execv()  # Signals recorded meanwhile go along.
         if left:
-            self._hurried_exit(left)
+            self._hurried_exit(left, status)
+        self._exit_status = status
+        self._hurry_interpreter_exit()
+
+    def _hurry_interpreter_exit(self) -> None:
+        """Let a second SIGTERM or Ctrl+C cut short the interpreter's own
+        wait for running executor work, after block() has returned."""
+        if self._exit_hook_registered:
+            return
+        # Run before concurrent.futures' own wait: Python 3.9+ calls these
+        # hooks in reverse order before joining threads; 3.8 uses atexit.
+        register = getattr(threading, '_register_atexit', atexit.register)
+        try:
+            register(self._end_executors_at_exit)
+        except RuntimeError:
+            return  # The interpreter's exit has begun already.
+        self._exit_hook_registered = True
+
+    def _end_executors_at_exit(self) -> None:
+        """Wait for running executor work here, on the main thread, as the
+        interpreter would next (Python 3.12 starts no thread any more); a
+        second SIGTERM or Ctrl+C interrupts the wait and ends the process.
+        """
+        try:
+            self._exit_interruptible = True
+            try:
+                for end in _executor_ends():
+                    end()
+            finally:
+                self._exit_interruptible = False
+        except (_ExitHurried, KeyboardInterrupt):
+            left = [t for t in threading.enumerate() if _is_pool_thread(t)]
+            if hasattr(threading, '_register_atexit'):  # Joined next.
+                self._hurried_exit(left, self._exit_status)
+            self.log(  # Python 3.8: daemon workers, joined by atexit.
+                'Not waiting for threads %s: exiting now.'
+                % ', '.join(t.name for t in left),
+                level=_WARNING,
+            )
+            for end in _executor_ends():
+                atexit.unregister(end)
 
     def _join_threads(self) -> List[threading.Thread]:
         """Join the non-daemon threads; return those left when hurried."""
@@ -1195,15 +1243,9 @@ class Bus:
     def _end_executors(self) -> List[threading.Thread]:
         """Let executor workers finish their work, as the interpreter does
         at exit (an exec skips that); return them if hurried meanwhile."""
-        ends = [
-            getattr(sys.modules.get(name), '_python_exit', None)
-            for name in (
-                'concurrent.futures.thread',
-                'concurrent.futures.process',
-            )
-        ]
+        ends = _executor_ends()
         ender = threading.Thread(
-            target=lambda: [end() for end in ends if end is not None],
+            target=lambda: [end() for end in ends],
             name='ending executors',
             daemon=True,
         )
@@ -1214,7 +1256,9 @@ class Bus:
                 return [t for t in threading.enumerate() if _is_pool_thread(t)]
         return []
 
-    def _hurried_exit(self, threads: Iterable[threading.Thread]) -> NoReturn:
+    def _hurried_exit(
+        self, threads: Iterable[threading.Thread], status: int = 0
+    ) -> NoReturn:
         # Python would wait for these threads again at its own shutdown.
         self.log(
             'Not waiting for threads %s: exiting now.'
@@ -1224,7 +1268,7 @@ class Bus:
         run_exitfuncs = getattr(atexit, '_run_exitfuncs', None)
         if run_exitfuncs is not None:
             run_exitfuncs()
-        _hard_exit(0)
+        _hard_exit(status)
 
     # -- asyncio --
     # run_async() drives an event loop over the bus's own transitions: the
@@ -1286,7 +1330,7 @@ class Bus:
             loop.close()
         main_thread = self._begin_busy()
         try:
-            self._after_exit()
+            self._after_exit(1 if outcome[0] else 0)
         finally:
             self._end_busy(main_thread)
         interrupt = escaped or interrupt
@@ -1517,6 +1561,7 @@ class Bus:
             wanted = (state,)
         main = self._begin_busy(defer_sigint=False)  # Ctrl+C interrupts.
         try:
+            _release_carried_signals(self)
             self._wait_for(lambda: self._state in wanted, interval, channel)
         finally:
             self._end_busy(main)
@@ -1777,39 +1822,62 @@ def _is_pool_thread(thread: threading.Thread) -> bool:
     return manager is not None and isinstance(thread, manager)
 
 
+def _executor_ends() -> List[Callable[[], None]]:
+    """The hooks by which concurrent.futures waits for its work at exit."""
+    ends: List[Callable[[], None]] = []
+    for name in ('concurrent.futures.thread', 'concurrent.futures.process'):
+        end = getattr(sys.modules.get(name), '_python_exit', None)
+        if end is not None:
+            ends.append(end)
+    return ends
+
+
+class _ExitHurried(BaseException):
+    """A second SIGTERM or Ctrl+C during the interpreter's exit."""
+
+
 def _main_thread_id() -> int:
     ident = threading.main_thread().ident
     assert ident is not None  # The main thread has always started.
     return ident
 
 
-def _release_carried_signals(signals: List[str]) -> None:
-    """End the hold on signals no handler took since the re-exec.
+def _release_carried_signals(bus: Bus) -> None:
+    """Act on the signals carried across the re-exec, and end their hold.
 
-    Called when the bus has started or blocks: a held Ctrl+C is recorded in
-    its `signals` and acted on by the bus; any other held signal gets its
-    default action now.
+    Called on the main thread when `bus` has started, blocks or waits: not
+    earlier, when the program has not subscribed all its plugins yet (a
+    SIGTERM must find PIDFile, a SIGHUP ListenSockets).  Those `bus`
+    handles, and a held Ctrl+C, are recorded as if they came now, and acted
+    on by the bus (a SIGTERM then asks for the exit; it never hurries one);
+    another handler in place gets its signal again; a signal no longer
+    handled gets its default action.
     """
-    main = _main_thread_id()
+    if threading.current_thread() is not threading.main_thread():
+        return  # (Only the main thread may set handlers.)
     for signum, arrived in list(_held.items()):
         del _held[signum]
-        if _signal.getsignal(signum) is not _hold:
+        handler = _signal.getsignal(signum)
+        if handler is _hold:
+            handler = _unhold(signum)
+        if not arrived:
             continue
-        if signum == _signal.SIGINT:
-            _signal.signal(signum, _signal.default_int_handler)
-            if arrived:
-                signals.append('SIGINT')
+        if signum == _signal.SIGINT and handler is _signal.default_int_handler:
+            bus._signals.append('SIGINT')
+        elif signum in bus._handled_signals:
+            bus._signals.append(bus._handled_signals[signum])
         else:
-            _signal.signal(signum, _signal.SIG_DFL)
-            if arrived:
-                _signal.pthread_kill(main, signum)
+            _signal.pthread_kill(_main_thread_id(), signum)
 
 
-def _take_held(signum: int) -> None:
-    """Stop holding `signum`: its handler is in place; re-raise it if it
-    came meanwhile."""
-    if _held.pop(signum, False):
-        _signal.pthread_kill(_main_thread_id(), signum)
+def _unhold(signum: int) -> SignalAction:
+    """Give a held signal no handler took its default handling back."""
+    if signum == _signal.SIGINT:
+        handler: SignalAction = _signal.default_int_handler
+    else:
+        handler = _signal.SIG_DFL
+    _signal.signal(signum, handler)
+    return handler
 
 
 def _describe(error: Optional[BaseException]) -> str:
@@ -2053,7 +2121,6 @@ class SignalHandler:
         if listener is not None:
             self.bus.log('Listening for %s.' % signame)
             self.bus.subscribe(signame, listener)
-        _take_held(signum)  # After the listener: it may act on it now.
 
     def _handle_signal(
         self, signum: int, frame: Optional[FrameType] = None
