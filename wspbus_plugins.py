@@ -1330,7 +1330,7 @@ class Bus:
             loop.close()
         main_thread = self._begin_busy()
         try:
-            self._after_exit(1 if outcome[0] else 0)
+            self._after_exit(1 if failed else 0)
         finally:
             self._end_busy(main_thread)
         interrupt = escaped or interrupt
