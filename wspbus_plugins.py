@@ -86,7 +86,6 @@ import os
 import sys
 import threading
 import time
-import warnings
 from _weakrefset import WeakSet  # What threading uses: costs no import.
 
 TYPE_CHECKING = False  # Read as typing.TYPE_CHECKING by type checkers.
@@ -1644,6 +1643,8 @@ class Bus:
     def _clean_exit(self) -> None:
         """At interpreter exit, exit a bus that was left running."""
         if self._exit_phase is None and self._state is not states.EXITING:
+            import warnings  # Here: most programs never need it.
+
             warnings.warn(
                 'The main thread is exiting, but the Bus is in the %r state; '
                 'shutting it down automatically now. You must either call '
