@@ -5859,14 +5859,18 @@ def test_readme_container_recipe_as_pid1(child, tmp_path):
     (tmp_path / 'main.py').write_text(app)
     readiness, liveness = readme_probe_commands()
     launcher = """
-        import os, subprocess, sys
-        # PID 1 for now: mount a private /tmp, put the app in /tmp/srv/app
-        # and become `python -m app`, as the Dockerfile's CMD.
+        import os, subprocess, sys, wspbus_plugins
+        # PID 1 for now: mount a private /tmp, put the module and the app
+        # in /tmp/srv (the Dockerfile's COPY lines; the tmpfs hides a
+        # checkout under /tmp) and become `python -m app`, as its CMD.
         app = open('main.py').read()
+        module = open(wspbus_plugins.__file__).read()
         subprocess.run(['mount', '-t', 'tmpfs', 'tmpfs', '/tmp'], check=True)
         os.makedirs('/tmp/srv/app')
         with open('/tmp/srv/app/__main__.py', 'w') as f:
             f.write(app)
+        with open('/tmp/srv/wspbus_plugins.py', 'w') as f:
+            f.write(module)
         os.chdir('/tmp/srv')
         os.execv(sys.executable, [sys.executable, '-m', 'app'])
     """
