@@ -181,6 +181,11 @@ def child(tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
+        for proc in procs:  # And what they forked without a new session.
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
         for proc in procs:
             try:
                 proc.communicate(timeout=TIMEOUT)
