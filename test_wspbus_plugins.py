@@ -5870,6 +5870,7 @@ def test_readme_container_recipe_as_pid1(child, tmp_path):
         # checkout under /tmp) and become `python -m app`, as its CMD.
         app = open('main.py').read()
         module = open(wspbus_plugins.__file__).read()
+        python = os.path.realpath(sys.executable)  # A venv's may be in /tmp.
         subprocess.run(['mount', '-t', 'tmpfs', 'tmpfs', '/tmp'], check=True)
         os.makedirs('/tmp/srv/app')
         with open('/tmp/srv/app/__main__.py', 'w') as f:
@@ -5877,7 +5878,7 @@ def test_readme_container_recipe_as_pid1(child, tmp_path):
         with open('/tmp/srv/wspbus_plugins.py', 'w') as f:
             f.write(module)
         os.chdir('/tmp/srv')
-        os.execv(sys.executable, [sys.executable, '-m', 'app'])
+        os.execv(python, [python, '-m', 'app'])
     """
     proc, pid = as_pid1(child, launcher)
     inside = ['nsenter', '--target', str(pid), '--mount', '--pid', '--']
