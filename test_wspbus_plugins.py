@@ -4150,8 +4150,9 @@ ACTIVATING_CHILD = """
         held.append(sock)
     pid = os.fork()
     if pid == 0:
-        moved = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, 100)
-                 for s in held]
+        moved = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD, 100) for s in held]
+        for fd in moved:  # (PyPy 3.9 lacks F_DUPFD_CLOEXEC.)
+            os.set_inheritable(fd, False)
         for i, fd in enumerate(moved):
             os.dup2(fd, 3 + i)  # Inheritable, as systemd passes them.
         os.environ.update(LISTEN_PID=str(os.getpid()),
@@ -7437,7 +7438,8 @@ WATCHDOG_STEPS = """
 start()
 record('healthy', states=watch(3.5))
 record('wedged', systemctl=systemctl('kill', '-s', 'USR2', '--kill-who=main'),
-       states=watch(6, until=lambda p: p['NRestarts'] != '0'))
+       states=watch(10, until=lambda p: p['NRestarts'] != '0'
+                                     and p['MainPID'] != '0'))
 """
 SOCKET_STEPS = """
 import socket, threading
