@@ -1946,8 +1946,13 @@ def restart_then_signal_in_the_window(child, tmp_path, code, sig, *args):
     proc, events = lifecycle_child(child, tmp_path, code, *args)
     wait_for_note(events, 'started')
     os.kill(proc.pid, signal.SIGHUP)
+    # Not SIGHUP alone: the kernel blocks it while its handler runs, which
+    # is before the restart.
     wait_until(
-        lambda: main_thread_blocks(proc.pid, signal.SIGHUP),
+        lambda: (
+            main_thread_blocks(proc.pid, signal.SIGHUP)
+            and main_thread_blocks(proc.pid, sig)
+        ),
         'the re-exec window',
     )
     os.kill(proc.pid, sig)
@@ -1991,10 +1996,16 @@ def restart_on_sighup(code):
     """) + textwrap.dedent(code)
 
 
+# The main thread blocks the carried signals across the exec, so a
+# process-directed one sent then goes to another thread.  If the scheduler
+# stops that thread between taking the signal and recording it, the exec
+# kills it there and the signal is gone: a few restarts per thousand
+# under load (seen with the kernel's signal_deliver trace).  A kernel limit
+# the module cannot close for threads it does not own (README,
+# Reliability).
 RARE_CARRIED_SIGNAL_RACE = pytest.mark.xfail(
-    reason='issue 14, open: rarely, a signal sent during the re-exec is '
-    'not acted on by the new image (run_async) or the old image exits '
-    'instead of handing it on; a known bug, not yet found',
+    reason='a signal another thread takes as the exec begins can be lost '
+    '(kernel limit, README: Reliability)',
     strict=False,
 )
 

@@ -1670,7 +1670,7 @@ class Bus:
             raise __import__('_systemrestart').SystemRestart
         if _WINDOWS:
             args = ['"%s"' % arg for arg in args]
-        carried = self._carry_signals()  # First: the work below takes time.
+        carried = self._carry_signals()
         if _STARTUP_DIR is not None:
             try:
                 os.chdir(_STARTUP_DIR)
@@ -1683,7 +1683,12 @@ class Bus:
         if self.max_cloexec_files:
             self._set_cloexec()
         try:
-            while self._raise_recorded_signal():  # Last: one may come now.
+            # Last: while this thread blocks them, other threads take
+            # them, and the exec kills a thread before its handler has
+            # recorded the signal if the scheduler stops it just then.
+            if carried and _sigmask is not None:
+                _sigmask(_signal.SIG_BLOCK, carried)
+            while self._raise_recorded_signal():  # One may have come.
                 pass
             os.execv(sys.executable, args)
         except BaseException as exc:  # This image goes on, for a while.
@@ -1704,12 +1709,12 @@ class Bus:
             raise SystemExit(_EX_SOFTWARE) from None
 
     def _carry_signals(self) -> List[int]:
-        """Keep the signals this process handles pending across the exec.
+        """Name the signals to keep pending across the exec; return them.
 
         Without this, a SIGHUP, SIGTERM or Ctrl+C arriving during the
         re-exec, before the new image installs its handlers, would kill it.
-        They are blocked here; those recorded and not yet acted on are
-        raised again just before the exec, so that they stay pending.
+        They are blocked just before the exec; those recorded and not yet
+        acted on are raised again then, so that they stay pending.
         """
         handled = set(self._handled_signals)
         if callable(_signal.getsignal(_signal.SIGINT)):
@@ -1717,7 +1722,6 @@ class Bus:
         if _sigmask is None or not handled:
             return []
         carried = sorted(handled)
-        _sigmask(_signal.SIG_BLOCK, carried)
         # Other threads still take them; Python would then run the handler
         # on this thread, maybe too late.  The wakeup pipe, which the new
         # image inherits, keeps their numbers all the same.
