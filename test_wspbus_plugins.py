@@ -2013,7 +2013,7 @@ RARE_CARRIED_SIGNAL_RACE = pytest.mark.xfail(
 @linux_only
 @pytest.mark.parametrize(
     'runner',
-    ['block', pytest.param('run_async', marks=RARE_CARRIED_SIGNAL_RACE)],
+    ['block', 'run_async'],
 )
 def test_lifecycle_sigterm_carried_across_reexec_waits_for_the_plugins(
     child, tmp_path, runner
