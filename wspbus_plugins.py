@@ -1722,9 +1722,9 @@ class Bus:
         if _sigmask is None or not handled:
             return []
         carried = sorted(handled)
-        # Other threads still take them; Python would then run the handler
-        # on this thread, maybe too late.  The wakeup pipe, which the new
-        # image inherits, keeps their numbers all the same.
+        # While this thread blocks them, other threads take them; Python
+        # would then run the handler on this thread, maybe too late.  The
+        # wakeup pipe, which the new image inherits, keeps their numbers.
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
         os.set_inheritable(read_end, True)
