@@ -4014,13 +4014,20 @@ def starts_of(events):
     ]
 
 
+def line_from(conn):
+    """Read a line from socket `conn`; close the file object at once
+    (else the socket's descriptor waits for PyPy's collector)."""
+    with conn.makefile('rb') as lines:
+        return lines.readline()
+
+
 def ask(address, family=socket.AF_INET, timeout=5):
     """Connect, read the reply line; return it, or the failure's name."""
     with socket.socket(family) as conn:
         conn.settimeout(timeout)
         try:
             conn.connect(address)
-            reply = conn.makefile('rb').readline()
+            reply = line_from(conn)
         except ConnectionRefusedError:
             return 'refused'
         except ConnectionResetError:
@@ -4227,7 +4234,7 @@ def test_listensockets_systemd_default_names_keep_every_socket(
     assert ask(('127.0.0.1', ports[0])) == '%d 1\n' % pid
     with socket.create_connection(('127.0.0.1', ports[1]), TIMEOUT) as early:
         restart_and_wait_pid(pid, events, 2)  # early waits in the backlog.
-        assert early.makefile('rb').readline() == b'%d 2\n' % pid
+        assert line_from(early) == b'%d 2\n' % pid
     for port in ports:
         assert ask(('127.0.0.1', port)) == '%d 2\n' % pid
     os.kill(pid, signal.SIGTERM)
