@@ -45,6 +45,12 @@ linux_only = pytest.mark.skipif(
     not sys.platform.startswith('linux'), reason='Linux only (inotify, /proc)'
 )
 
+# A run started as a background job of a script (`make test &`) inherits
+# Ctrl+C ignored, and so would every child: the tests that send SIGINT
+# need the interpreter's own handler, which a handler here passes on.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 # -- Helpers ------------------------------------------------------------------
 
