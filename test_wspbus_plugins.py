@@ -7988,7 +7988,7 @@ def test_systemd_cherrypy_style_redaemonizing_loses_its_main_pid_on_reload(
     main = start['show']['MainPID']
     last = run['reload']['states'][-1]
     if last['ActiveState'] == 'inactive':
-        assert 'app.service: Deactivated successfully.' in run.journal()
+        assert 'app.service: Deactivated successfully.' in run.journal(), run
     else:
         assert last['ActiveState'] == 'active', run
         assert last['MainPID'] not in (main, '0'), run
