@@ -146,7 +146,7 @@ test-systemd: $(STAMP)
 stress: $(STAMP)
 	WSPBUS_STRESS=1 $(VENV_PY) -m pytest -q
 
-# Mutation tests (not in CI, ~10 minutes): each named one-line bug in a
+# Mutation tests (not in CI, 3 to 6 minutes): each named one-line bug in a
 # copy of the module must fail the tests that target it.
 .PHONY: mutation
 mutation: $(STAMP)
