@@ -986,6 +986,16 @@ tests pidfile_rewritten_by_someone_else
 -             if _read_pid(fd) == os.getpid() and _same_file(fd, self._path):
 +             if True:
 
+PID file left when a restarted start ends before PIDFile's
+tests pidfile_removed_when_the_restarted_start_ends_before_it
+-             fd = self._adopt_inherited()  # the file handed over is ours.
++             pass
+
+the launcher hears of a restart() before READY as a failure
+tests daemonizer_launcher_waits_for_the_image_a_restart_executes
+-         if self.bus.execv and fd is not None:  # The new image will report.
++         if False:
+
 PID file follows a symlink
 tests pidfile_refuses_a_symlink
 -     try:

@@ -3422,6 +3422,56 @@ bus.start()"""
 
 
 @needs_fork
+@pytest.mark.parametrize('then', ['ready', 'restart again', 'fail'])
+def test_daemonizer_launcher_waits_for_the_image_a_restart_executes(
+    child, tmp_path, then
+):
+    # A restart() asked during the daemon's first start (an Autoreloader
+    # seeing a save): the launcher's verdict is the new image's.  'restart
+    # again' asks for a second one before the new image's Daemonizer
+    # listener (priority 65) has run.
+    code = textwrap.dedent(DAEMON_CHILD).replace(
+        'bus.start()',
+        """
+import threading
+life = int(os.environ.get('LIFE', '0')) + 1
+os.environ['LIFE'] = str(life)
+def restart_from_a_thread():
+    asker = threading.Thread(target=bus.restart)
+    asker.start()
+    asker.join()
+if life == 1:
+    bus.subscribe('start', restart_from_a_thread, priority=80)
+elif life == 2 and sys.argv[4] == 'restart again':
+    bus.subscribe('start', restart_from_a_thread, priority=50)
+elif sys.argv[4] == 'fail':
+    def fail():
+        raise ValueError('bad config after the reload')
+    bus.subscribe('start', fail, priority=80)
+bus.start()""",
+    )
+    paths = [tmp_path / name for name in ('app.pid', 'starts', 'daemon.log')]
+    status, out, err = finish(child(code, *map(str, paths), then))
+    pidfile, starts, log = paths
+    pid = int(re.search(r'Daemonized to PID: (\d+)', log.read_text())[1])
+    child.track(pid)
+    if then == 'fail':
+        assert status == 1
+        assert 'ValueError: bad config after the reload' in err
+        wait_until(lambda: not pid_alive(pid), 'the failed daemon to go')
+        assert not pidfile.exists()
+        return
+    assert status == 0, err
+    assert read_pid(pidfile) == pid
+    assert lines_of(starts)[0].split()[0] == str(pid)
+    lives = 3 if then == 'restart again' else 2
+    assert log.read_text().count('Bus STARTING') == lives
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not pidfile.exists()
+
+
+@needs_fork
 @pytest.mark.parametrize('seconds', [1, 60], ids=['slow', 'stuck'])
 def test_daemonizer_launcher_gives_up_after_ready_timeout(
     child, tmp_path, seconds
@@ -3949,6 +3999,45 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
     proc.wait(TIMEOUT)
     with open(path) as f:  # The lock went with the process.
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+@pytest.mark.parametrize('how', ['sys.exit', 'bus.exit', 'thread'])
+def test_pidfile_removed_when_the_restarted_start_ends_before_it(
+    child, tmp_path, how
+):
+    # The new image's start ends before PIDFile's listener (priority 70)
+    # took back the file restart() handed over: its exit must remove it.
+    path = tmp_path / 'app.pid'
+    code = """
+        import os, sys, threading, wspbus_plugins as wp
+        bus = wp.Bus()
+        wp.PIDFile(bus, sys.argv[1]).subscribe()
+        restarted = os.environ.get('RESTARTED')
+        os.environ['RESTARTED'] = '1'
+
+        def check_config():
+            if restarted:
+                open(sys.argv[1] + '.second', 'w').close()
+                if sys.argv[2] == 'sys.exit':
+                    sys.exit('bad config')
+                elif sys.argv[2] == 'bus.exit':
+                    bus.exit()
+                else:
+                    worker = threading.Thread(target=bus.exit)
+                    worker.start()
+                    worker.join()
+
+        bus.subscribe('start', check_config, priority=50)
+        if not restarted:
+            bus.subscribe('started', bus.restart)
+        bus.start()
+        bus.block()
+    """
+    proc = child(code, str(path), how)
+    status, out, err = finish(proc)
+    assert (tmp_path / 'app.pid.second').exists(), err
+    assert status == (0 if how == 'thread' else 70), err
+    assert not path.exists(), err
 
 
 # -- ListenSockets ------------------------------------------------------------

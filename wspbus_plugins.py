@@ -166,6 +166,7 @@ except (AttributeError, ValueError, OSError):
 # Environment variables that carry state across restart()'s re-exec.
 _DAEMON_ENV = 'WSPBUS_DAEMON_PID'
 _PIDFILE_ENV = 'WSPBUS_PIDFILE_FD'
+_REPORT_ENV = 'WSPBUS_READY_REPORT_FD'  # Daemonizer's, if not ready yet.
 
 
 # restart() blocks the signals the program handles across the re-exec and
@@ -1727,8 +1728,7 @@ class Bus:
         # wakeup pipe, which the new image inherits, keeps their numbers.
         read_end, write_end = os.pipe()
         os.set_blocking(write_end, False)
-        os.set_inheritable(read_end, True)
-        self._keep_fds.add(read_end)
+        self._keep_across_exec(read_end)
         self._wakeup_pipe = (read_end, write_end, _signal.set_wakeup_fd(-1))
         _signal.set_wakeup_fd(write_end)
         os.environ[_CARRIED_ENV] = '%s/%d' % (
@@ -1797,6 +1797,11 @@ class Bus:
         existing = env.get('PYTHONPATH', '')
         if sys.path and sys.path[0] == '' and not existing.startswith(prefix):
             env['PYTHONPATH'] = prefix + existing
+
+    def _keep_across_exec(self, fd: int) -> None:
+        """Hand `fd` to the image restart() is about to execute."""
+        os.set_inheritable(fd, True)
+        self._keep_fds.add(fd)
 
     def _set_cloexec(self) -> None:
         """Mark every descriptor above stderr close-on-exec."""
@@ -2464,7 +2469,8 @@ class Daemonizer(SimplePlugin):
     daemon dies first, it prints the daemon's error on its own stderr and
     exits 1, and after `ready_timeout` seconds it sends the daemon SIGTERM
     and exits 1.  So ``app && next-step`` and systemd ``Type=forking`` only
-    go on when the service runs.  ``wait_ready=False`` exits at once.
+    go on when the service runs.  A restart() before the daemon is ready
+    hands the wait to the new image.  ``wait_ready=False`` exits at once.
     """
 
     def __init__(
@@ -2505,6 +2511,8 @@ class Daemonizer(SimplePlugin):
         """True once this process is the daemon."""
         self._report_fd: Optional[int] = None
         self._first_error: Optional[str] = None
+        if _daemonized_by_us():  # Re-executed by restart(): before READY?
+            self._adopt_report()
 
     def __repr__(self) -> str:
         return 'Daemonizer(stdout=%r, stderr=%r, wait_ready=%r)' % (
@@ -2528,10 +2536,10 @@ class Daemonizer(SimplePlugin):
         _occupy_stdio()  # First: the pipe must not land on 0, 1 or 2.
         if self.wait_ready:
             read_fd, write_fd = os.pipe()
-            self._report_fd = write_fd
             launcher = _Launcher(read_fd, write_fd, self.ready_timeout)
             _detach(self.bus.log, launcher.wait)
             os.close(read_fd)
+            os.write(write_fd, b'PID %d\n' % os.getpid())
             self._watch_start(write_fd)
         else:
             _detach(self.bus.log, _exit_parent)
@@ -2561,7 +2569,7 @@ class Daemonizer(SimplePlugin):
     # The daemon's side of the readiness handshake.
 
     def _watch_start(self, fd: int) -> None:
-        os.write(fd, b'PID %d\n' % os.getpid())
+        self._report_fd = fd
         self.bus.subscribe('log', self._remember_error)
         self.bus.subscribe('started', self._report_ready)
         self.bus.subscribe('exit', self._report_failure)
@@ -2573,19 +2581,29 @@ class Daemonizer(SimplePlugin):
     def _report_ready(self) -> None:
         self._report(b'READY\n')
 
+    def _adopt_report(self) -> None:
+        """Report for the image that a restart() before READY replaced."""
+        try:
+            fd = int(os.environ.pop(_REPORT_ENV))
+            os.set_inheritable(fd, False)
+        except (KeyError, ValueError, OSError):
+            return
+        self._watch_start(fd)
+
     def _report_failure(self) -> None:
+        fd = self._report_fd
+        if self.bus.execv and fd is not None:  # The new image will report.
+            self._unsubscribe_reports()
+            self.bus._keep_across_exec(fd)
+            os.environ[_REPORT_ENV] = '%d' % fd
+            return
         error = self._first_error or 'The daemon exited before it was ready.'
         text = error.encode('utf-8', 'replace')
         self._report(b'ERROR %d\n' % len(text) + text)
 
     def _report(self, message: bytes) -> None:
-        fd, self._report_fd = self._report_fd, None
-        for channel, listener in (
-            ('log', self._remember_error),
-            ('started', self._report_ready),
-            ('exit', self._report_failure),
-        ):
-            self.bus.unsubscribe(channel, listener)
+        fd = self._report_fd
+        self._unsubscribe_reports()
         if fd is None:
             return
         try:
@@ -2595,6 +2613,15 @@ class Daemonizer(SimplePlugin):
             pass  # The launcher gave up (ready_timeout); nothing to tell.
         finally:
             os.close(fd)
+
+    def _unsubscribe_reports(self) -> None:
+        self._report_fd = None
+        for channel, listener in (
+            ('log', self._remember_error),
+            ('started', self._report_ready),
+            ('exit', self._report_failure),
+        ):
+            self.bus.unsubscribe(channel, listener)
 
 
 def _exit_parent(fork_number: int, child_pid: int) -> NoReturn:
@@ -2910,12 +2937,13 @@ class PIDFile(SimplePlugin):
     def exit(self) -> None:
         """Remove the file if it still holds our PID; keep it on restart."""
         fd, self._fd = self._fd, None
+        if fd is None:  # A start cut short before ours, after a restart():
+            fd = self._adopt_inherited()  # the file handed over is ours.
         if fd is None:
             return
         if self.bus.execv:  # restart(): hand the locked file to the re-exec.
-            os.set_inheritable(fd, True)
+            self.bus._keep_across_exec(fd)
             os.environ[_PIDFILE_ENV] = '%d %s' % (fd, self._path)
-            self.bus._keep_fds.add(fd)
             atexit.register(self._remove, fd)  # Only if the exec fails.
             return
         self._remove(fd)
@@ -3318,11 +3346,8 @@ class ListenSockets(SimplePlugin):
         fds += [(name, s.fileno(), path) for name, s, path in self._inherited]
         if self.bus.execv:
             entries = ['%d' % os.getpid()]
-            # Bus's own set: restart() leaves these descriptors open.
-            keep = self.bus._keep_fds
             for name, fd, path in fds:
-                os.set_inheritable(fd, True)
-                keep.add(fd)
+                self.bus._keep_across_exec(fd)
                 entries.append('%s\t%d\t%s' % (name, fd, path))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
             atexit.register(self._close)  # Only if the exec fails.
