@@ -2965,12 +2965,25 @@ def test_signalhandler_alias_name_reaches_its_listener(signal_handler):
     wait_until(lambda: got, 'the SIGPOLL listener')
 
 
-@pytest.mark.parametrize('bad', ['SIGNOPE', 'SIG_DFL', 'signal', 12345, None])
+@pytest.mark.parametrize(
+    'bad', ['SIGNOPE', 'SIG_DFL', 'signal', 12345, None, True]
+)
 def test_signalhandler_unknown_signal_is_a_valueerror(signal_handler, bad):
     with pytest.raises(
         ValueError, match=re.escape('No such signal: %r' % (bad,))
     ):
         signal_handler.set_handler(bad)
+
+
+@pytest.mark.parametrize('bad', ['SIGKILL', signal.SIGSTOP])
+def test_signalhandler_uncatchable_signal_is_a_valueerror(signal_handler, bad):
+    with pytest.raises(ValueError, match='SIG(KILL|STOP) cannot be handled'):
+        signal_handler.set_handler(bad)
+    signal_handler.handlers = {'SIGKILL': print, 'SIGUSR2': print}
+    signal_handler.subscribe()  # Logs the one, handles the other.
+    assert signal.getsignal(signal.SIGUSR2) == signal_handler._handle_signal
+    messages = signal_handler.bus.recorder.messages()
+    assert 'Could not handle SIGKILL: SIGKILL cannot be handled' in messages
 
 
 def test_signalhandler_unsubscribe_restores_previous_handlers(bus):

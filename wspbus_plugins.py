@@ -2104,7 +2104,8 @@ class SignalHandler:
         """Handle `signal` (a name or number) by publishing its name.
 
         With `listener`, subscribe it to that channel.  Raises ValueError
-        for a signal this platform does not know.  An alias (SIGPOLL)
+        for a signal this platform does not know or that no process can
+        handle (SIGKILL, SIGSTOP).  An alias (SIGPOLL)
         publishes and subscribes under the canonical name (SIGIO).
         """
         if isinstance(signal, str):
@@ -2115,13 +2116,18 @@ class SignalHandler:
                 or not isinstance(signum, int)
             ):
                 raise ValueError('No such signal: %r' % signal)
+        elif isinstance(signal, bool):
+            raise ValueError('No such signal: %r' % signal)
         else:
             signum = signal
         try:
             signame = self.signals[signum]
         except (KeyError, TypeError):
             raise ValueError('No such signal: %r' % signal) from None
-        previous = _signal.signal(signum, self._handle_signal)
+        try:
+            previous = _signal.signal(signum, self._handle_signal)
+        except OSError:  # SIGKILL, SIGSTOP.
+            raise ValueError('%s cannot be handled' % signame) from None
         if previous is _hold:  # Held since a restart(): now handled.
             previous = _signal.SIG_DFL
             if signum == _signal.SIGINT:
