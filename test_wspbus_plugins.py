@@ -3798,9 +3798,13 @@ def test_pidfile_refuses_a_symlink(bus, tmp_path, pidfile_path):
 
 
 def test_pidfile_refuses_a_directory(bus, pidfile_path):
-    pidfile_path.mkdir()
+    plugin = wp.PIDFile(bus, str(pidfile_path))
+    pidfile_path.mkdir()  # After the construction, which checks it too:
     with pytest.raises(RuntimeError, match='is a directory'):
-        wp.PIDFile(bus, str(pidfile_path)).start()
+        plugin.start()
+    for path in (str(pidfile_path), '', '.'):
+        with pytest.raises(ValueError, match='is a directory'):
+            wp.PIDFile(bus, path)
 
 
 def test_pidfile_rewritten_by_someone_else_is_left_at_exit(bus, pidfile_path):

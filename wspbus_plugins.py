@@ -2909,7 +2909,8 @@ class PIDFile(SimplePlugin):
     the file is removed only if it still holds our PID.  restart() keeps
     the file and its lock through the re-exec.  Without ``fcntl`` exclusive
     creation and a liveness check stand in for the lock.  A missing or
-    unwritable directory raises ValueError here.
+    unwritable directory, or a directory at the path, raises ValueError
+    here.
     """
 
     def __init__(self, bus: Bus, pidfile: str) -> None:
@@ -2918,6 +2919,8 @@ class PIDFile(SimplePlugin):
             ' ' + os.path.abspath(pidfile)
         ):  # Unless restart() handed it over (maybe after dropping root).
             _check_parent_dir(pidfile, 'PID file')
+        if os.path.isdir(os.path.abspath(pidfile)):  # Again at start, too.
+            raise ValueError('PID file %r is a directory' % pidfile)
         self.pidfile = pidfile
         """The path as given."""
         self.finalized = False
