@@ -391,6 +391,21 @@ def test_bus_priorities_and_subscription_order(bus):
     assert rec.calls == ['first', 'a', 'b', 'c', 'd', 'late']
 
 
+@pytest.mark.parametrize('bad', ['hi', None, float('nan'), True])
+def test_bus_priority_that_is_not_a_number_is_named(bus, bad):
+    def listener():
+        pass
+
+    listener.priority = bad  # None here means: the attribute is None.
+    with pytest.raises(ValueError, match=re.escape(': %r (a number)' % bad)):
+        if bad is None:
+            bus.subscribe('x', listener)
+        else:
+            bus.subscribe('x', print, priority=bad)
+    assert 'x' not in bus.listeners or not bus.listeners['x']
+    bus.publish('x')  # Still works.
+
+
 def test_bus_explicit_priority_beats_attribute(bus):
     rec = Recorder()
     one, two = rec.listener('one'), rec.listener('two')

@@ -602,6 +602,10 @@ class Bus:
         rank: float = (
             getattr(callback, 'priority', 50) if priority is None else priority
         )
+        if not _is_number(rank) or rank != rank:  # Else publish() fails.
+            raise ValueError(
+                'Invalid priority for %r: %r (a number)' % (callback, rank)
+            )
         with self._lock:
             self.listeners.setdefault(channel, set()).add(callback)
             key = (channel, callback)
