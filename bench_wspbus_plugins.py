@@ -996,6 +996,16 @@ tests daemonizer_launcher_waits_for_the_image_a_restart_executes
 -         if self.bus.execv and fd is not None:  # The new image will report.
 +         if False:
 
+a new image acts on a SIGHUP before its plugins took back their files
+tests signal_in_the_new_images_set_up_waits_for_its_plugins
+-         return bool(_held) and channel not in ('SIGTERM', 'SIGINT')
++         return False
+
+a SIGTERM in the new image's set-up leaves the PID file handed over
+tests signal_in_the_new_images_set_up_waits_for_its_plugins
+- if _PIDFILE_ENV in os.environ:  # At exit, unless a PIDFile takes it back.
++ if False:
+
 PID file follows a symlink
 tests pidfile_refuses_a_symlink
 -     try:

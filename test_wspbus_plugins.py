@@ -3500,6 +3500,71 @@ bus.start()""",
 
 
 @needs_fork
+@pytest.mark.parametrize('sig', ['SIGHUP', 'SIGTERM'])
+def test_daemonizer_signal_in_the_new_images_set_up_waits_for_its_plugins(
+    child, tmp_path, sig
+):
+    # A restart() before READY; the new image's SignalHandler is in place,
+    # its Daemonizer and PIDFile not yet (the program loads its settings
+    # in between) when the signal comes.  A SIGHUP waits for them (else
+    # the launcher hears of a failure, the PID file loses its lock); a
+    # SIGTERM acts at once, and the PID file handed over goes all the same.
+    code = (
+        textwrap.dedent(DAEMON_CHILD)
+        .replace(
+            'wp.SignalHandler(bus).subscribe()',
+            """wp.SignalHandler(bus).subscribe()
+life = int(os.environ.get('LIFE', '0')) + 1
+os.environ['LIFE'] = str(life)
+if life == 2:
+    with open(pidfile + '.set-up', 'w') as f:
+        f.write('%d' % os.getpid())
+    deadline = time.monotonic() + 10
+    while not os.path.exists(pidfile + '.signalled'):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)  # The signal has come: the settings load on.
+""",
+        )
+        .replace(
+            'bus.start()',
+            """
+import threading
+def restart_from_a_thread():
+    asker = threading.Thread(target=bus.restart)
+    asker.start()
+    asker.join()
+if life == 1:
+    bus.subscribe('start', restart_from_a_thread, priority=80)
+bus.start()""",
+        )
+    )
+    paths = [tmp_path / name for name in ('app.pid', 'starts', 'daemon.log')]
+    pidfile, starts, log = paths
+    launcher = child(code, *map(str, paths))
+    set_up = tmp_path / 'app.pid.set-up'
+    wait_until(lambda: set_up.exists() and set_up.read_text(), 'set-up')
+    pid = int(set_up.read_text())
+    child.track(pid)
+    os.kill(pid, getattr(signal, sig))
+    (tmp_path / 'app.pid.signalled').touch()
+    status, out, err = finish(launcher)
+    if sig == 'SIGTERM':  # At once: the set-up may hang.
+        assert status == 1
+        assert 'exited before it was ready' in err
+        wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+        assert not pidfile.exists()
+        return
+    assert status == 0, err  # It became ready, then restarted.
+    wait_until(lambda: len(lines_of(starts)) == 2, 'the SIGHUP restart')
+    assert read_pid(pidfile) == pid
+    assert log.read_text().count('kept across the restart') == 2
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+    assert not pidfile.exists()
+
+
+@needs_fork
 @pytest.mark.parametrize('seconds', [1, 60], ids=['slow', 'stuck'])
 def test_daemonizer_launcher_gives_up_after_ready_timeout(
     child, tmp_path, seconds

@@ -174,7 +174,9 @@ _REPORT_ENV = 'WSPBUS_READY_REPORT_FD'  # Daemonizer's, if not ready yet.
 # instead (a handler that only counts), so nothing it starts inherits a
 # blocked mask.  SignalHandler puts its own handler in place for the signals
 # to come; those that came meanwhile wait until the bus has started (or the
-# main thread blocks or waits), when every plugin has subscribed.
+# main thread blocks or waits), when every plugin has subscribed and taken
+# back what the old image handed over; so do the SIGHUPs and SIGUSR1s that
+# come before then.  SIGTERM and Ctrl+C after that point act at once.
 _CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'  # 'numbers/wakeup pipe'
 _sigmask: Optional[Callable[[int, Iterable[int]], Set[int]]]
 _sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
@@ -1028,8 +1030,12 @@ class Bus:
             # Ctrl+C again while the first waits for a transition to end:
             # interrupt it, as Python would have (never an exit's cleanup).
             raise KeyboardInterrupt
-        # RLock._is_owned() is private, and missing from the stubs.
-        if self._busy or self._lock._is_owned():  # type: ignore[attr-defined]
+        if (
+            self._busy
+            # RLock._is_owned() is private, and missing from the stubs.
+            or self._lock._is_owned()  # type: ignore[attr-defined]
+            or self._waits_for_plugins(channel)
+        ):
             self._signals.append(channel)  # _lock: in mid-bookkeeping.
             self._wake()
             return
@@ -1051,20 +1057,34 @@ class Bus:
             pass  # Logged by publish; the process goes on.
 
     def _act_on_recorded_signals(self) -> None:
-        signals = self._signals
-        while signals and self._acting_on_signals():
-            self._act_on_signal(signals.pop(0))
+        channel = self._next_signal()
+        while channel is not None:
+            self._signals.remove(channel)
+            self._act_on_signal(channel)
+            channel = self._next_signal()
 
-    def _acting_on_signals(self) -> bool:
-        # After restart(), recorded signals are kept for the new image.
-        return not self.execv
+    def _next_signal(self) -> Optional[str]:
+        """The first recorded signal to act on now, if any."""
+        if self.execv or not self._signals:  # execv: for the new image.
+            return None
+        for channel in list(self._signals):
+            if not self._waits_for_plugins(channel):
+                return channel
+        return None
+
+    @staticmethod
+    def _waits_for_plugins(channel: str) -> bool:
+        # A new image that restart() executed acts on a SIGHUP or SIGUSR1
+        # once its plugins have taken back what the old image handed over
+        # (_release_carried_signals); SIGTERM and Ctrl+C never wait: its
+        # set-up may hang (a database that is down).
+        return bool(_held) and channel not in ('SIGTERM', 'SIGINT')
 
     def _act_if_idle(self) -> None:
         """Act on signals recorded while the main thread held the lock."""
         if (
-            self._signals
-            and not self._busy
-            and self._acting_on_signals()
+            not self._busy
+            and self._next_signal() is not None
             and threading.current_thread() is threading.main_thread()
         ):
             self._end_busy(self._begin_busy())
@@ -1096,7 +1116,7 @@ class Bus:
             self._busy -= 1
             if not self._busy:
                 self._restore_sigint()
-        if not self._busy and self._signals and self._acting_on_signals():
+        if not self._busy and self._next_signal() is not None:
             self._end_busy(self._begin_busy())  # Came in the last moment.
 
     def _defer_sigint(self) -> None:
@@ -1861,14 +1881,17 @@ def _release_carried_signals(bus: Bus) -> None:
 
     Called on the main thread when `bus` has started, blocks or waits: not
     earlier, when the program has not subscribed all its plugins yet (a
-    SIGTERM must find PIDFile, a SIGHUP ListenSockets).  Those `bus`
-    handles, and a held Ctrl+C, are recorded as if they came now, and acted
-    on by the bus (a SIGTERM then asks for the exit; it never hurries one);
-    another handler in place gets its signal again; a signal no longer
-    handled gets its default action.
+    SIGTERM must find PIDFile, a SIGHUP ListenSockets).  Until then the bus
+    also keeps the SIGHUPs and SIGUSR1s its handlers catch (see
+    Bus._waits_for_plugins).  Those `bus` handles, and a held Ctrl+C, are
+    recorded as if they came now, before those kept, and acted on by the
+    bus (a SIGTERM then asks for the exit; it never hurries one); another
+    handler in place gets its signal again; a signal no longer handled
+    gets its default action.
     """
     if threading.current_thread() is not threading.main_thread():
         return  # (Only the main thread may set handlers.)
+    carried: List[str] = []
     for signum, arrived in list(_held.items()):
         del _held[signum]
         handler = _signal.getsignal(signum)
@@ -1877,11 +1900,12 @@ def _release_carried_signals(bus: Bus) -> None:
         if not arrived:
             continue
         if signum == _signal.SIGINT and handler is _signal.default_int_handler:
-            bus._signals.append('SIGINT')
+            carried.append('SIGINT')
         elif signum in bus._handled_signals:
-            bus._signals.append(bus._handled_signals[signum])
+            carried.append(bus._handled_signals[signum])
         else:
             _signal.pthread_kill(_main_thread_id(), signum)
+    bus._signals[:0] = carried  # Before those that came in the set-up.
 
 
 def _unhold(signum: int) -> SignalAction:
@@ -2464,6 +2488,11 @@ def _check_umask(umask: int) -> None:
 
 # -- Daemonizer ---------------------------------------------------------------
 
+# The readiness pipe a restart() before READY handed over, taken from the
+# environment at import: its number must not outlive this image, where a
+# file the program opens could get it.
+_handed_over_report = [os.environ.pop(_REPORT_ENV, '')]
+
 
 class Daemonizer(SimplePlugin):
     """Detach the process from its terminal: double fork, new session.
@@ -2593,10 +2622,14 @@ class Daemonizer(SimplePlugin):
 
     def _adopt_report(self) -> None:
         """Report for the image that a restart() before READY replaced."""
+        import stat
+
         try:
-            fd = int(os.environ.pop(_REPORT_ENV))
+            fd = int(_handed_over_report.pop())
+            if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+                return
             os.set_inheritable(fd, False)
-        except (KeyError, ValueError, OSError):
+        except (IndexError, ValueError, OSError):
             return
         self._watch_start(fd)
 
@@ -2899,6 +2932,27 @@ def _check_parent_dir(path: str, what: str) -> None:
 
 
 # -- PIDFile ------------------------------------------------------------------
+
+
+def _remove_unclaimed_pidfile() -> None:
+    """Remove the PID file restart() handed over if no PIDFile took it back:
+    a SIGTERM during the new image's set-up ended it before."""
+    fd_text, _, path = os.environ.pop(_PIDFILE_ENV, '').partition(' ')
+    try:
+        fd = int(fd_text)
+        if not _same_file(fd, path):
+            return  # Not ours (any more).
+        if _read_pid(fd) == os.getpid():
+            if _CLOSE_BEFORE_REMOVE:
+                _close_quietly(fd)
+            os.remove(path)
+    except (ValueError, OSError):
+        return
+    _close_quietly(fd)
+
+
+if _PIDFILE_ENV in os.environ:  # At exit, unless a PIDFile takes it back.
+    atexit.register(_remove_unclaimed_pidfile)
 
 
 class PIDFile(SimplePlugin):
