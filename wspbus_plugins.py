@@ -2152,10 +2152,9 @@ class SignalHandler:
             signame = self.signals[signum]
         except (KeyError, TypeError):
             raise ValueError('No such signal: %r' % signal) from None
-        try:
-            previous = _signal.signal(signum, self._handle_signal)
-        except OSError:  # SIGKILL, SIGSTOP.
-            raise ValueError('%s cannot be handled' % signame) from None
+        if signame in ('SIGKILL', 'SIGSTOP'):  # (PyPy would accept them.)
+            raise ValueError('%s cannot be handled' % signame)
+        previous = _signal.signal(signum, self._handle_signal)
         if previous is _hold:  # Held since a restart(): now handled.
             previous = _signal.SIG_DFL
             if signum == _signal.SIGINT:
