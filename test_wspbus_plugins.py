@@ -4137,6 +4137,34 @@ def test_pidfile_removed_when_the_restarted_start_ends_before_it(
     assert not path.exists(), err
 
 
+@pytest.mark.parametrize('how', ['start fails', 'exit listener fails'])
+def test_pidfile_handed_over_and_unclaimed_goes_even_at_status_70(
+    child, tmp_path, how
+):
+    # The new image has no PIDFile (yet), and ends with os._exit(70),
+    # which skips atexit: the file restart() handed over goes all the same.
+    path = tmp_path / 'app.pid'
+    code = """
+        import os, sys, wspbus_plugins as wp
+        bus = wp.Bus()
+        if not os.environ.get('RESTARTED'):
+            os.environ['RESTARTED'] = '1'
+            wp.PIDFile(bus, sys.argv[1]).subscribe()
+            bus.subscribe('started', bus.restart)
+        else:
+            def fail():
+                raise ValueError('bad config')
+            bus.subscribe('start' if sys.argv[2] == 'start fails'
+                          else 'exit', fail)
+        bus.start()
+        bus.exit()
+        bus.block()
+    """
+    status, out, err = finish(child(code, str(path), how))
+    assert status == 70, err
+    assert not path.exists()
+
+
 # -- ListenSockets ------------------------------------------------------------
 
 LISTEN_CHILD = """

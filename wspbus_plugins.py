@@ -176,7 +176,7 @@ _REPORT_ENV = 'WSPBUS_READY_REPORT_FD'  # Daemonizer's, if not ready yet.
 # to come; those that came meanwhile wait until the bus has started (or the
 # main thread blocks or waits), when every plugin has subscribed and taken
 # back what the old image handed over; so do the SIGHUPs and SIGUSR1s that
-# come before then.  SIGTERM and Ctrl+C after that point act at once.
+# come before then.  A SIGTERM after that point acts at once.
 _CARRIED_ENV = 'WSPBUS_CARRIED_SIGNALS'  # 'numbers/wakeup pipe'
 _sigmask: Optional[Callable[[int, Iterable[int]], Set[int]]]
 _sigmask = getattr(_signal, 'pthread_sigmask', None)  # None on Windows.
@@ -331,6 +331,23 @@ def _readable(fds: Iterable[int], timeout: float) -> List[int]:
     for fd in fds:
         poller.register(fd, select.POLLIN)
     return [fd for fd, _ in poller.poll(max(0, int(timeout * 1000 + 0.999)))]
+
+
+# What this module must clean up when the process ends, also when it ends
+# with os._exit() after a failed start or exit (which skips atexit): a PID
+# file a restart() handed over, sockets kept for an exec that failed.
+_owed_cleanups: List[Callable[[], None]] = []
+
+
+def _clean_up_owed() -> None:
+    while _owed_cleanups:
+        try:
+            _owed_cleanups.pop()()
+        except Exception:
+            pass
+
+
+atexit.register(_clean_up_owed)
 
 
 def _hard_exit(status: int) -> NoReturn:
@@ -987,6 +1004,7 @@ class Bus:
                 'failed (see above).' % _EX_SOFTWARE,
                 level=_CRITICAL,
             )
+            _clean_up_owed()
             _hard_exit(_EX_SOFTWARE)
         if exitstate is states.STARTING and (
             self._start_error is not None or asked_by_starter
@@ -1003,6 +1021,7 @@ class Bus:
                 % (reason, _EX_SOFTWARE),
                 level=_CRITICAL,
             )
+            _clean_up_owed()
             _hard_exit(_EX_SOFTWARE)
         self.log(
             'The bus failed to start on thread %r (%s) and has '
@@ -2951,7 +2970,7 @@ def _remove_unclaimed_pidfile() -> None:
 
 
 if _PIDFILE_ENV in os.environ:  # At exit, unless a PIDFile takes it back.
-    atexit.register(_remove_unclaimed_pidfile)
+    _owed_cleanups.append(_remove_unclaimed_pidfile)
 
 
 class PIDFile(SimplePlugin):
@@ -3010,7 +3029,7 @@ class PIDFile(SimplePlugin):
         if self.bus.execv:  # restart(): hand the locked file to the re-exec.
             self.bus._keep_across_exec(fd)
             os.environ[_PIDFILE_ENV] = '%d %s' % (fd, self._path)
-            atexit.register(self._remove, fd)  # Only if the exec fails.
+            _owed_cleanups.append(lambda: self._remove(fd))  # If exec fails.
             return
         self._remove(fd)
 
@@ -3416,7 +3435,7 @@ class ListenSockets(SimplePlugin):
                 self.bus._keep_across_exec(fd)
                 entries.append('%s\t%d\t%s' % (name, fd, path))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
-            atexit.register(self._close)  # Only if the exec fails.
+            _owed_cleanups.append(self._close)  # Only if the exec fails.
             return
         self._close()
 
