@@ -1095,8 +1095,8 @@ class Bus:
     def _waits_for_plugins(channel: str) -> bool:
         # A new image that restart() executed acts on a SIGHUP or SIGUSR1
         # once its plugins have taken back what the old image handed over
-        # (_release_carried_signals); SIGTERM and Ctrl+C never wait: its
-        # set-up may hang (a database that is down).
+        # (_release_carried_signals); a SIGTERM never waits: its set-up may
+        # hang (a database that is down).
         return bool(_held) and channel not in ('SIGTERM', 'SIGINT')
 
     def _act_if_idle(self) -> None:
@@ -2953,20 +2953,27 @@ def _check_parent_dir(path: str, what: str) -> None:
 
 
 def _remove_unclaimed_pidfile() -> None:
-    """Remove the PID file restart() handed over if no PIDFile took it back:
-    a SIGTERM during the new image's set-up ended it before."""
+    """Remove the PID file restart() handed over if no PIDFile took it back
+    (a SIGTERM in the new image's set-up, a program that dropped PIDFile).
+    """
     fd_text, _, path = os.environ.pop(_PIDFILE_ENV, '').partition(' ')
     try:
         fd = int(fd_text)
         if not _same_file(fd, path):
             return  # Not ours (any more).
-        if _read_pid(fd) == os.getpid():
-            if _CLOSE_BEFORE_REMOVE:
-                _close_quietly(fd)
-            os.remove(path)
     except (ValueError, OSError):
         return
-    _close_quietly(fd)
+    try:
+        if _read_pid(fd) == os.getpid():
+            if _CLOSE_BEFORE_REMOVE:
+                os.close(fd)
+                fd = -1
+            os.remove(path)
+    except OSError:
+        pass
+    finally:
+        if fd >= 0:
+            _close_quietly(fd)  # Unix: the lock goes after the file.
 
 
 if _PIDFILE_ENV in os.environ:  # At exit, unless a PIDFile takes it back.
