@@ -4098,43 +4098,51 @@ def test_pidfile_kept_locked_across_restart(child, tmp_path):
         fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-@pytest.mark.parametrize('how', ['sys.exit', 'bus.exit', 'thread'])
+@pytest.mark.parametrize(
+    'how', ['sys.exit', 'bus.exit', 'thread', 'restart again']
+)
 def test_pidfile_removed_when_the_restarted_start_ends_before_it(
     child, tmp_path, how
 ):
     # The new image's start ends before PIDFile's listener (priority 70)
-    # took back the file restart() handed over: its exit must remove it.
+    # took back the file restart() handed over: its exit must remove it,
+    # or hand it on, locked, to the image another restart() executes.
     path = tmp_path / 'app.pid'
     code = """
         import os, sys, threading, wspbus_plugins as wp
         bus = wp.Bus()
+        bus.subscribe('log', lambda msg, level: print(msg, file=sys.stderr))
         wp.PIDFile(bus, sys.argv[1]).subscribe()
-        restarted = os.environ.get('RESTARTED')
-        os.environ['RESTARTED'] = '1'
+        life = int(os.environ.get('LIFE', '0')) + 1
+        os.environ['LIFE'] = str(life)
 
         def check_config():
-            if restarted:
+            if life == 2:
                 open(sys.argv[1] + '.second', 'w').close()
                 if sys.argv[2] == 'sys.exit':
                     sys.exit('bad config')
                 elif sys.argv[2] == 'bus.exit':
                     bus.exit()
-                else:
-                    worker = threading.Thread(target=bus.exit)
+                else:  # Another thread: as the Autoreloader does.
+                    worker = threading.Thread(
+                        target=bus.exit if sys.argv[2] == 'thread'
+                        else bus.restart
+                    )
                     worker.start()
                     worker.join()
 
         bus.subscribe('start', check_config, priority=50)
-        if not restarted:
-            bus.subscribe('started', bus.restart)
+        bus.subscribe('started', bus.restart if life == 1 else bus.exit)
         bus.start()
         bus.block()
     """
     proc = child(code, str(path), how)
     status, out, err = finish(proc)
     assert (tmp_path / 'app.pid.second').exists(), err
-    assert status == (0 if how == 'thread' else 70), err
+    assert status == (70 if how in ('sys.exit', 'bus.exit') else 0), err
     assert not path.exists(), err
+    if how == 'restart again':  # Taken back by the second's exit, third.
+        assert err.count('kept across the restart') == 2, err
 
 
 @pytest.mark.parametrize('how', ['start fails', 'exit listener fails'])
