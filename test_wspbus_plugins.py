@@ -3449,6 +3449,17 @@ bus.start()"""
     )
 
 
+# Child code: restart() asked from another thread, as the Autoreloader asks
+# (asked by the starting thread itself, it would fail the start).
+RESTART_FROM_A_THREAD = """
+import threading
+def restart_from_a_thread():
+    asker = threading.Thread(target=bus.restart)
+    asker.start()
+    asker.join()
+"""
+
+
 @needs_fork
 @pytest.mark.parametrize('then', ['ready', 'restart again', 'fail'])
 def test_daemonizer_launcher_waits_for_the_image_a_restart_executes(
@@ -3460,14 +3471,10 @@ def test_daemonizer_launcher_waits_for_the_image_a_restart_executes(
     # listener (priority 65) has run.
     code = textwrap.dedent(DAEMON_CHILD).replace(
         'bus.start()',
-        """
-import threading
+        RESTART_FROM_A_THREAD
+        + """
 life = int(os.environ.get('LIFE', '0')) + 1
 os.environ['LIFE'] = str(life)
-def restart_from_a_thread():
-    asker = threading.Thread(target=bus.restart)
-    asker.start()
-    asker.join()
 if life == 1:
     bus.subscribe('start', restart_from_a_thread, priority=80)
 elif life == 2 and sys.argv[4] == 'restart again':
@@ -3528,12 +3535,8 @@ if life == 2:
         )
         .replace(
             'bus.start()',
-            """
-import threading
-def restart_from_a_thread():
-    asker = threading.Thread(target=bus.restart)
-    asker.start()
-    asker.join()
+            RESTART_FROM_A_THREAD
+            + """
 if life == 1:
     bus.subscribe('start', restart_from_a_thread, priority=80)
 bus.start()""",
