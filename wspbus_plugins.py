@@ -364,6 +364,10 @@ def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_priority(value: object) -> bool:
+    return _is_number(value) and value == value  # NaN sorts nowhere.
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -613,17 +617,20 @@ class Bus:
         """Add `callback` to `channel`; lower `priority` runs first.
 
         Without `callback`, return a decorator.  The priority comes from
-        the argument, else the callback's ``priority`` attribute, else 50.
-        Subscribing again only updates the priority.  Returns `callback`.
+        the argument, else the callback's ``priority`` attribute if it is a
+        number (a mock has every attribute), else 50.  Subscribing again
+        only updates the priority.  Returns `callback`.
         """
         if callback is None:
             return lambda func: self.subscribe(channel, func, priority)
-        rank: float = (
-            getattr(callback, 'priority', 50) if priority is None else priority
-        )
-        if not _is_number(rank) or rank != rank:  # Else publish() fails.
+        if priority is None:
+            attribute = getattr(callback, 'priority', 50)
+            rank: float = attribute if _is_priority(attribute) else 50
+        elif _is_priority(priority):
+            rank = priority
+        else:  # Refused here, else every publish() would fail.
             raise ValueError(
-                'Invalid priority for %r: %r (a number)' % (callback, rank)
+                'Invalid priority for %r: %r (a number)' % (callback, priority)
             )
         with self._lock:
             self.listeners.setdefault(channel, set()).add(callback)
