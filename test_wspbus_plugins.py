@@ -6305,6 +6305,27 @@ def test_probefiles_drain_only_on_an_exit_from_started(bus, probes):
     assert not any('Draining' in m for m in bus.recorder.messages())
 
 
+def test_probefiles_stale_ready_file_goes_before_the_start(
+    bus, probes, tmp_path
+):
+    # Left by a run killed with SIGKILL, on a volume that outlives it (a
+    # Kubernetes emptyDir): the probe must not pass while this one starts.
+    (tmp_path / 'ready').write_text('')
+    plugin = probes()
+    seen = []
+    bus.subscribe('start', lambda: seen.append(os.path.exists(plugin.ready)))
+    bus.start()
+    assert seen == [False]
+    assert os.path.exists(plugin.ready)
+    assert (
+        'Removed a stale ready file %r: not ready until started.'
+        % plugin.ready
+        in bus.recorder.messages(logging.WARNING)
+    )
+    bus.exit()
+    assert not os.path.exists(plugin.ready)
+
+
 def test_probefiles_refuses_a_planted_symlink(bus, probes, tmp_path):
     target = tmp_path / 'target'
     target.write_text('keep me')

@@ -4824,8 +4824,9 @@ class ProbeFiles(SimplePlugin):
     that can look at files asks "ready?" with ``test -e READY`` and
     "alive?" by the age of ALIVE.  Channels:
 
-    - ``start`` (priority 10) creates `alive`; ``started`` creates `ready`
-      (so only once every start listener succeeded) and touches `alive`.
+    - ``start`` (priority 10) removes a `ready` an earlier run left and
+      creates `alive`; ``started`` creates `ready` (so only once every
+      start listener succeeded) and touches `alive`.
     - ``main``, which block() publishes every interval while it waits,
       touches `alive` once `interval` seconds have passed, while STARTED:
       a wedged main thread lets it go stale.
@@ -4920,7 +4921,9 @@ class ProbeFiles(SimplePlugin):
             self.bus.unsubscribe(channel, listener)
 
     def start(self) -> None:
-        """Create `alive`; raise OSError naming it if that fails."""
+        """Remove a stale `ready`; create `alive` (OSError naming it)."""
+        if self.ready is not None and self.ready not in self._made:
+            self._remove_stale(self.ready)
         if self.alive is not None:
             self._make(self.alive)
             self._touched = time.monotonic()
@@ -5044,6 +5047,27 @@ class ProbeFiles(SimplePlugin):
         finally:
             os.close(fd)
         self._made[path] = (info.st_dev, info.st_ino)
+
+    def _remove_stale(self, path: str) -> None:
+        """Remove a regular file at `path` that an earlier run left (killed,
+        on a volume that outlived it): the probe would pass too early."""
+        import stat
+
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.remove(path)
+                self.bus.log(
+                    'Removed a stale ready file %r: not ready until started.'
+                    % path,
+                    level=_WARNING,
+                )
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.bus.log(
+                'Could not remove stale ready file %r: %s' % (path, exc),
+                level=_WARNING,
+            )
 
     def _remove(self, path: str) -> None:
         """Remove `path` if it is the file this plugin made."""
