@@ -4714,6 +4714,33 @@ def test_listensockets_ignores_variables_not_meant_for_it(
     assert 'LISTEN_FDS' not in os.environ  # Children never see them.
 
 
+HUGE_COUNT_CHILD = """
+    import os, resource, sys, wspbus_plugins as wp
+    # One entry per descriptor took GBs: fail fast instead of swapping.
+    resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+    os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=sys.argv[1])
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: print(level, msg, flush=True))
+    print(wp.ListenSockets(bus))
+"""
+
+
+@linux_only
+@pytest.mark.parametrize('count', ['1000000000', '100000', '9' * 5000])
+def test_listensockets_a_count_beyond_the_open_descriptors_is_one_warning(
+    child, count
+):
+    status, out, err = finish(child(HUGE_COUNT_CHILD, count), timeout=20)
+    assert (status, err) == (0, '')
+    warning, made = out.splitlines()
+    assert re.fullmatch(
+        r'30 Ignoring LISTEN_FDS=%s: more than the \d+ descriptors this '
+        r'process has open\.' % re.escape(repr(count)),
+        warning,
+    )
+    assert made == 'ListenSockets()'
+
+
 def test_listensockets_names_that_do_not_match_the_count_are_ignored(
     bus, inherit, listener, listen_sockets
 ):

@@ -3293,9 +3293,10 @@ class ListenSockets(SimplePlugin):
     ``LISTEN_FDS``, names from ``LISTEN_FDNAMES``; descriptors from 3) and
     from a restart() of this process.  It removes those variables from
     ``os.environ`` and marks the descriptors close-on-exec.  What is not
-    right (variables meant for another process, names that do not match
-    the count, a descriptor that is not a socket, or not listening) is
-    logged as a warning and ignored.
+    right (variables meant for another process, a count beyond the
+    descriptors this process has open, names that do not match the count,
+    a descriptor that is not a socket, or not listening) is logged as a
+    warning and ignored.
 
     listen() hands out a socket by name, and keeps a duplicate of its
     descriptor: a server may close the socket it was given (asyncio's does)
@@ -3504,6 +3505,16 @@ class ListenSockets(SimplePlugin):
         if not (count.isascii() and count.isdigit()):  # Not '²', nor ' 1'.
             self.bus.log(
                 'Ignoring LISTEN_FDS=%r: not a number.' % count,
+                level=_WARNING,
+            )
+            return []
+        # Checked before int(): a count of 10**9 made 10**9 entries (and
+        # warnings), and Python 3.11+ refuses to read 4,300 digits.
+        opened = len(_open_fds(_MAX_FILES))
+        if len(count.lstrip('0')) > len(str(opened)) or int(count) > opened:
+            self.bus.log(
+                'Ignoring LISTEN_FDS=%r: more than the %d descriptors this '
+                'process has open.' % (count, opened),
                 level=_WARNING,
             )
             return []
