@@ -4790,6 +4790,26 @@ def test_listensockets_bad_address_is_named(bus, address):
         wp.ListenSockets(bus).listen('web', address)
 
 
+@pytest.mark.parametrize('bad', ['a\tb', 'a\nb', 'a\0b'])
+@pytest.mark.parametrize('what', ['name', 'path'])
+def test_listensockets_tab_or_newline_is_refused_before_binding(
+    bus, tmp_path, what, bad
+):
+    # restart() hands sockets over as tab- and newline-separated lines:
+    # one such character made the new image ignore every socket.
+    path, name = str(tmp_path / 'ok.sock'), 'web'
+    if what == 'name':
+        message = 'Invalid socket name %r' % bad
+        name = bad
+    else:
+        path = str(tmp_path / bad)
+        message = 'Invalid AF_UNIX path %r' % path
+    sockets = wp.ListenSockets(bus)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sockets.listen(name, path)
+    assert os.listdir(str(tmp_path)) == [] and sockets.sockets == {}
+
+
 def test_listensockets_address_in_use_names_it(bus, listener):
     address = listener.getsockname()
     with pytest.raises(

@@ -3348,10 +3348,15 @@ class ListenSockets(SimplePlugin):
         is a ValueError); a family or type that differs from what was asked
         is a ValueError.  A new AF_UNIX socket first removes a stale socket
         file at the path (one nobody listens on; an abstract name, starting
-        with a NUL, has no file).
+        with a NUL, has no file).  A `name` or path containing a tab,
+        newline or NUL, which the handover to a restart cannot carry, is a
+        ValueError.
         """
         import socket
 
+        _check_handed_over('socket name', name)
+        if isinstance(address, str) and not _is_abstract(address):
+            _check_handed_over('AF_UNIX path', address)
         family = _address_family(address) if family is None else family
         type = socket.SOCK_STREAM if type is None else type
         sock = self.sockets.get(name)
@@ -3565,6 +3570,19 @@ class ListenSockets(SimplePlugin):
         self.bus.log(
             'Ignoring inherited descriptor %d (%s): %s.' % (fd, name, reason),
             level=_WARNING,
+        )
+
+
+def _check_handed_over(what: str, text: str) -> None:
+    """Refuse what restart()'s tab- and newline-separated lines cannot carry.
+
+    One such character made the new image ignore every socket; a NUL is
+    refused by os.environ (and by bind()).
+    """
+    if any(c in text for c in '\t\n\0'):
+        raise ValueError(
+            'Invalid %s %r: a tab, newline or NUL cannot cross a restart.'
+            % (what, text)
         )
 
 
