@@ -4907,6 +4907,27 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     assert wp.ListenSockets(bus)._inherited == []
 
 
+def test_listensockets_listen_again_after_the_server_closed_it(bus):
+    # asyncio's server closes the socket it was given; a server started
+    # again in the same image (stop() then start()) asks for it again.
+    sockets = wp.ListenSockets(bus)
+    try:
+        first = sockets.listen('web', ('127.0.0.1', 0))
+        address = first.getsockname()
+        first.setblocking(False)  # As asyncio leaves it.
+        first.close()
+        again = sockets.listen('web', ('127.0.0.1', address[1]))
+        assert again.fileno() != -1 and sockets.sockets == {'web': again}
+        assert again.getsockname() == address
+        assert again.gettimeout() is None
+        assert not os.get_inheritable(again.fileno())
+        with socket.create_connection(address, TIMEOUT):
+            again.accept()[0].close()
+        assert sockets.listen('web', address) is again  # Open: the same.
+    finally:
+        sockets.exit()
+
+
 PIDFILE_KIND_CHILD = """
     import sys, wspbus_plugins as wp
     if sys.argv[2] == 'exclusive':

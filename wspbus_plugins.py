@@ -3300,11 +3300,12 @@ class ListenSockets(SimplePlugin):
 
     listen() hands out a socket by name, and keeps a duplicate of its
     descriptor: a server may close the socket it was given (asyncio's does)
-    and the socket still crosses a restart.  Channel ``exit``: after
-    restart() the sockets stay open for the new image, and connections
-    arriving meanwhile wait in the kernel's backlog; on a real exit they are
-    closed and the AF_UNIX files this process bound are removed (never
-    those it was given).  Call listen() before DropPrivileges' start
+    and the socket still crosses a restart, and listen() asked again for it
+    returns a new socket object on the same descriptor's duplicate.
+    Channel ``exit``: after restart() the sockets stay open for the new
+    image, and connections arriving meanwhile wait in the kernel's backlog;
+    on a real exit they are closed and the AF_UNIX files this process bound
+    are removed (never those it was given).  Call listen() before DropPrivileges' start
     (priority 77) to bind a low port as root.
     """
 
@@ -3360,6 +3361,8 @@ class ListenSockets(SimplePlugin):
         family = _address_family(address) if family is None else family
         type = socket.SOCK_STREAM if type is None else type
         sock = self.sockets.get(name)
+        if sock is not None and sock.fileno() == -1:
+            sock = self._reopen(name)  # Its server closed it (asyncio's).
         inherited = None if sock else self._inherited_for(name, address)
         sock = sock or inherited
         if sock is None:
@@ -3408,6 +3411,14 @@ class ListenSockets(SimplePlugin):
                 )
             )
         return None
+
+    def _reopen(self, name: str) -> socket.socket:
+        """Make a new socket object from our duplicate of `name`'s."""
+        import socket
+
+        sock = socket.socket(fileno=os.dup(self._kept[name]))
+        sock.setblocking(True)  # The closed one's server may have changed it.
+        return sock
 
     def _claim(self, name: str, sock: socket.socket) -> None:
         """Move inherited `sock` to those handed out, as `name`."""
