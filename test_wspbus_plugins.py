@@ -4896,7 +4896,11 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     bus.execv = True
     sockets.exit()
     fd = sockets._kept['web']
-    assert os.environ[wp._LISTEN_ENV] == '%d\nweb\t%d\t' % (os.getpid(), fd)
+    assert os.environ[wp._LISTEN_ENV] == '%d\nweb\t%d\t\t%r' % (
+        os.getpid(),
+        fd,
+        ('127.0.0.1', 0),
+    )
     assert os.get_inheritable(fd) and fd in bus._keep_fds
     again = wp.ListenSockets(bus)  # What the new image does.
     assert again.listen('web', address).getsockname() == address
@@ -4905,6 +4909,63 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     again.exit()
     monkeypatch.setenv(wp._LISTEN_ENV, '1\nweb\t%d\t' % fd)  # Not ours.
     assert wp.ListenSockets(bus)._inherited == []
+
+
+def test_listensockets_one_name_two_addresses_is_a_clear_error(bus):
+    sockets = wp.ListenSockets(bus)
+    try:
+        first = sockets.listen('web', ('127.0.0.1', 0))
+        bound = first.getsockname()
+        assert bus.recorder.messages() == [
+            'Listening on %r (web).' % (bound,)  # The real address.
+        ]
+        assert sockets.listen('web', ('127.0.0.1', 0)) is first
+        assert sockets.listen('web', bound) is first
+        other = ('127.0.0.1', free_port())
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                "Socket 'web' was asked for ('127.0.0.1', 0) and is bound "
+                'to %r, not to %r: one name, one address.' % (bound, other)
+            ),
+        ):
+            sockets.listen('web', other)
+        assert sockets.sockets == {'web': first}
+    finally:
+        sockets.exit()
+
+
+def test_listensockets_a_systemd_socket_is_logged_at_its_real_address(
+    bus, inherit, listener, listen_sockets
+):
+    inherit(listener, names='web')
+    listen_sockets().listen('web', ('127.0.0.1', 1))  # The unit decides.
+    assert bus.recorder.messages() == [
+        'Listening on %r (web), inherited.' % (listener.getsockname(),)
+    ]
+
+
+def test_listensockets_a_changed_address_is_bound_at_restart(child, tmp_path):
+    # The configuration names another port, then SIGHUP: the new image
+    # served the old port and logged the new one as inherited.
+    old, new = free_ports(2)
+    events = tmp_path / 'events'
+    address = "{'web': ('127.0.0.1', %d if 'STARTS' in os.environ else %d)}"
+    proc = child(LISTEN_CHILD, str(events), address % (new, old))
+    wait_until(lambda: starts_of(events), 'the first start')
+    with socket.create_connection(('127.0.0.1', old), TIMEOUT) as early:
+        restart_and_wait(proc, events, 2)
+        assert line_from(early) in (b'', b'%d 1\n' % proc.pid)  # Or reset.
+    assert starts_of(events)[1][2].startswith(
+        "[('web', ('127.0.0.1', %d))]" % new
+    )
+    assert ask(('127.0.0.1', new)) == '%d 2\n' % proc.pid
+    assert ask(('127.0.0.1', old)) == 'refused'  # Closed, not left hanging.
+    restart_and_wait(proc, events, 3)  # Asked the same: handed over.
+    assert ask(('127.0.0.1', new)) == '%d 3\n' % proc.pid
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
 
 
 def test_listensockets_listen_again_after_the_server_closed_it(bus):

@@ -3282,7 +3282,9 @@ def _remove_quietly(path: str) -> None:
 # -- ListenSockets ------------------------------------------------------------
 
 _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here.
-_LISTEN_ENV = 'WSPBUS_LISTEN_FDS'  # restart(): 'pid' + 'name<TAB>fd<TAB>path'
+# restart() writes 'pid', then a line per socket: 'name<TAB>fd<TAB>AF_UNIX
+# path it bound or ""<TAB>repr() of the address asked for, or "" when given'.
+_LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 
 
 class ListenSockets(SimplePlugin):
@@ -3305,8 +3307,8 @@ class ListenSockets(SimplePlugin):
     Channel ``exit``: after restart() the sockets stay open for the new
     image, and connections arriving meanwhile wait in the kernel's backlog;
     on a real exit they are closed and the AF_UNIX files this process bound
-    are removed (never those it was given).  Call listen() before DropPrivileges' start
-    (priority 77) to bind a low port as root.
+    are removed (never those it was given).  Call listen() before
+    DropPrivileges' start (priority 77) to bind a low port as root.
     """
 
     def __init__(self, bus: Bus) -> None:
@@ -3314,19 +3316,22 @@ class ListenSockets(SimplePlugin):
         self.sockets: Dict[str, socket.socket] = {}
         """Name -> the listening socket.socket that listen() handed out."""
         # Not yet asked for: (name, socket, AF_UNIX path an earlier image
-        # bound or ''), a list: systemd gives every socket of a unit the
-        # unit's name unless told otherwise.
-        self._inherited: List[Tuple[str, socket.socket, str]] = []
+        # bound or '', repr() of the address it was asked for or '' when
+        # systemd gave it), a list: systemd gives every socket of a unit
+        # the unit's name unless told otherwise.
+        self._inherited: List[Tuple[str, socket.socket, str, str]] = []
         self._kept: Dict[str, int] = {}  # our dup of a handed-out socket's fd
         self._bound_paths: Dict[str, str] = {}  # AF_UNIX paths we bound
+        self._addresses: Dict[str, _Address] = {}  # asked for, by name
+        self._given: Set[str] = set()  # names of sockets systemd gave
         inherited = self._from_restart() + self._from_systemd()
-        for name, fd, path in inherited:
+        for name, fd, path, asked in inherited:
             sock = self._adopt(name, fd)
             if sock is not None:
-                self._inherited.append((name, sock, path))
+                self._inherited.append((name, sock, path, asked))
 
     def __repr__(self) -> str:
-        names = {name for name, _, _ in self._inherited}
+        names = {entry[0] for entry in self._inherited}
         return 'ListenSockets(%s)' % ', '.join(
             sorted(set(self.sockets) | names)
         )
@@ -3343,15 +3348,20 @@ class ListenSockets(SimplePlugin):
 
         `address` is a ``(host, port)`` tuple (AF_INET, or AF_INET6 when
         the host has a colon) or a ``str`` path (AF_UNIX); `family` and
-        `type` (default SOCK_STREAM) override the guess.  An inherited
+        `type` (default SOCK_STREAM) override the guess.  Asked again in
+        this image, the name must come with the same address (or one the
+        socket is bound to): else a ValueError names both.  An inherited
         socket of that name, or bound to that address, is returned instead
         of a new one (of several with that name, the one bound there; none
-        is a ValueError); a family or type that differs from what was asked
-        is a ValueError.  A new AF_UNIX socket first removes a stale socket
-        file at the path (one nobody listens on; an abstract name, starting
-        with a NUL, has no file).  A `name` or path containing a tab,
-        newline or NUL, which the handover to a restart cannot carry, is a
-        ValueError.
+        is a ValueError).  Of a socket systemd gave, the unit decides the
+        address; one an earlier image bound for another address (the
+        configuration changed) is closed and a new one bound.  A family or
+        type that differs from what was asked is a ValueError.  The log
+        line names the address the socket is bound to.  A new AF_UNIX
+        socket first removes a stale socket file at the path (one nobody
+        listens on; an abstract name, starting with a NUL, has no file).  A
+        `name` or path containing a tab, newline or NUL, which the handover
+        to a restart cannot carry, is a ValueError.
         """
         import socket
 
@@ -3360,16 +3370,16 @@ class ListenSockets(SimplePlugin):
             _check_handed_over('AF_UNIX path', address)
         family = _address_family(address) if family is None else family
         type = socket.SOCK_STREAM if type is None else type
-        sock = self.sockets.get(name)
-        if sock is not None and sock.fileno() == -1:
-            sock = self._reopen(name)  # Its server closed it (asyncio's).
+        sock = self._handed_out(name, address)
         inherited = None if sock else self._inherited_for(name, address)
         sock = sock or inherited
         if sock is None:
             sock = self._bind(address, family, type, backlog)
             if isinstance(address, str) and not _is_abstract(address):
                 self._bound_paths[name] = address
-            self.bus.log('Listening on %r (%s).' % (address, name))
+            self.bus.log(
+                'Listening on %r (%s).' % (_bound_address(sock), name)
+            )
         elif (sock.family, sock.type) != (family, type):
             raise ValueError(
                 'Socket %r is %s, not the %s asked for %r.'
@@ -3382,23 +3392,53 @@ class ListenSockets(SimplePlugin):
             )
         if inherited is not None:
             self._claim(name, inherited)
-            self.bus.log('Listening on %r (%s), inherited.' % (address, name))
+            self.bus.log(
+                'Listening on %r (%s), inherited.'
+                % (_bound_address(sock), name)
+            )
         if name not in self._kept:
             self._kept[name] = os.dup(sock.fileno())
         self.sockets[name] = sock
+        self._addresses.setdefault(name, address)
+        return sock
+
+    def _handed_out(
+        self, name: str, address: _Address
+    ) -> Optional[socket.socket]:
+        """Return the socket `name` listen() gave, if asked for `address`."""
+        sock = self.sockets.get(name)
+        if sock is None:
+            return None
+        if sock.fileno() == -1:
+            sock = self._reopen(name)  # Its server closed it (asyncio's).
+        asked = self._addresses[name]
+        if address != asked and not _same_address(sock, address):
+            raise ValueError(
+                'Socket %r was asked for %r and is bound to %r, not to %r: '
+                'one name, one address.'
+                % (name, asked, _bound_address(sock), address)
+            )
         return sock
 
     def _inherited_for(
         self, name: str, address: _Address
     ) -> Optional[socket.socket]:
-        named = [sock for n, sock, _ in self._inherited if n == name]
-        if len(named) == 1:
-            return named[0]  # The name wins, whatever the address.
+        def matches(entry: Tuple[str, socket.socket, str, str]) -> bool:
+            return entry[3] == repr(address) or _same_address(
+                entry[1], address
+            )
+
+        named = [entry for entry in self._inherited if entry[0] == name]
+        if len(named) == 1 and (named[0][3] == '' or matches(named[0])):
+            return named[0][1]  # systemd's unit decides the address.
+        if len(named) == 1:  # The configuration changed the address.
+            self._retire(named[0], address)
+            return None
         # Several of that name, or none (systemd's default names, the
         # unit's): the one bound to the address.
-        for sock in named or [sock for _, sock, _ in self._inherited]:
-            if _same_address(sock, address):
-                return sock
+        for entry in named or self._inherited:
+            if matches(entry):
+                return entry[1]
         if named:
             raise ValueError(
                 '%d inherited sockets are called %r and none is bound to '
@@ -3407,10 +3447,24 @@ class ListenSockets(SimplePlugin):
                     len(named),
                     name,
                     address,
-                    ', '.join(repr(_bound_address(s)) for s in named),
+                    ', '.join(repr(_bound_address(e[1])) for e in named),
                 )
             )
         return None
+
+    def _retire(
+        self, entry: Tuple[str, socket.socket, str, str], address: _Address
+    ) -> None:
+        """Close inherited `entry`: it was bound for another address."""
+        name, sock, path, _ = entry
+        self.bus.log(
+            'Closing the inherited socket %r bound to %r: now asked for %r.'
+            % (name, _bound_address(sock), address)
+        )
+        self._inherited.remove(entry)
+        sock.close()
+        if path:
+            _remove_quietly(path)
 
     def _reopen(self, name: str) -> socket.socket:
         """Make a new socket object from our duplicate of `name`'s."""
@@ -3427,6 +3481,8 @@ class ListenSockets(SimplePlugin):
                 self._inherited.remove(entry)
                 if entry[2]:
                     self._bound_paths[name] = entry[2]
+                if not entry[3]:
+                    self._given.add(name)
                 return
 
     def _bind(
@@ -3456,15 +3512,20 @@ class ListenSockets(SimplePlugin):
     def exit(self) -> None:
         """Keep the sockets for the new image on restart; else close them."""
         fds = [
-            (name, fd, self._bound_paths.get(name, ''))
+            (
+                name,
+                fd,
+                self._bound_paths.get(name, ''),
+                '' if name in self._given else repr(self._addresses[name]),
+            )
             for name, fd in self._kept.items()
         ]
-        fds += [(name, s.fileno(), path) for name, s, path in self._inherited]
+        fds += [(e[0], e[1].fileno(), e[2], e[3]) for e in self._inherited]
         if self.bus.execv:
             entries = ['%d' % os.getpid()]
-            for name, fd, path in fds:
+            for name, fd, path, asked in fds:
                 self.bus._keep_across_exec(fd)
-                entries.append('%s\t%d\t%s' % (name, fd, path))
+                entries.append('%s\t%d\t%s\t%s' % (name, fd, path, asked))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
             _owed_cleanups.append(self._close)  # Only if the exec fails.
             return
@@ -3472,7 +3533,7 @@ class ListenSockets(SimplePlugin):
 
     def _close(self) -> None:
         paths = list(self._bound_paths.values())
-        for _, sock, path in self._inherited:
+        for _, sock, path, _ in self._inherited:
             sock.close()
             if path:
                 paths.append(path)
@@ -3483,18 +3544,21 @@ class ListenSockets(SimplePlugin):
         self.sockets, self._inherited, self._kept = {}, [], {}
         for path in paths:
             _remove_quietly(path)
-        self._bound_paths = {}
+        self._bound_paths, self._addresses, self._given = {}, {}, set()
 
     # Inherited descriptors.
 
-    def _from_restart(self) -> List[Tuple[str, int, str]]:
+    def _from_restart(self) -> List[Tuple[str, int, str, str]]:
         lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
         if lines[0] != '%d' % os.getpid():
             return []  # Nothing, or another process's (an inherited env).
         try:
+            # An older version of this module wrote no address: as given.
             return [
-                (name, int(fd), path)
-                for name, fd, path in (line.split('\t') for line in lines[1:])
+                (name, int(fd), path, asked[0] if asked else '')
+                for name, fd, path, *asked in (
+                    line.split('\t', 3) for line in lines[1:]
+                )
             ]
         except ValueError:
             self.bus.log(
@@ -3504,7 +3568,7 @@ class ListenSockets(SimplePlugin):
             )
             return []
 
-    def _from_systemd(self) -> List[Tuple[str, int, str]]:
+    def _from_systemd(self) -> List[Tuple[str, int, str, str]]:
         pid, count, fdnames = (
             os.environ.pop(variable, None)
             for variable in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')
@@ -3545,14 +3609,14 @@ class ListenSockets(SimplePlugin):
             )
             names = []
         return [
-            (names[i] if names else 'fd%d' % fd, fd, '')
+            (names[i] if names else 'fd%d' % fd, fd, '', '')
             for i, fd in enumerate(fds)
         ]
 
     def _adopt(self, name: str, fd: int) -> Optional[socket.socket]:
         import socket
 
-        if any(s.fileno() == fd for _, s, _ in self._inherited):
+        if any(entry[1].fileno() == fd for entry in self._inherited):
             # A second socket object would close it under the first.
             self._ignore(fd, name, 'listed twice')
             return None
