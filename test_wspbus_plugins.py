@@ -4212,10 +4212,14 @@ LISTEN_CHILD = """
     os.environ['STARTS'] = str(starts)
 
     class Server(wp.SimplePlugin):
+        def __init__(self, bus, owner):
+            super().__init__(bus)
+            self.owner = owner  # The ListenSockets whose sockets it serves.
+
         def start(self):
             self.done = threading.Event()
             self.threads = [threading.Thread(target=self.serve, args=(s,))
-                            for s in sockets.sockets.values()]
+                            for s in self.owner.sockets.values()]
             for thread in self.threads:
                 thread.start()
 
@@ -4231,7 +4235,7 @@ LISTEN_CHILD = """
             for thread in self.threads:
                 thread.join()
 
-    Server(bus).subscribe()
+    Server(bus, sockets).subscribe()
     if len(sys.argv) > 3:
         exec(sys.argv[3])
     fds = []  # Counted before the server runs: no connection open yet.
@@ -4708,8 +4712,8 @@ def test_listensockets_ignores_variables_not_meant_for_it(
     inherit(listener)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    sockets = listen_sockets()
-    assert sockets._inherited == []
+    listen_sockets()
+    assert wp._unclaimed == []
     assert [m for m in bus.recorder.messages(30) if message in m]
     assert 'LISTEN_FDS' not in os.environ  # Children never see them.
 
@@ -4758,12 +4762,12 @@ def test_listensockets_ignores_what_is_not_a_listening_socket(
     idle = socket.socket()  # A socket, but not listening.
     try:
         fds = inherit(read, idle, names='pipe:idle')
-        sockets = listen_sockets()
+        listen_sockets()
     finally:
         for fd in (read, write):
             os.close(fd)
         idle.close()
-    assert sockets._inherited == []
+    assert wp._unclaimed == []
     warnings = bus.recorder.messages(30)
     assert 'Ignoring inherited descriptor %d (pipe)' % fds[0] in warnings[0]
     assert warnings[1] == (
@@ -4908,7 +4912,8 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     bus.execv = False
     again.exit()
     monkeypatch.setenv(wp._LISTEN_ENV, '1\nweb\t%d\t' % fd)  # Not ours.
-    assert wp.ListenSockets(bus)._inherited == []
+    wp.ListenSockets(bus)
+    assert wp._unclaimed == []
 
 
 def test_listensockets_one_name_two_addresses_is_a_clear_error(bus):
@@ -4966,6 +4971,41 @@ def test_listensockets_a_changed_address_is_bound_at_restart(child, tmp_path):
     proc.send_signal(signal.SIGTERM)
     status, out, err = finish(proc)
     assert (status, err) == (0, '')
+
+
+def test_listensockets_two_instances_each_get_theirs_back(child, tmp_path):
+    # A library's ListenSockets and the application's: each exit listener
+    # wrote the handover alone, and the new image's first instance took it
+    # all; the other's socket leaked and listen() found its port in use.
+    web, admin = free_ports(2)
+    events = tmp_path / 'events'
+    library = (
+        'library = wp.ListenSockets(bus)\n'
+        'library.subscribe()\n'
+        "library.listen('admin', ('127.0.0.1', %d))\n"
+        'Server(bus, library).subscribe()' % admin
+    )
+    proc = child(
+        LISTEN_CHILD, str(events), repr({'web': ('127.0.0.1', web)}), library
+    )
+    wait_until(lambda: starts_of(events), 'the first start')
+    for count in (2, 3):
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(
+            lambda n=count: (
+                len(starts_of(events)) >= n or proc.poll() is not None
+            ),
+            'start %d' % count,
+        )
+        assert proc.poll() is None, finish(proc)
+        for port in (web, admin):
+            assert ask(('127.0.0.1', port)) == '%d %d\n' % (proc.pid, count)
+    descriptors = {line[2].rsplit(' ', 1)[1] for line in starts_of(events)}
+    assert len(descriptors) == 1, descriptors  # Nothing leaked.
+    proc.send_signal(signal.SIGTERM)
+    assert finish(proc)[:2] == (0, '')
+    for port in (web, admin):
+        assert ask(('127.0.0.1', port)) == 'refused'
 
 
 def test_listensockets_listen_again_after_the_server_closed_it(bus):

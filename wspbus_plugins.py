@@ -3287,6 +3287,28 @@ _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here.
 _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 
 
+class _Inherited:
+    """A socket this process inherited that no listen() has asked for."""
+
+    __slots__ = ('name', 'sock', 'path', 'asked')
+
+    def __init__(
+        self, name: str, sock: socket.socket, path: str, asked: str
+    ) -> None:
+        self.name = name  # Several may share one: systemd names every
+        self.sock = sock  # socket of a unit after it by default.
+        self.path = path  # The AF_UNIX file an earlier image bound, or ''.
+        self.asked = asked  # repr() of the address; '' if systemd gave it.
+
+
+# A library's ListenSockets and the application's share one process: the
+# first one made adopts all it inherited (it removes the variables) into
+# this pool, which every one claims from, and restart() hands over the
+# sockets of every one.
+_unclaimed: List[_Inherited] = []
+_listen_sockets: WeakSet[ListenSockets] = WeakSet()
+
+
 class ListenSockets(SimplePlugin):
     """Own the service's listening sockets, so a restart refuses nothing.
 
@@ -3298,7 +3320,9 @@ class ListenSockets(SimplePlugin):
     right (variables meant for another process, a count beyond the
     descriptors this process has open, names that do not match the count,
     a descriptor that is not a socket, or not listening) is logged as a
-    warning and ignored.
+    warning and ignored.  Several in one process (a library's and the
+    application's) share what it inherited, each listen() taking its own
+    by name, and restart() hands over the sockets of every one.
 
     listen() hands out a socket by name, and keeps a duplicate of its
     descriptor: a server may close the socket it was given (asyncio's does)
@@ -3315,11 +3339,6 @@ class ListenSockets(SimplePlugin):
         super().__init__(bus)
         self.sockets: Dict[str, socket.socket] = {}
         """Name -> the listening socket.socket that listen() handed out."""
-        # Not yet asked for: (name, socket, AF_UNIX path an earlier image
-        # bound or '', repr() of the address it was asked for or '' when
-        # systemd gave it), a list: systemd gives every socket of a unit
-        # the unit's name unless told otherwise.
-        self._inherited: List[Tuple[str, socket.socket, str, str]] = []
         self._kept: Dict[str, int] = {}  # our dup of a handed-out socket's fd
         self._bound_paths: Dict[str, str] = {}  # AF_UNIX paths we bound
         self._addresses: Dict[str, _Address] = {}  # asked for, by name
@@ -3328,10 +3347,11 @@ class ListenSockets(SimplePlugin):
         for name, fd, path, asked in inherited:
             sock = self._adopt(name, fd)
             if sock is not None:
-                self._inherited.append((name, sock, path, asked))
+                _unclaimed.append(_Inherited(name, sock, path, asked))
+        _listen_sockets.add(self)
 
     def __repr__(self) -> str:
-        names = {entry[0] for entry in self._inherited}
+        names = {entry.name for entry in _unclaimed}
         return 'ListenSockets(%s)' % ', '.join(
             sorted(set(self.sockets) | names)
         )
@@ -3423,22 +3443,22 @@ class ListenSockets(SimplePlugin):
     def _inherited_for(
         self, name: str, address: _Address
     ) -> Optional[socket.socket]:
-        def matches(entry: Tuple[str, socket.socket, str, str]) -> bool:
-            return entry[3] == repr(address) or _same_address(
-                entry[1], address
+        def matches(entry: _Inherited) -> bool:
+            return entry.asked == repr(address) or _same_address(
+                entry.sock, address
             )
 
-        named = [entry for entry in self._inherited if entry[0] == name]
-        if len(named) == 1 and (named[0][3] == '' or matches(named[0])):
-            return named[0][1]  # systemd's unit decides the address.
+        named = [entry for entry in _unclaimed if entry.name == name]
+        if len(named) == 1 and (named[0].asked == '' or matches(named[0])):
+            return named[0].sock  # systemd's unit decides the address.
         if len(named) == 1:  # The configuration changed the address.
             self._retire(named[0], address)
             return None
         # Several of that name, or none (systemd's default names, the
         # unit's): the one bound to the address.
-        for entry in named or self._inherited:
+        for entry in named or _unclaimed:
             if matches(entry):
-                return entry[1]
+                return entry.sock
         if named:
             raise ValueError(
                 '%d inherited sockets are called %r and none is bound to '
@@ -3447,24 +3467,21 @@ class ListenSockets(SimplePlugin):
                     len(named),
                     name,
                     address,
-                    ', '.join(repr(_bound_address(e[1])) for e in named),
+                    ', '.join(repr(_bound_address(e.sock)) for e in named),
                 )
             )
         return None
 
-    def _retire(
-        self, entry: Tuple[str, socket.socket, str, str], address: _Address
-    ) -> None:
+    def _retire(self, entry: _Inherited, address: _Address) -> None:
         """Close inherited `entry`: it was bound for another address."""
-        name, sock, path, _ = entry
         self.bus.log(
             'Closing the inherited socket %r bound to %r: now asked for %r.'
-            % (name, _bound_address(sock), address)
+            % (entry.name, _bound_address(entry.sock), address)
         )
-        self._inherited.remove(entry)
-        sock.close()
-        if path:
-            _remove_quietly(path)
+        _unclaimed.remove(entry)
+        entry.sock.close()
+        if entry.path:
+            _remove_quietly(entry.path)
 
     def _reopen(self, name: str) -> socket.socket:
         """Make a new socket object from our duplicate of `name`'s."""
@@ -3476,12 +3493,12 @@ class ListenSockets(SimplePlugin):
 
     def _claim(self, name: str, sock: socket.socket) -> None:
         """Move inherited `sock` to those handed out, as `name`."""
-        for entry in self._inherited:
-            if entry[1] is sock:
-                self._inherited.remove(entry)
-                if entry[2]:
-                    self._bound_paths[name] = entry[2]
-                if not entry[3]:
+        for entry in _unclaimed:
+            if entry.sock is sock:
+                _unclaimed.remove(entry)
+                if entry.path:
+                    self._bound_paths[name] = entry.path
+                if not entry.asked:
                     self._given.add(name)
                 return
 
@@ -3510,18 +3527,17 @@ class ListenSockets(SimplePlugin):
         return sock
 
     def exit(self) -> None:
-        """Keep the sockets for the new image on restart; else close them."""
-        fds = [
-            (
-                name,
-                fd,
-                self._bound_paths.get(name, ''),
-                '' if name in self._given else repr(self._addresses[name]),
-            )
-            for name, fd in self._kept.items()
-        ]
-        fds += [(e[0], e[1].fileno(), e[2], e[3]) for e in self._inherited]
+        """Keep the sockets for the new image on restart; else close them.
+
+        restart() re-executes the whole process: every ListenSockets'
+        sockets and the unclaimed ones cross it, whichever's listener runs
+        last.  A real exit closes this one's and the unclaimed ones.
+        """
         if self.bus.execv:
+            fds = [line for owner in _listen_sockets for line in owner._own()]
+            fds += [
+                (e.name, e.sock.fileno(), e.path, e.asked) for e in _unclaimed
+            ]
             entries = ['%d' % os.getpid()]
             for name, fd, path, asked in fds:
                 self.bus._keep_across_exec(fd)
@@ -3531,17 +3547,30 @@ class ListenSockets(SimplePlugin):
             return
         self._close()
 
+    def _own(self) -> List[Tuple[str, int, str, str]]:
+        """Describe the sockets listen() handed out, for the handover."""
+        return [
+            (
+                name,
+                fd,
+                self._bound_paths.get(name, ''),
+                '' if name in self._given else repr(self._addresses[name]),
+            )
+            for name, fd in self._kept.items()
+        ]
+
     def _close(self) -> None:
         paths = list(self._bound_paths.values())
-        for _, sock, path, _ in self._inherited:
-            sock.close()
-            if path:
-                paths.append(path)
+        for entry in _unclaimed:
+            entry.sock.close()
+            if entry.path:
+                paths.append(entry.path)
         for sock in self.sockets.values():
             sock.close()
         for fd in self._kept.values():
             _close_quietly(fd)
-        self.sockets, self._inherited, self._kept = {}, [], {}
+        self.sockets, self._kept = {}, {}
+        del _unclaimed[:]
         for path in paths:
             _remove_quietly(path)
         self._bound_paths, self._addresses, self._given = {}, {}, set()
@@ -3616,7 +3645,7 @@ class ListenSockets(SimplePlugin):
     def _adopt(self, name: str, fd: int) -> Optional[socket.socket]:
         import socket
 
-        if any(entry[1].fileno() == fd for entry in self._inherited):
+        if any(entry.sock.fileno() == fd for entry in _unclaimed):
             # A second socket object would close it under the first.
             self._ignore(fd, name, 'listed twice')
             return None
