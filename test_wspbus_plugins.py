@@ -4900,7 +4900,7 @@ def test_listensockets_restart_hands_sockets_to_the_new_image(
     bus.execv = True
     sockets.exit()
     fd = sockets._kept['web']
-    assert os.environ[wp._LISTEN_ENV] == '%d\nweb\t%d\t\t%r' % (
+    assert os.environ[wp._LISTEN_ENV] == '%d\nweb\t%d\t\t\t%r' % (
         os.getpid(),
         fd,
         ('127.0.0.1', 0),
@@ -5006,6 +5006,75 @@ def test_listensockets_two_instances_each_get_theirs_back(child, tmp_path):
     assert finish(proc)[:2] == (0, '')
     for port in (web, admin):
         assert ask(('127.0.0.1', port)) == 'refused'
+
+
+def unix_listener(path):
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(path)
+    sock.listen()
+    return sock
+
+
+def test_listensockets_exit_leaves_a_socket_file_that_is_not_ours(
+    bus, tmp_path
+):
+    # The path cleared and bound again by another instance: its file.
+    path = str(tmp_path / 'app.sock')
+    sockets = wp.ListenSockets(bus)
+    sockets.listen('web', path)
+    os.remove(path)
+    with unix_listener(path) as other:
+        sockets.exit()
+        assert os.path.exists(path)
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(path)
+            other.accept()[0].close()
+    assert bus.recorder.messages(30) == []
+
+
+def test_listensockets_relative_path_is_removed_where_it_was_bound(
+    bus, tmp_path, monkeypatch
+):
+    ours, elsewhere = tmp_path / 'ours', tmp_path / 'elsewhere'
+    ours.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(str(ours))
+    sockets = wp.ListenSockets(bus)
+    sockets.listen('web', 'app.sock')
+    with unix_listener(str(elsewhere / 'app.sock')):
+        monkeypatch.chdir(str(elsewhere))  # The service moved meanwhile.
+        sockets.exit()
+        assert (elsewhere / 'app.sock').exists()  # Another service's.
+    assert not (ours / 'app.sock').exists()
+
+
+def test_listensockets_socket_file_identity_crosses_a_restart(child, tmp_path):
+    path = str(tmp_path / 'app.sock')
+    events = tmp_path / 'events'
+    proc = child(LISTEN_CHILD, str(events), repr({'local': path}))
+    wait_until(lambda: starts_of(events), 'the first start')
+    restart_and_wait(proc, events, 2)
+    assert ask(path, socket.AF_UNIX) == '%d 2\n' % proc.pid
+    os.remove(path)
+    with unix_listener(path):
+        proc.send_signal(signal.SIGTERM)
+        assert finish(proc)[:2] == (0, '')
+        assert os.path.exists(path)  # Not the file the child bound.
+
+
+def test_listensockets_takes_the_handover_of_an_older_version(
+    bus, monkeypatch, tmp_path
+):
+    # 'name<TAB>fd<TAB>path' only: the file's identity is taken at adoption.
+    path = str(tmp_path / 'app.sock')
+    fd = os.dup(unix_listener(path).detach())
+    monkeypatch.setenv(
+        wp._LISTEN_ENV, '%d\nweb\t%d\t%s' % (os.getpid(), fd, path)
+    )
+    sockets = wp.ListenSockets(bus)
+    assert sockets.listen('web', path).fileno() == fd
+    sockets.exit()
+    assert not os.path.exists(path)
 
 
 def test_listensockets_listen_again_after_the_server_closed_it(bus):

@@ -426,6 +426,8 @@ if TYPE_CHECKING:
     # tuple, or an AF_UNIX path (bytes when the family is given).
     _Address = Union[str, bytes, Tuple[str, int], Tuple[str, int, int, int]]
     _Signature = Tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
+    # The file an AF_UNIX socket was bound to: absolute path, st_dev, st_ino.
+    _SocketFile = Tuple[str, int, int]
     _Subscription = Tuple[str, Listener, Optional[int]]  # channel, priority
     _Zombie = Tuple[int, int]  # a zombie child's PID and start time
 
@@ -3282,22 +3284,28 @@ def _remove_quietly(path: str) -> None:
 # -- ListenSockets ------------------------------------------------------------
 
 _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here.
-# restart() writes 'pid', then a line per socket: 'name<TAB>fd<TAB>AF_UNIX
-# path it bound or ""<TAB>repr() of the address asked for, or "" when given'.
+# restart() writes 'pid', then a line per socket, its fields separated by
+# tabs: name, fd, the AF_UNIX file this process bound as path and
+# 'st_dev:st_ino' (else two ''), repr() of the address asked for ('' when
+# systemd gave it).  Older versions wrote the first three only.
 _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 
 
 class _Inherited:
     """A socket this process inherited that no listen() has asked for."""
 
-    __slots__ = ('name', 'sock', 'path', 'asked')
+    __slots__ = ('name', 'sock', 'file', 'asked')
 
     def __init__(
-        self, name: str, sock: socket.socket, path: str, asked: str
+        self,
+        name: str,
+        sock: socket.socket,
+        file: Optional[_SocketFile],
+        asked: str,
     ) -> None:
         self.name = name  # Several may share one: systemd names every
         self.sock = sock  # socket of a unit after it by default.
-        self.path = path  # The AF_UNIX file an earlier image bound, or ''.
+        self.file = file  # The AF_UNIX file an earlier image bound.
         self.asked = asked  # repr() of the address; '' if systemd gave it.
 
 
@@ -3331,8 +3339,10 @@ class ListenSockets(SimplePlugin):
     Channel ``exit``: after restart() the sockets stay open for the new
     image, and connections arriving meanwhile wait in the kernel's backlog;
     on a real exit they are closed and the AF_UNIX files this process bound
-    are removed (never those it was given).  Call listen() before
-    DropPrivileges' start (priority 77) to bind a low port as root.
+    are removed (never those it was given), if their path, absolute, still
+    names the file bound (not one another process bound there since).
+    Call listen() before DropPrivileges' start (priority 77) to bind a low
+    port as root.
     """
 
     def __init__(self, bus: Bus) -> None:
@@ -3340,14 +3350,14 @@ class ListenSockets(SimplePlugin):
         self.sockets: Dict[str, socket.socket] = {}
         """Name -> the listening socket.socket that listen() handed out."""
         self._kept: Dict[str, int] = {}  # our dup of a handed-out socket's fd
-        self._bound_paths: Dict[str, str] = {}  # AF_UNIX paths we bound
+        self._files: Dict[str, _SocketFile] = {}  # AF_UNIX files we bound
         self._addresses: Dict[str, _Address] = {}  # asked for, by name
         self._given: Set[str] = set()  # names of sockets systemd gave
         inherited = self._from_restart() + self._from_systemd()
-        for name, fd, path, asked in inherited:
+        for name, fd, file, asked in inherited:
             sock = self._adopt(name, fd)
             if sock is not None:
-                _unclaimed.append(_Inherited(name, sock, path, asked))
+                _unclaimed.append(_Inherited(name, sock, file, asked))
         _listen_sockets.add(self)
 
     def __repr__(self) -> str:
@@ -3394,9 +3404,9 @@ class ListenSockets(SimplePlugin):
         inherited = None if sock else self._inherited_for(name, address)
         sock = sock or inherited
         if sock is None:
-            sock = self._bind(address, family, type, backlog)
-            if isinstance(address, str) and not _is_abstract(address):
-                self._bound_paths[name] = address
+            sock, file = self._bind(address, family, type, backlog)
+            if file is not None:
+                self._files[name] = file
             self.bus.log(
                 'Listening on %r (%s).' % (_bound_address(sock), name)
             )
@@ -3480,8 +3490,8 @@ class ListenSockets(SimplePlugin):
         )
         _unclaimed.remove(entry)
         entry.sock.close()
-        if entry.path:
-            _remove_quietly(entry.path)
+        if entry.file:
+            self._remove_socket_file(entry.file)
 
     def _reopen(self, name: str) -> socket.socket:
         """Make a new socket object from our duplicate of `name`'s."""
@@ -3496,24 +3506,28 @@ class ListenSockets(SimplePlugin):
         for entry in _unclaimed:
             if entry.sock is sock:
                 _unclaimed.remove(entry)
-                if entry.path:
-                    self._bound_paths[name] = entry.path
+                if entry.file:
+                    self._files[name] = entry.file
                 if not entry.asked:
                     self._given.add(name)
                 return
 
     def _bind(
         self, address: _Address, family: int, type: int, backlog: int
-    ) -> socket.socket:
+    ) -> Tuple[socket.socket, Optional[_SocketFile]]:
+        """Return a new socket bound to `address`, and the file it made."""
         import socket
 
-        sock = socket.socket(family, type)
+        sock, file = socket.socket(family, type), None
         try:
             if family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             elif isinstance(address, str) and not _is_abstract(address):
                 _remove_stale_socket_file(address)
             sock.bind(address)
+            if isinstance(address, str) and not _is_abstract(address):
+                # Kept absolute: the program may change directory.
+                file = _socket_file(address)
             if type in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
                 sock.listen(backlog)
         except OSError as exc:
@@ -3524,7 +3538,7 @@ class ListenSockets(SimplePlugin):
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, file
 
     def exit(self) -> None:
         """Keep the sockets for the new image on restart; else close them.
@@ -3536,59 +3550,79 @@ class ListenSockets(SimplePlugin):
         if self.bus.execv:
             fds = [line for owner in _listen_sockets for line in owner._own()]
             fds += [
-                (e.name, e.sock.fileno(), e.path, e.asked) for e in _unclaimed
+                (e.name, e.sock.fileno(), e.file, e.asked) for e in _unclaimed
             ]
             entries = ['%d' % os.getpid()]
-            for name, fd, path, asked in fds:
+            for name, fd, file, asked in fds:
                 self.bus._keep_across_exec(fd)
-                entries.append('%s\t%d\t%s\t%s' % (name, fd, path, asked))
+                path, identity = (
+                    ('', '')
+                    if file is None
+                    else (
+                        file[0],
+                        '%d:%d' % file[1:],
+                    )
+                )
+                entries.append(
+                    '\t'.join((name, str(fd), path, identity, asked))
+                )
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
             _owed_cleanups.append(self._close)  # Only if the exec fails.
             return
         self._close()
 
-    def _own(self) -> List[Tuple[str, int, str, str]]:
+    def _own(self) -> List[Tuple[str, int, Optional[_SocketFile], str]]:
         """Describe the sockets listen() handed out, for the handover."""
         return [
             (
                 name,
                 fd,
-                self._bound_paths.get(name, ''),
+                self._files.get(name),
                 '' if name in self._given else repr(self._addresses[name]),
             )
             for name, fd in self._kept.items()
         ]
 
     def _close(self) -> None:
-        paths = list(self._bound_paths.values())
+        files = list(self._files.values())
         for entry in _unclaimed:
             entry.sock.close()
-            if entry.path:
-                paths.append(entry.path)
+            if entry.file:
+                files.append(entry.file)
         for sock in self.sockets.values():
             sock.close()
         for fd in self._kept.values():
             _close_quietly(fd)
         self.sockets, self._kept = {}, {}
         del _unclaimed[:]
-        for path in paths:
-            _remove_quietly(path)
-        self._bound_paths, self._addresses, self._given = {}, {}, set()
+        for file in files:
+            self._remove_socket_file(file)
+        self._files, self._addresses, self._given = {}, {}, set()
+
+    def _remove_socket_file(self, file: _SocketFile) -> None:
+        """Remove the AF_UNIX file we bound, if its path still names it.
+
+        The path may have been cleared and bound again by another process
+        since; that file is left to it.
+        """
+        path, device, inode = file
+        try:
+            found = os.lstat(path)
+            if (found.st_dev, found.st_ino) == (device, inode):
+                os.remove(path)
+        except FileNotFoundError:
+            pass
 
     # Inherited descriptors.
 
-    def _from_restart(self) -> List[Tuple[str, int, str, str]]:
+    def _from_restart(
+        self,
+    ) -> List[Tuple[str, int, Optional[_SocketFile], str]]:
         lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
         if lines[0] != '%d' % os.getpid():
             return []  # Nothing, or another process's (an inherited env).
         try:
-            # An older version of this module wrote no address: as given.
-            return [
-                (name, int(fd), path, asked[0] if asked else '')
-                for name, fd, path, *asked in (
-                    line.split('\t', 3) for line in lines[1:]
-                )
-            ]
+            return [_parse_handed_over(line) for line in lines[1:]]
         except ValueError:
             self.bus.log(
                 'Ignoring %s=%r: not what restart() writes.'
@@ -3597,7 +3631,9 @@ class ListenSockets(SimplePlugin):
             )
             return []
 
-    def _from_systemd(self) -> List[Tuple[str, int, str, str]]:
+    def _from_systemd(
+        self,
+    ) -> List[Tuple[str, int, Optional[_SocketFile], str]]:
         pid, count, fdnames = (
             os.environ.pop(variable, None)
             for variable in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')
@@ -3638,7 +3674,7 @@ class ListenSockets(SimplePlugin):
             )
             names = []
         return [
-            (names[i] if names else 'fd%d' % fd, fd, '', '')
+            (names[i] if names else 'fd%d' % fd, fd, None, '')
             for i, fd in enumerate(fds)
         ]
 
@@ -3675,6 +3711,30 @@ class ListenSockets(SimplePlugin):
             'Ignoring inherited descriptor %d (%s): %s.' % (fd, name, reason),
             level=_WARNING,
         )
+
+
+def _parse_handed_over(
+    line: str,
+) -> Tuple[str, int, Optional[_SocketFile], str]:
+    """Read one socket's line of the handover; ValueError if malformed."""
+    name, fd, path, *rest = line.split('\t')
+    identity, asked = rest or ('', '')  # An older version: given, no file.
+    file = None
+    if identity:
+        device, inode = identity.split(':')
+        file = (path, int(device), int(inode))
+    elif path:  # An older version: the file found there now.
+        file = _socket_file(path)
+    return name, int(fd), file, asked
+
+
+def _socket_file(path: str) -> Optional[_SocketFile]:
+    """Name the file at `path`: absolute path, st_dev, st_ino, or None."""
+    try:
+        found = os.lstat(path)
+    except OSError:
+        return None
+    return (os.path.abspath(path), found.st_dev, found.st_ino)
 
 
 def _check_handed_over(what: str, text: str) -> None:
