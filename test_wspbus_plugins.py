@@ -5062,6 +5062,42 @@ def test_listensockets_socket_file_identity_crosses_a_restart(child, tmp_path):
         assert os.path.exists(path)  # Not the file the child bound.
 
 
+DROPPED_UNIX_CHILD = """
+    import sys, wspbus_plugins as wp
+    bus = wp.Bus()
+    bus.subscribe('log', lambda msg, level: level >= 30 and
+                  print(msg, file=sys.stderr, flush=True))
+    sockets = wp.ListenSockets(bus)
+    sockets.subscribe()
+    sockets.listen('web', sys.argv[1])
+    wp.DropPrivileges(bus, uid='nobody', gid=sys.argv[2], umask=0o022
+                      ).subscribe()
+    bus.start()
+    bus.exit()
+"""
+
+
+@needs_root
+def test_listensockets_a_socket_file_it_cannot_remove_is_a_warning(child):
+    # Bound as root in root's directory, then privileges dropped: the file
+    # stayed at exit, and nothing said so.
+    import tempfile
+
+    directory = tempfile.mkdtemp(prefix='wspbus-root-')
+    try:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, 'app.sock')
+        group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
+        status, out, err = finish(child(DROPPED_UNIX_CHILD, path, group))
+        assert (status, err) == (
+            0,
+            'Cannot remove the socket file %r: Permission denied.\n' % path,
+        )
+        assert os.path.exists(path)
+    finally:
+        shutil.rmtree(directory)
+
+
 def test_listensockets_takes_the_handover_of_an_older_version(
     bus, monkeypatch, tmp_path
 ):

@@ -3603,7 +3603,7 @@ class ListenSockets(SimplePlugin):
         """Remove the AF_UNIX file we bound, if its path still names it.
 
         The path may have been cleared and bound again by another process
-        since; that file is left to it.
+        since; that file is left to it.  A failure is a warning.
         """
         path, device, inode = file
         try:
@@ -3612,6 +3612,11 @@ class ListenSockets(SimplePlugin):
                 os.remove(path)
         except FileNotFoundError:
             pass
+        except OSError as exc:  # EACCES: root's directory, root dropped.
+            self.bus.log(
+                'Cannot remove the socket file %r: %s.' % (path, exc.strerror),
+                level=_WARNING,
+            )
 
     # Inherited descriptors.
 
