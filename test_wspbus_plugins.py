@@ -7292,6 +7292,32 @@ def test_demo_listen_serves_through_an_autoreload_restart(child, tmp_path):
     assert "Listening on ('127.0.0.1', %d) (demo), inherited." % port in err
 
 
+def test_demo_listen_help_says_when_kill_hup_restarts():
+    # SignalHandler's rule: SIGHUP restarts a daemon and ends any other
+    # process (a terminal's hang-up); the help promised kill -HUP always.
+    text = ' '.join(demo('--help').stdout.split())
+    assert (
+        'so --autoreload, and kill -HUP with --daemonize, restart it without '
+        'refusing a connection (without --daemonize, SIGHUP exits)' in text
+    )
+
+
+@needs_fork
+def test_demo_listen_kill_hup_restarts_a_daemon(child, tmp_path):
+    port, pidfile = free_port(), tmp_path / 'demo.pid'
+    args = ['--listen', '127.0.0.1:%d' % port, '--heartbeat', '0']
+    daemon = demo(*args, '--daemonize', '--pidfile', str(pidfile))
+    assert daemon.returncode == 0, daemon.stderr
+    pid = read_pid(pidfile)
+    child.track(pid)
+    reply = 'wspbus_plugins demo, PID %d, start %%d\n' % pid
+    assert ask(('127.0.0.1', port)) == reply % 1
+    os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: ask(('127.0.0.1', port)) == reply % 2, 'a restart')
+    os.kill(pid, signal.SIGTERM)
+    wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
+
+
 def test_demo_main_is_callable(capsys):
     assert wp.main(['--duration', '0', '--heartbeat', '0', '--quiet']) == 0
 

@@ -5724,8 +5724,9 @@ def _parse_demo_options(
         metavar='HOST:PORT',
         type=option_type(address),
         help='answer each TCP connection with a line naming the PID and the '
-        'start count; the socket stays open across restarts (zero-downtime '
-        'kill -HUP and --autoreload)',
+        'start count; the socket stays open across restarts, so '
+        '--autoreload, and kill -HUP with --daemonize, restart it without '
+        'refusing a connection (without --daemonize, SIGHUP exits)',
     )
     add(
         '--duration',
