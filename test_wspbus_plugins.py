@@ -7292,6 +7292,16 @@ def test_demo_listen_serves_through_an_autoreload_restart(child, tmp_path):
     assert "Listening on ('127.0.0.1', %d) (demo), inherited." % port in err
 
 
+def test_demo_listen_on_an_address_in_use_is_one_line_and_status_2(listener):
+    host, port = listener.getsockname()
+    proc = demo('--listen', '%s:%d' % (host, port), '--duration', '0')
+    assert (proc.returncode, proc.stdout) == (2, '')
+    assert proc.stderr == (
+        'python -m wspbus_plugins: error: argument --listen: Cannot listen '
+        'on %r: Address already in use\n' % ((host, port),)
+    )
+
+
 def test_demo_listen_help_says_when_kill_hup_restarts():
     # SignalHandler's rule: SIGHUP restarts a daemon and ends any other
     # process (a terminal's hang-up); the help promised kill -HUP always.

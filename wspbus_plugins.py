@@ -5483,18 +5483,31 @@ class LoggingBridge(SimplePlugin):
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the demo service of ``python -m wspbus_plugins``; return status.
 
-    Bad options print one line naming the value and exit 2 (SystemExit);
-    a failed start ends the process with status 70.
+    Bad options print one line naming the value and exit 2 (SystemExit),
+    and so does a --listen address in use (return 2); a failed start ends
+    the process with status 70.
     """
     options = _parse_demo_options(argv)
+    demo = Bus()
+    LoggingBridge(demo, _demo_logger(options)).subscribe()
+    if options.listen:  # Bound first: in use, it is a bad option.
+        sockets = ListenSockets(demo)
+        try:
+            listening = sockets.listen('demo', options.listen)
+        except OSError as exc:
+            sys.stderr.write(
+                'python -m wspbus_plugins: error: argument --listen: %s\n'
+                % exc.strerror
+            )
+            return 2
+        sockets.subscribe()
+        _DemoServer(demo, listening).subscribe()
     if not options.quiet:
         sys.stderr.write(
             'wspbus_plugins %s demo, PID %d. Stop it with Ctrl+C or '
             'kill -TERM %d; kill -USR1 %d reloads it.\n'
             % (__version__, os.getpid(), os.getpid(), os.getpid())
         )
-    demo = Bus()
-    LoggingBridge(demo, _demo_logger(options)).subscribe()
     SignalHandler(demo).subscribe()
     threads = ThreadManager(demo)
     threads.subscribe()
@@ -5512,10 +5525,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         reloader.subscribe()
     if options.systemd:
         SystemdNotifier(demo).subscribe()
-    if options.listen:
-        sockets = ListenSockets(demo)
-        sockets.subscribe()
-        _DemoServer(demo, sockets.listen('demo', options.listen)).subscribe()
     if options.heartbeat > 0:
 
         def heartbeat() -> None:
