@@ -972,9 +972,9 @@ tests run_async_exit_from_a_thread_or_a_listener
 ListenSockets closes its sockets on restart
 tests listensockets_restart_hands_sockets
 -         if self.bus.execv:
--             fds = [line for owner in _listen_sockets for line in owner._own()]
+-             fds = [fd for each in _listen_sockets for fd in each._own()]
 +         if False:
-+             fds = [line for owner in _listen_sockets for line in owner._own()]
++             fds = [fd for each in _listen_sockets for fd in each._own()]
 
 PID file not locked
 tests pidfile_second_holder

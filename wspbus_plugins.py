@@ -3548,7 +3548,7 @@ class ListenSockets(SimplePlugin):
         last.  A real exit closes this one's and the unclaimed ones.
         """
         if self.bus.execv:
-            fds = [line for owner in _listen_sockets for line in owner._own()]
+            fds = [fd for each in _listen_sockets for fd in each._own()]
             fds += [
                 (e.name, e.sock.fileno(), e.file, e.asked) for e in _unclaimed
             ]
