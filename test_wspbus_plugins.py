@@ -4973,6 +4973,44 @@ def test_listensockets_a_changed_address_is_bound_at_restart(child, tmp_path):
     assert (status, err) == (0, '')
 
 
+@pytest.mark.parametrize('change', ['move', 'swap'])
+def test_listensockets_an_address_another_inherited_socket_holds(
+    child, tmp_path, change
+):
+    # The first image has web on A and admin (or api) on B; the next one
+    # asks web on B: admin dropped (move), or api moved to A (swap).  The
+    # new socket's bind() found B held by the unclaimed one: EADDRINUSE,
+    # and the restart died.  Now the socket bound there is taken over.
+    a, b = free_ports(2)
+    events = tmp_path / 'events'
+    later = {'move': {'web': b}, 'swap': {'web': b, 'api': a}}[change]
+    addresses = '%r if "STARTS" in os.environ else %r' % (
+        {n: ('127.0.0.1', port) for n, port in later.items()},
+        {
+            'web': ('127.0.0.1', a),
+            'admin' if change == 'move' else 'api': ('127.0.0.1', b),
+        },
+    )
+    proc = child(LISTEN_CHILD, str(events), addresses)
+    wait_until(lambda: starts_of(events), 'the first start')
+    with LoadClient(('127.0.0.1', b)) as client:
+        os.kill(proc.pid, signal.SIGHUP)
+        wait_until(
+            lambda: len(starts_of(events)) > 1 or proc.poll() is not None,
+            'the second start',
+        )
+        assert proc.poll() is None, finish(proc)
+    assert client.failures() == []  # B was never closed nor bound anew.
+    assert ask(('127.0.0.1', b)) == '%d 2\n' % proc.pid
+    if change == 'swap':
+        assert ask(('127.0.0.1', a)) == '%d 2\n' % proc.pid
+    else:  # Closed once the bus started: refused, not left waiting.
+        wait_until(lambda: ask(('127.0.0.1', a)) == 'refused', 'A closed')
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, err) == (0, '')
+
+
 def test_listensockets_two_instances_each_get_theirs_back(child, tmp_path):
     # A library's ListenSockets and the application's: each exit listener
     # wrote the handover alone, and the new image's first instance took it

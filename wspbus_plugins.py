@@ -3294,7 +3294,7 @@ _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 class _Inherited:
     """A socket this process inherited that no listen() has asked for."""
 
-    __slots__ = ('name', 'sock', 'file', 'asked')
+    __slots__ = ('name', 'sock', 'file', 'asked', 'superseded')
 
     def __init__(
         self,
@@ -3307,6 +3307,8 @@ class _Inherited:
         self.sock = sock  # socket of a unit after it by default.
         self.file = file  # The AF_UNIX file an earlier image bound.
         self.asked = asked  # repr() of the address; '' if systemd gave it.
+        # Its name now listens elsewhere: closed at 'started' if unclaimed.
+        self.superseded = False
 
 
 # A library's ListenSockets and the application's share one process: the
@@ -3341,6 +3343,8 @@ class ListenSockets(SimplePlugin):
     on a real exit they are closed and the AF_UNIX files this process bound
     are removed (never those it was given), if their path, absolute, still
     names the file bound (not one another process bound there since).
+    Channel ``started``: an inherited socket whose name now listens at
+    another address, and that no other name took, is closed.
     Call listen() before DropPrivileges' start (priority 77) to bind a low
     port as root.
     """
@@ -3385,7 +3389,10 @@ class ListenSockets(SimplePlugin):
         of a new one (of several with that name, the one bound there; none
         is a ValueError).  Of a socket systemd gave, the unit decides the
         address; one an earlier image bound for another address (the
-        configuration changed) is closed and a new one bound.  A family or
+        configuration changed) is closed and a new one bound, unless another
+        inherited socket is bound to the new address (a name dropped, or two
+        swapped): that one is taken, and the old one is closed at
+        ``started`` if no other name took it by then.  A family or
         type that differs from what was asked is a ValueError.  The log
         line names the address the socket is bound to.  A new AF_UNIX
         socket first removes a stale socket file at the path (one nobody
@@ -3461,8 +3468,14 @@ class ListenSockets(SimplePlugin):
         named = [entry for entry in _unclaimed if entry.name == name]
         if len(named) == 1 and (named[0].asked == '' or matches(named[0])):
             return named[0].sock  # systemd's unit decides the address.
-        if len(named) == 1:  # The configuration changed the address.
-            self._retire(named[0], address)
+        if len(named) == 1:  # The configuration changed the address:
+            # another unclaimed socket may hold it (a name dropped, or two
+            # swapped), and bind() would find it in use.
+            for entry in _unclaimed:
+                if entry is not named[0] and matches(entry):
+                    named[0].superseded = True  # A swap may still take it.
+                    return entry.sock
+            self._retire(named[0], 'now asked for %r' % (address,))
             return None
         # Several of that name, or none (systemd's default names, the
         # unit's): the one bound to the address.
@@ -3482,16 +3495,32 @@ class ListenSockets(SimplePlugin):
             )
         return None
 
-    def _retire(self, entry: _Inherited, address: _Address) -> None:
-        """Close inherited `entry`: it was bound for another address."""
+    def _retire(self, entry: _Inherited, why: str) -> None:
+        """Close inherited `entry`, which no listen() will claim."""
         self.bus.log(
-            'Closing the inherited socket %r bound to %r: now asked for %r.'
-            % (entry.name, _bound_address(entry.sock), address)
+            'Closing the inherited socket %r bound to %r: %s.'
+            % (entry.name, _bound_address(entry.sock), why)
         )
         _unclaimed.remove(entry)
         entry.sock.close()
         if entry.file:
             self._remove_socket_file(entry.file)
+
+    def subscribe(self) -> None:
+        """Register exit, and started (no built-in channel of the bus)."""
+        super().subscribe()
+        self.bus.subscribe('started', self.started)
+
+    def unsubscribe(self) -> None:
+        """Unregister what subscribe() registered."""
+        super().unsubscribe()
+        self.bus.unsubscribe('started', self.started)
+
+    def started(self) -> None:
+        """Close the inherited sockets whose name now listens elsewhere."""
+        for entry in list(_unclaimed):
+            if entry.superseded:
+                self._retire(entry, '%r listens elsewhere' % entry.name)
 
     def _reopen(self, name: str) -> socket.socket:
         """Make a new socket object from our duplicate of `name`'s."""
