@@ -5151,6 +5151,39 @@ def test_listensockets_takes_the_handover_of_an_older_version(
     assert not os.path.exists(path)
 
 
+def test_listensockets_a_malformed_handover_line_is_skipped_alone(
+    bus, listen_sockets, monkeypatch
+):
+    # A 6th field (a newer version's) made the new image ignore every
+    # socket and leave them open: each listen() found its address in use.
+    made = [socket.socket() for _ in range(3)]
+    for sock in made:
+        sock.bind(('127.0.0.1', 0))
+        sock.listen()
+    addresses = [sock.getsockname() for sock in made]
+    web, admin, api = fds = [os.dup(sock.fileno()) for sock in made]
+    for sock in made:
+        sock.close()
+    lines = [
+        'web\t%d\t\t\t%r\tfrom a newer version' % (web, addresses[0]),
+        'admin\t%d\t\tnot-an-identity\t%r' % (admin, addresses[1]),
+        'no fields',
+        'api\t%d\t\t\t%r' % (api, addresses[2]),
+    ]
+    monkeypatch.setenv(wp._LISTEN_ENV, '\n'.join(['%d' % os.getpid()] + lines))
+    sockets = listen_sockets()
+    with pytest.raises(OSError):
+        os.fstat(admin)  # Closed, not leaked.
+    assert bus.recorder.messages(30) == [
+        'Ignoring the %s line %r: not what restart() writes%s.'
+        % (wp._LISTEN_ENV, lines[i], closed)
+        for i, closed in ((1, ' (descriptor %d closed)' % admin), (2, ''))
+    ]
+    for name, fd, address in zip(('web', 'api'), fds[::2], addresses[::2]):
+        assert sockets.listen(name, address).fileno() == fd
+        assert not os.get_inheritable(fd)
+
+
 def test_listensockets_listen_again_after_the_server_closed_it(bus):
     # asyncio's server closes the socket it was given; a server started
     # again in the same image (stop() then start()) asks for it again.

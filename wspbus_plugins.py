@@ -3287,7 +3287,9 @@ _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here.
 # restart() writes 'pid', then a line per socket, its fields separated by
 # tabs: name, fd, the AF_UNIX file this process bound as path and
 # 'st_dev:st_ino' (else two ''), repr() of the address asked for ('' when
-# systemd gave it).  Older versions wrote the first three only.
+# systemd gave it).  Older versions wrote the first three only; fields
+# after the fifth (a newer version's) are ignored, and a malformed line is
+# skipped alone, with a warning.
 _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 
 
@@ -3329,8 +3331,9 @@ class ListenSockets(SimplePlugin):
     ``os.environ`` and marks the descriptors close-on-exec.  What is not
     right (variables meant for another process, a count beyond the
     descriptors this process has open, names that do not match the count,
-    a descriptor that is not a socket, or not listening) is logged as a
-    warning and ignored.  Several in one process (a library's and the
+    a descriptor that is not a socket, or not listening, a handover line
+    it cannot read, whose descriptor it closes) is logged as a warning and
+    ignored; the rest is adopted.  Several in one process (a library's and the
     application's) share what it inherited, each listen() taking its own
     by name, and restart() hands over the sockets of every one.
 
@@ -3655,15 +3658,24 @@ class ListenSockets(SimplePlugin):
         lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
         if lines[0] != '%d' % os.getpid():
             return []  # Nothing, or another process's (an inherited env).
-        try:
-            return [_parse_handed_over(line) for line in lines[1:]]
-        except ValueError:
+        entries, malformed = [], []
+        for line in lines[1:]:
+            try:
+                entries.append(_parse_handed_over(line))
+            except ValueError:  # One line alone: the others still cross.
+                malformed.append(line)
+        adopted = {entry[1] for entry in entries}
+        for line in malformed:
+            fd, closed = _handed_over_fd(line), ''
+            if fd is not None and fd >= 3 and fd not in adopted:
+                _close_quietly(fd)  # Else it leaks, inheritable.
+                closed = ' (descriptor %d closed)' % fd
             self.bus.log(
-                'Ignoring %s=%r: not what restart() writes.'
-                % (_LISTEN_ENV, '\n'.join(lines)),
+                'Ignoring the %s line %r: not what restart() writes%s.'
+                % (_LISTEN_ENV, line, closed),
                 level=_WARNING,
             )
-            return []
+        return entries
 
     def _from_systemd(
         self,
@@ -3750,9 +3762,16 @@ class ListenSockets(SimplePlugin):
 def _parse_handed_over(
     line: str,
 ) -> Tuple[str, int, Optional[_SocketFile], str]:
-    """Read one socket's line of the handover; ValueError if malformed."""
-    name, fd, path, *rest = line.split('\t')
-    identity, asked = rest or ('', '')  # An older version: given, no file.
+    """Read one socket's line of the handover; ValueError if malformed.
+
+    Fields after the fifth (a newer version's) are ignored.
+    """
+    fields = line.split('\t')
+    if len(fields) == 3:  # An older version: given, no file identity.
+        fields += ['', '']
+    if len(fields) < 5:
+        raise ValueError('%d fields' % len(fields))
+    name, fd, path, identity, asked = fields[:5]
     file = None
     if identity:
         device, inode = identity.split(':')
@@ -3760,6 +3779,15 @@ def _parse_handed_over(
     elif path:  # An older version: the file found there now.
         file = _socket_file(path)
     return name, int(fd), file, asked
+
+
+def _handed_over_fd(line: str) -> Optional[int]:
+    """Return the descriptor a malformed handover line names, if a number."""
+    fields = line.split('\t')
+    try:
+        return int(fields[1]) if len(fields) > 1 else None
+    except ValueError:
+        return None
 
 
 def _socket_file(path: str) -> Optional[_SocketFile]:
