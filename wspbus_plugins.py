@@ -3296,7 +3296,7 @@ _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 class _Inherited:
     """A socket this process inherited that no listen() has asked for."""
 
-    __slots__ = ('name', 'sock', 'file', 'asked', 'superseded')
+    __slots__ = ('name', 'sock', 'file', 'asked', 'superseded', 'stale')
 
     def __init__(
         self,
@@ -3311,6 +3311,8 @@ class _Inherited:
         self.asked = asked  # repr() of the address; '' if systemd gave it.
         # Its name now listens elsewhere: closed at 'started' if unclaimed.
         self.superseded = False
+        # Unclaimed when the bus started: closed at restart, unless given.
+        self.stale = False
 
 
 # A library's ListenSockets and the application's share one process: the
@@ -3347,7 +3349,12 @@ class ListenSockets(SimplePlugin):
     are removed (never those it was given), if their path, absolute, still
     names the file bound (not one another process bound there since).
     Channel ``started``: an inherited socket whose name now listens at
-    another address, and that no other name took, is closed.
+    another address, and that no other name took, is closed; one an
+    earlier image handed on that no listen() has claimed yet is dropped
+    from the configuration: if still unclaimed at the next restart, it is
+    closed then (a log line names it and its address), not handed on.
+    systemd's, which it passes only once, are handed on unclaimed, and so
+    is everything at a restart before the bus started (a slow start).
     Call listen() before DropPrivileges' start (priority 77) to bind a low
     port as root.
     """
@@ -3520,10 +3527,15 @@ class ListenSockets(SimplePlugin):
         self.bus.unsubscribe('started', self.started)
 
     def started(self) -> None:
-        """Close the inherited sockets whose name now listens elsewhere."""
+        """Close the inherited sockets whose name now listens elsewhere.
+
+        Mark the others an earlier image handed on as dropped from the
+        configuration: restart() closes them if still unclaimed.
+        """
         for entry in list(_unclaimed):
             if entry.superseded:
                 self._retire(entry, '%r listens elsewhere' % entry.name)
+            entry.stale = entry.asked != ''  # systemd passes its once.
 
     def _reopen(self, name: str) -> socket.socket:
         """Make a new socket object from our duplicate of `name`'s."""
@@ -3577,10 +3589,13 @@ class ListenSockets(SimplePlugin):
 
         restart() re-executes the whole process: every ListenSockets'
         sockets and the unclaimed ones cross it, whichever's listener runs
-        last.  A real exit closes this one's and the unclaimed ones.
+        last, but for those ``started`` found dropped.  A real exit closes
+        this one's and the unclaimed ones.
         """
         if self.bus.execv:
             fds = [fd for each in _listen_sockets for fd in each._own()]
+            for entry in [e for e in _unclaimed if e.stale]:
+                self._retire(entry, 'no listen() asked for it')
             fds += [
                 (e.name, e.sock.fileno(), e.file, e.asked) for e in _unclaimed
             ]
