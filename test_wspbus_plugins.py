@@ -5063,6 +5063,32 @@ def test_listensockets_a_dropped_socket_is_closed_at_the_next_restart(
         assert bus.recorder.messages(30) == []
 
 
+def test_listensockets_an_older_handover_is_taken_by_name_once(
+    bus, listen_sockets, monkeypatch
+):
+    # 'name<TAB>fd<TAB>path' left the address unknown, and was taken for
+    # systemd's ('' asked): written so at every restart, it kept its
+    # address for ever, whatever the configuration asked.
+    monkeypatch.setattr(wp, '_owed_cleanups', [])
+    made = hand_over(monkeypatch, web=None, old=None)
+    lines = ['%s\t%d\t' % (name, made[name][0]) for name in ('web', 'old')]
+    monkeypatch.setenv(wp._LISTEN_ENV, '\n'.join(['%d' % os.getpid()] + lines))
+    sockets = listen_sockets()
+    asked = ('127.0.0.1', made['web'][1][1])
+    assert sockets.listen('web', asked).fileno() == made['web'][0]
+    bus.execv = True  # A restart before the bus started: all handed on.
+    sockets.exit()
+    assert os.environ[wp._LISTEN_ENV].split('\n')[1:] == [
+        'web\t%d\t\t\t%r' % (sockets._kept['web'], asked),  # Now known.
+        lines[1],  # Still unknown: the older form again.
+    ]
+    sockets._kept.clear()  # Handed to the next image.
+    sockets.sockets.pop('web').close()  # As the exec closes it.
+    moved = ('127.0.0.1', free_port())
+    assert listen_sockets().listen('web', moved).getsockname() == moved
+    assert ask(made['web'][1]) == 'refused'
+
+
 def test_listensockets_two_instances_each_get_theirs_back(child, tmp_path):
     # A library's ListenSockets and the application's: each exit listener
     # wrote the handover alone, and the new image's first instance took it

@@ -428,6 +428,8 @@ if TYPE_CHECKING:
     _Signature = Tuple[int, int, int]  # (st_mtime_ns, st_size, st_ino)
     # The file an AF_UNIX socket was bound to: absolute path, st_dev, st_ino.
     _SocketFile = Tuple[str, int, int]
+    # A socket restart() hands over: name, descriptor, file, address asked.
+    _HandedOver = Tuple[str, int, Optional[_SocketFile], Optional[str]]
     _Subscription = Tuple[str, Listener, Optional[int]]  # channel, priority
     _Zombie = Tuple[int, int]  # a zombie child's PID and start time
 
@@ -3287,8 +3289,11 @@ _SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): passed descriptors start here.
 # restart() writes 'pid', then a line per socket, its fields separated by
 # tabs: name, fd, the AF_UNIX file this process bound as path and
 # 'st_dev:st_ino' (else two ''), repr() of the address asked for ('' when
-# systemd gave it).  Older versions wrote the first three only; fields
-# after the fifth (a newer version's) are ignored, and a malformed line is
+# systemd gave it).  Older versions wrote the first three only: the
+# address is unknown (not systemd's), so listen() takes the socket by name
+# once, and the next restart writes the address it asked for; an unknown
+# one still unclaimed is written in the older form again.  Fields after
+# the fifth (a newer version's) are ignored, and a malformed line is
 # skipped alone, with a warning.
 _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 
@@ -3303,12 +3308,14 @@ class _Inherited:
         name: str,
         sock: socket.socket,
         file: Optional[_SocketFile],
-        asked: str,
+        asked: Optional[str],
     ) -> None:
         self.name = name  # Several may share one: systemd names every
         self.sock = sock  # socket of a unit after it by default.
         self.file = file  # The AF_UNIX file an earlier image bound.
-        self.asked = asked  # repr() of the address; '' if systemd gave it.
+        # repr() of the address asked for; '' if systemd gave it; None if
+        # unknown (an older version's handover): taken by name, once.
+        self.asked = asked
         # Its name now listens elsewhere: closed at 'started' if unclaimed.
         self.superseded = False
         # Unclaimed when the bus started: closed at restart, unless given.
@@ -3398,12 +3405,14 @@ class ListenSockets(SimplePlugin):
         socket of that name, or bound to that address, is returned instead
         of a new one (of several with that name, the one bound there; none
         is a ValueError).  Of a socket systemd gave, the unit decides the
-        address; one an earlier image bound for another address (the
-        configuration changed) is closed and a new one bound, unless another
-        inherited socket is bound to the new address (a name dropped, or two
-        swapped): that one is taken, and the old one is closed at
-        ``started`` if no other name took it by then.  A family or
-        type that differs from what was asked is a ValueError.  The log
+        address, and one an older version handed over (its address not
+        written) is taken by name, once; one an earlier image bound for
+        another address (the configuration changed) is closed and a new
+        one bound, unless another inherited socket is bound to the new
+        address (a name dropped, or two swapped): that one is taken, and
+        the old one is closed at ``started`` if no other name took it by
+        then.  A family or type that differs from what was asked is a
+        ValueError.  The log
         line names the address the socket is bound to.  A new AF_UNIX
         socket first removes a stale socket file at the path (one nobody
         listens on; an abstract name, starting with a NUL, has no file).  A
@@ -3476,8 +3485,10 @@ class ListenSockets(SimplePlugin):
             )
 
         named = [entry for entry in _unclaimed if entry.name == name]
-        if len(named) == 1 and (named[0].asked == '' or matches(named[0])):
-            return named[0].sock  # systemd's unit decides the address.
+        if len(named) == 1 and named[0].asked in ('', None):
+            return named[0].sock  # systemd's unit decides, or unknown.
+        if len(named) == 1 and matches(named[0]):
+            return named[0].sock
         if len(named) == 1:  # The configuration changed the address:
             # another unclaimed socket may hold it (a name dropped, or two
             # swapped), and bind() would find it in use.
@@ -3552,7 +3563,7 @@ class ListenSockets(SimplePlugin):
                 _unclaimed.remove(entry)
                 if entry.file:
                     self._files[name] = entry.file
-                if not entry.asked:
+                if entry.asked == '':
                     self._given.add(name)
                 return
 
@@ -3610,15 +3621,15 @@ class ListenSockets(SimplePlugin):
                         '%d:%d' % file[1:],
                     )
                 )
-                entries.append(
-                    '\t'.join((name, str(fd), path, identity, asked))
-                )
+                fields = (name, str(fd), path, identity, asked or '')
+                # An unknown address is written in the older form again.
+                entries.append('\t'.join(fields[: 3 if asked is None else 5]))
             os.environ[_LISTEN_ENV] = '\n'.join(entries)
             _owed_cleanups.append(self._close)  # Only if the exec fails.
             return
         self._close()
 
-    def _own(self) -> List[Tuple[str, int, Optional[_SocketFile], str]]:
+    def _own(self) -> List[_HandedOver]:
         """Describe the sockets listen() handed out, for the handover."""
         return [
             (
@@ -3669,7 +3680,7 @@ class ListenSockets(SimplePlugin):
 
     def _from_restart(
         self,
-    ) -> List[Tuple[str, int, Optional[_SocketFile], str]]:
+    ) -> List[_HandedOver]:
         lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
         if lines[0] != '%d' % os.getpid():
             return []  # Nothing, or another process's (an inherited env).
@@ -3694,7 +3705,7 @@ class ListenSockets(SimplePlugin):
 
     def _from_systemd(
         self,
-    ) -> List[Tuple[str, int, Optional[_SocketFile], str]]:
+    ) -> List[_HandedOver]:
         pid, count, fdnames = (
             os.environ.pop(variable, None)
             for variable in ('LISTEN_PID', 'LISTEN_FDS', 'LISTEN_FDNAMES')
@@ -3776,24 +3787,23 @@ class ListenSockets(SimplePlugin):
 
 def _parse_handed_over(
     line: str,
-) -> Tuple[str, int, Optional[_SocketFile], str]:
+) -> _HandedOver:
     """Read one socket's line of the handover; ValueError if malformed.
 
     Fields after the fifth (a newer version's) are ignored.
     """
     fields = line.split('\t')
-    if len(fields) == 3:  # An older version: given, no file identity.
-        fields += ['', '']
-    if len(fields) < 5:
+    older = len(fields) == 3  # An older version: no identity, no address.
+    if len(fields) < 5 and not older:
         raise ValueError('%d fields' % len(fields))
-    name, fd, path, identity, asked = fields[:5]
+    name, fd, path, identity, asked = (fields + ['', ''])[:5]
     file = None
     if identity:
         device, inode = identity.split(':')
         file = (path, int(device), int(inode))
     elif path:  # An older version: the file found there now.
         file = _socket_file(path)
-    return name, int(fd), file, asked
+    return name, int(fd), file, None if older else asked
 
 
 def _handed_over_fd(line: str) -> Optional[int]:
