@@ -4942,6 +4942,44 @@ def test_listensockets_one_name_two_addresses_is_a_clear_error(bus):
         sockets.exit()
 
 
+@pytest.mark.parametrize('kind', ['host', 'path'])
+def test_listensockets_one_address_spelled_two_ways_is_one_address(
+    bus, listen_sockets, monkeypatch, tmp_path, kind
+):
+    # ('localhost', P) after ('127.0.0.1', P), or './u.sock' after
+    # 'u.sock', was refused in one image and, across a restart, closed and
+    # bound anew: the connections in its backlog were reset.
+    monkeypatch.chdir(str(tmp_path))
+    port = free_port()
+    spellings = {
+        'host': [('127.0.0.1', port), ('localhost', port)],
+        'path': ['u.sock', './u.sock', str(tmp_path / 'u.sock')],
+    }[kind]
+    sockets = listen_sockets()
+    sockets.subscribe()
+    first = sockets.listen('web', spellings[0])
+    resolved = []
+    real_getaddrinfo = socket.getaddrinfo
+    monkeypatch.setattr(
+        socket,
+        'getaddrinfo',
+        lambda *args, **kwargs: (
+            resolved.append(args) or real_getaddrinfo(*args, **kwargs)
+        ),
+    )
+    assert sockets.listen('web', spellings[0]) is first
+    assert resolved == []  # Spelled the same: nothing resolved.
+    for other in spellings[1:]:
+        assert sockets.listen('web', other) is first
+    monkeypatch.setattr(wp, '_owed_cleanups', [])
+    bus.execv = True
+    sockets.exit()  # Then the next image asks with another spelling.
+    sockets.sockets.pop('web').close()  # As the exec closes it.
+    handed = sockets._kept.pop('web')
+    again = listen_sockets().listen('web', spellings[-1])
+    assert again.fileno() == handed  # Not closed and bound anew.
+
+
 def test_listensockets_a_systemd_socket_is_logged_at_its_real_address(
     bus, inherit, listener, listen_sockets
 ):

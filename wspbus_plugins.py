@@ -3401,7 +3401,10 @@ class ListenSockets(SimplePlugin):
         the host has a colon) or a ``str`` path (AF_UNIX); `family` and
         `type` (default SOCK_STREAM) override the guess.  Asked again in
         this image, the name must come with the same address (or one the
-        socket is bound to): else a ValueError names both.  An inherited
+        socket is bound to): else a ValueError names both.  Addresses are
+        compared by what they bind to: a host spelled otherwise (a name
+        for a number) is resolved as bind() does, and a path made absolute
+        in the directory the socket was bound in.  An inherited
         socket of that name, or bound to that address, is returned instead
         of a new one (of several with that name, the one bound there; none
         is a ValueError).  Of a socket systemd gave, the unit decides the
@@ -3467,8 +3470,8 @@ class ListenSockets(SimplePlugin):
             return None
         if sock.fileno() == -1:
             sock = self._reopen(name)  # Its server closed it (asyncio's).
-        asked = self._addresses[name]
-        if address != asked and not _same_address(sock, address):
+        asked, file = self._addresses[name], self._files.get(name)
+        if address != asked and not _same_address(sock, address, file):
             raise ValueError(
                 'Socket %r was asked for %r and is bound to %r, not to %r: '
                 'one name, one address.'
@@ -3481,7 +3484,7 @@ class ListenSockets(SimplePlugin):
     ) -> Optional[socket.socket]:
         def matches(entry: _Inherited) -> bool:
             return entry.asked == repr(address) or _same_address(
-                entry.sock, address
+                entry.sock, address, entry.file
             )
 
         named = [entry for entry in _unclaimed if entry.name == name]
@@ -3868,20 +3871,48 @@ def _socket_kind(family: int, type: int) -> str:
         return '%r/%r' % (family, type)
 
 
-def _same_address(sock: socket.socket, address: _Address) -> bool:
-    """Tell whether `sock` is bound to `address` ('' meaning any host)."""
+def _same_address(
+    sock: socket.socket,
+    address: _Address,
+    file: Optional[_SocketFile] = None,
+) -> bool:
+    """Tell whether `sock` is bound to `address` ('' meaning any host).
+
+    Compared by what they bind to: spelled otherwise than getsockname()
+    has it, a host is resolved as bind() does, and a path made absolute
+    (`file` names the one bound, absolute when it was bound).
+    """
     bound = _bound_address(sock)
     if bound is None:
         return False
     if isinstance(address, (str, bytes)) or isinstance(bound, (str, bytes)):
         # AF_UNIX; Linux gives an abstract name back as bytes.
-        return (
-            isinstance(address, (str, bytes))
-            and isinstance(bound, (str, bytes))
-            and os.fsencode(bound) == os.fsencode(address)
-        )
+        if not (isinstance(address, (str, bytes)) and bound):
+            return False
+        if os.fsencode(bound) == os.fsencode(address):
+            return True
+        if _is_abstract(address) or _is_abstract(bound):
+            return False
+        path = file[0] if file else os.path.abspath(bound)
+        return os.fsencode(os.path.abspath(address)) == os.fsencode(path)
+    if address[1] != bound[1] or address[1] == 0:
+        return False
     host = address[0] or ('::' if ':' in bound[0] else '0.0.0.0')
-    return (bound[0], bound[1]) == (host, address[1]) and address[1] != 0
+    return host == bound[0] or _bind_host(sock, address) == bound[0]
+
+
+def _bind_host(sock: socket.socket, address: Tuple[Any, ...]) -> Any:
+    """Return the host bind() would take for `address`, or None."""
+    import socket
+
+    flags = socket.AI_PASSIVE | socket.AI_NUMERICSERV
+    try:
+        found = socket.getaddrinfo(
+            address[0] or None, address[1], sock.family, sock.type, 0, flags
+        )
+    except (OSError, UnicodeError):  # Unknown: bind() will say so.
+        return None
+    return found[0][4][0] if found else None
 
 
 def _bound_address(
