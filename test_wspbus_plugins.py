@@ -4814,6 +4814,26 @@ def test_listensockets_tab_or_newline_is_refused_before_binding(
     assert os.listdir(str(tmp_path)) == [] and sockets.sockets == {}
 
 
+@pytest.mark.parametrize('what', ['name', 'path'])
+def test_listensockets_what_the_environment_cannot_carry_is_refused(
+    bus, tmp_path, what
+):
+    # A lone surrogate passed, then the handover could not be put in the
+    # environment: the restart ended with status 70.
+    bad = '\ud800'
+    name, path = 'web', str(tmp_path / 'ok.sock')
+    if what == 'name':
+        name, message = bad, 'Invalid socket name %r' % bad
+    else:
+        path = str(tmp_path / bad)
+        message = 'Invalid AF_UNIX path %r' % path
+    sockets = wp.ListenSockets(bus)
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        sockets.listen(name, path)
+    assert 'cannot be encoded' in str(raised.value)
+    assert os.listdir(str(tmp_path)) == [] and sockets.sockets == {}
+
+
 def test_listensockets_address_in_use_names_it(bus, listener):
     address = listener.getsockname()
     with pytest.raises(

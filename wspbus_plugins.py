@@ -3419,8 +3419,9 @@ class ListenSockets(SimplePlugin):
         line names the address the socket is bound to.  A new AF_UNIX
         socket first removes a stale socket file at the path (one nobody
         listens on; an abstract name, starting with a NUL, has no file).  A
-        `name` or path containing a tab, newline or NUL, which the handover
-        to a restart cannot carry, is a ValueError.
+        `name` or path containing a tab, newline or NUL, or that the
+        environment cannot encode (a lone surrogate), which the handover to
+        a restart cannot carry, is a ValueError.
         """
         import socket
 
@@ -3831,13 +3832,21 @@ def _check_handed_over(what: str, text: str) -> None:
     """Refuse what restart()'s tab- and newline-separated lines cannot carry.
 
     One such character made the new image ignore every socket; a NUL is
-    refused by os.environ (and by bind()).
+    refused by os.environ (and by bind()).  What os.environ cannot encode
+    (a lone surrogate) ended the restart with status 70.
     """
     if any(c in text for c in '\t\n\0'):
         raise ValueError(
             'Invalid %s %r: a tab, newline or NUL cannot cross a restart.'
             % (what, text)
         )
+    try:
+        os.fsencode(text)  # As os.environ encodes it.
+    except UnicodeError:
+        raise ValueError(
+            'Invalid %s %r: it cannot be encoded for the environment, so it '
+            'cannot cross a restart.' % (what, text)
+        ) from None
 
 
 def _address_family(address: Union[str, bytes, Tuple[object, ...]]) -> int:
