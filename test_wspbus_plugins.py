@@ -5341,6 +5341,22 @@ def test_listensockets_listen_again_after_the_server_closed_it(bus):
         sockets.exit()
 
 
+def test_listensockets_collected_closes_the_duplicates_it_kept(bus):
+    # An instance dropped (a library's, never subscribed) left the
+    # duplicate listen() keeps: the port stayed blocked, clients hung.
+    import gc
+
+    sockets = wp.ListenSockets(bus)
+    given = sockets.listen('api', ('127.0.0.1', 0))
+    address, kept = given.getsockname(), sockets._kept['api']
+    given.close()  # Its server closed it (asyncio's does).
+    del sockets
+    gc.collect()
+    with pytest.raises(OSError):
+        os.fstat(kept)
+    assert ask(address) == 'refused'
+
+
 PIDFILE_KIND_CHILD = """
     import sys, wspbus_plugins as wp
     if sys.argv[2] == 'exclusive':

@@ -3349,7 +3349,8 @@ class ListenSockets(SimplePlugin):
     listen() hands out a socket by name, and keeps a duplicate of its
     descriptor: a server may close the socket it was given (asyncio's does)
     and the socket still crosses a restart, and listen() asked again for it
-    returns a new socket object on the same descriptor's duplicate.
+    returns a new socket object on the same descriptor's duplicate; an
+    instance garbage-collected without an exit closes its duplicates.
     Channel ``exit``: after restart() the sockets stay open for the new
     image, and connections arriving meanwhile wait in the kernel's backlog;
     on a real exit they are closed and the AF_UNIX files this process bound
@@ -3367,10 +3368,14 @@ class ListenSockets(SimplePlugin):
     """
 
     def __init__(self, bus: Bus) -> None:
+        import weakref
+
         super().__init__(bus)
         self.sockets: Dict[str, socket.socket] = {}
         """Name -> the listening socket.socket that listen() handed out."""
         self._kept: Dict[str, int] = {}  # our dup of a handed-out socket's fd
+        # Dropped unsubscribed (a library's), it must not leave them open.
+        weakref.finalize(self, _close_kept, self._kept)
         self._files: Dict[str, _SocketFile] = {}  # AF_UNIX files we bound
         self._addresses: Dict[str, _Address] = {}  # asked for, by name
         self._given: Set[str] = set()  # names of sockets systemd gave
@@ -3653,9 +3658,8 @@ class ListenSockets(SimplePlugin):
                 files.append(entry.file)
         for sock in self.sockets.values():
             sock.close()
-        for fd in self._kept.values():
-            _close_quietly(fd)
-        self.sockets, self._kept = {}, {}
+        _close_kept(self._kept)
+        self.sockets = {}
         del _unclaimed[:]
         for file in files:
             self._remove_socket_file(file)
@@ -3808,6 +3812,13 @@ def _parse_handed_over(
     elif path:  # An older version: the file found there now.
         file = _socket_file(path)
     return name, int(fd), file, None if older else asked
+
+
+def _close_kept(kept: Dict[str, int]) -> None:
+    """Close the duplicates a ListenSockets kept, and forget them."""
+    for fd in kept.values():
+        _close_quietly(fd)
+    kept.clear()  # In place: its finalizer holds this dict.
 
 
 def _handed_over_fd(line: str) -> Optional[int]:
