@@ -5182,6 +5182,25 @@ def test_listensockets_two_instances_each_get_theirs_back(child, tmp_path):
         assert ask(('127.0.0.1', port)) == 'refused'
 
 
+def test_listensockets_a_real_exit_leaves_what_another_bus_may_claim(
+    bus, listen_sockets, monkeypatch
+):
+    # A library's bus exits for real while the application's still runs:
+    # the shared pool was closed, also the sockets the application's
+    # ListenSockets would claim, so its listen() bound anew.
+    made = hand_over(monkeypatch, api=None)
+    library_bus = wp.Bus()
+    library = wp.ListenSockets(library_bus)  # Made first: adopts them.
+    library.subscribe()
+    mine = listen_sockets()
+    try:
+        library_bus.exit()
+    finally:
+        atexit.unregister(library_bus._clean_exit)
+    fd, address = made['api']
+    assert mine.listen('api', address).fileno() == fd
+
+
 def unix_listener(path):
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(path)

@@ -3610,7 +3610,8 @@ class ListenSockets(SimplePlugin):
         restart() re-executes the whole process: every ListenSockets'
         sockets and the unclaimed ones cross it, whichever's listener runs
         last, but for those ``started`` found dropped.  A real exit closes
-        this one's and the unclaimed ones.
+        this one's, and the unclaimed ones unless a ListenSockets of
+        another bus, not exited, may still claim them.
         """
         if self.bus.execv:
             fds = [fd for each in _listen_sockets for fd in each._own()]
@@ -3652,7 +3653,10 @@ class ListenSockets(SimplePlugin):
 
     def _close(self) -> None:
         files = list(self._files.values())
-        for entry in _unclaimed:
+        # Another bus's instance (a library's) may still claim them.
+        unclaimed = [] if self._others_live() else _unclaimed[:]
+        for entry in unclaimed:
+            _unclaimed.remove(entry)
             entry.sock.close()
             if entry.file:
                 files.append(entry.file)
@@ -3660,10 +3664,16 @@ class ListenSockets(SimplePlugin):
             sock.close()
         _close_kept(self._kept)
         self.sockets = {}
-        del _unclaimed[:]
         for file in files:
             self._remove_socket_file(file)
         self._files, self._addresses, self._given = {}, {}, set()
+
+    def _others_live(self) -> bool:
+        """Tell whether a ListenSockets of another bus, not exited, lives."""
+        return any(
+            each.bus is not self.bus and each.bus.state is not states.EXITING
+            for each in _listen_sockets
+        )
 
     def _remove_socket_file(self, file: _SocketFile) -> None:
         """Remove the AF_UNIX file we bound, if its path still names it.
