@@ -3702,7 +3702,8 @@ class ListenSockets(SimplePlugin):
         lines = os.environ.pop(_LISTEN_ENV, '').split('\n')
         if lines[0] != '%d' % os.getpid():
             return []  # Nothing, or another process's (an inherited env).
-        entries, malformed = [], []
+        entries: List[_HandedOver] = []
+        malformed: List[str] = []
         for line in lines[1:]:
             try:
                 entries.append(_parse_handed_over(line))
@@ -3915,23 +3916,36 @@ def _same_address(
     bound = _bound_address(sock)
     if bound is None:
         return False
+    if isinstance(address, (str, bytes)) and isinstance(bound, (str, bytes)):
+        return _same_path(bound, address, file)
     if isinstance(address, (str, bytes)) or isinstance(bound, (str, bytes)):
-        # AF_UNIX; Linux gives an abstract name back as bytes.
-        if not (isinstance(address, (str, bytes)) and bound):
-            return False
-        if os.fsencode(bound) == os.fsencode(address):
-            return True
-        if _is_abstract(address) or _is_abstract(bound):
-            return False
-        path = file[0] if file else os.path.abspath(bound)
-        return os.fsencode(os.path.abspath(address)) == os.fsencode(path)
+        return False
     if address[1] != bound[1] or address[1] == 0:
         return False
-    host = address[0] or ('::' if ':' in bound[0] else '0.0.0.0')
-    return host == bound[0] or _bind_host(sock, address) == bound[0]
+    bound_host: str = bound[0]
+    host = address[0] or ('::' if ':' in bound_host else '0.0.0.0')
+    return host == bound_host or _bind_host(sock, address) == bound_host
 
 
-def _bind_host(sock: socket.socket, address: Tuple[Any, ...]) -> Any:
+def _same_path(
+    bound: Union[str, bytes],
+    address: Union[str, bytes],
+    file: Optional[_SocketFile],
+) -> bool:
+    """Tell whether AF_UNIX address `bound` is `address`, made absolute."""
+    if not bound:  # Not bound (or autobound, Linux).
+        return False
+    if os.fsencode(bound) == os.fsencode(address):
+        return True
+    if _is_abstract(address) or _is_abstract(bound):
+        return False  # Linux gives an abstract name back as bytes.
+    here = os.path.abspath(os.fsencode(address))
+    if file:  # Made absolute where it was bound.
+        return here == os.fsencode(file[0])
+    return here == os.path.abspath(os.fsencode(bound))
+
+
+def _bind_host(sock: socket.socket, address: Tuple[Any, ...]) -> Optional[str]:
     """Return the host bind() would take for `address`, or None."""
     import socket
 
@@ -3942,7 +3956,7 @@ def _bind_host(sock: socket.socket, address: Tuple[Any, ...]) -> Any:
         )
     except (OSError, UnicodeError):  # Unknown: bind() will say so.
         return None
-    return found[0][4][0] if found else None
+    return str(found[0][4][0]) if found else None
 
 
 def _bound_address(
