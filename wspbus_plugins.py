@@ -3342,9 +3342,9 @@ class ListenSockets(SimplePlugin):
     descriptors this process has open, names that do not match the count,
     a descriptor that is not a socket, or not listening, a handover line
     it cannot read, whose descriptor it closes) is logged as a warning and
-    ignored; the rest is adopted.  Several in one process (a library's and the
-    application's) share what it inherited, each listen() taking its own
-    by name, and restart() hands over the sockets of every one.
+    ignored; the rest is adopted.  Several in one process (a library's and
+    the application's) share what it inherited, each listen() taking its
+    own by name, and restart() hands over the sockets of every one.
 
     listen() hands out a socket by name, and keeps a duplicate of its
     descriptor: a server may close the socket it was given (asyncio's does)
@@ -3409,10 +3409,10 @@ class ListenSockets(SimplePlugin):
         socket is bound to): else a ValueError names both.  Addresses are
         compared by what they bind to: a host spelled otherwise (a name
         for a number) is resolved as bind() does, and a path made absolute
-        in the directory the socket was bound in.  An inherited
-        socket of that name, or bound to that address, is returned instead
-        of a new one (of several with that name, the one bound there; none
-        is a ValueError).  Of a socket systemd gave, the unit decides the
+        in the directory the socket was bound in.  An inherited socket of
+        that name, or bound to that address, is returned instead of a new
+        one (of several with that name, the one bound there; none is a
+        ValueError).  Of a socket systemd gave, the unit decides the
         address, and one an older version handed over (its address not
         written) is taken by name, once; one an earlier image bound for
         another address (the configuration changed) is closed and a new
@@ -3420,13 +3420,12 @@ class ListenSockets(SimplePlugin):
         address (a name dropped, or two swapped): that one is taken, and
         the old one is closed at ``started`` if no other name took it by
         then.  A family or type that differs from what was asked is a
-        ValueError.  The log
-        line names the address the socket is bound to.  A new AF_UNIX
-        socket first removes a stale socket file at the path (one nobody
-        listens on; an abstract name, starting with a NUL, has no file).  A
-        `name` or path containing a tab, newline or NUL, or that the
-        environment cannot encode (a lone surrogate), which the handover to
-        a restart cannot carry, is a ValueError.
+        ValueError.  The log line names the address the socket is bound
+        to.  A new AF_UNIX socket first removes a stale socket file at the
+        path (one nobody listens on; an abstract name, starting with a NUL,
+        has no file).  A `name` or path containing a tab, newline or NUL,
+        or that the environment cannot encode (a lone surrogate), which the
+        handover to a restart cannot carry, is a ValueError.
         """
         import socket
 
