@@ -2918,6 +2918,85 @@ def test_run_async_hosts_every_plugin(child, tmp_path, notify_socket):
     assert 'Bus EXITED' in (tmp_path / (events.name + '.log')).read_text()
 
 
+def test_run_async_signal_storm_between_runs_never_kills(child, tmp_path):
+    # Between two runs the handled signals must never meet SIG_DFL.
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def quick():
+            return 1
+        handler.subscribe()
+        note('storm me')
+        for _ in range(300):
+            bus.run_async(quick())
+        print('survived', flush=True)
+        """,
+    )
+    wait_for_note(events, 'storm me')
+    while proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            break
+        time.sleep(0.0005)
+    assert finish(proc) == (0, 'survived\n', '')
+
+
+RESTART_WITH_A_SLOW_STEP = """
+    handler.handlers['SIGHUP'] = bus.restart
+    handler.subscribe()
+    def slow():
+        note('slow')
+        time.sleep(0.5)
+    if 'main' not in open(sys.argv[1]).read() and sys.argv[3] != 'cleanup':
+        bus.subscribe(sys.argv[3], slow)  # The first image's only.
+    bus.subscribe('graceful', lambda: note('graceful'))
+    print(bus.run_async(main()), flush=True)
+"""
+
+
+@pytest.mark.parametrize(
+    'where, sig',
+    [
+        ('exit', 'SIGTERM'),
+        ('exit', 'SIGINT'),
+        ('exit', 'SIGHUP'),
+        ('stop', 'SIGUSR1'),
+        ('cleanup', 'SIGTERM'),
+        ('cleanup', 'SIGUSR1'),
+    ],
+)
+def test_run_async_signal_during_a_restart_reaches_the_new_image(
+    child, tmp_path, where, sig
+):
+    # As under block(): the signal is kept across the re-exec, and a
+    # SIGTERM during a restart is a first signal, not a hurry.
+    cleanup = '0.5' if where == 'cleanup' else '0'
+    proc, events = async_child(
+        child, tmp_path, RESTART_WITH_A_SLOW_STEP, cleanup, where
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    proc.send_signal(signal.SIGHUP)
+    wait_for_note(events, 'cleaning' if where == 'cleanup' else 'slow')
+    proc.send_signal(getattr(signal, sig))
+    if sig == 'SIGHUP':  # The new image restarts at once, maybe before main.
+        wait_until(
+            lambda: (
+                lines_of(events).count('exit') == 2
+                and lines_of(events)[-1] == 'main %d' % proc.pid
+            ),
+            'a third image; notes: %r' % lines_of(events),
+        )
+    elif sig == 'SIGUSR1':
+        wait_for_note(events, 'graceful')
+    if sig in ('SIGHUP', 'SIGUSR1'):
+        proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, out, err) == (0, 'None\n', '')
+    assert lines_of(events).count('exit') == (3 if sig == 'SIGHUP' else 2)
+
+
 # -- SimplePlugin -------------------------------------------------------------
 
 

@@ -504,6 +504,7 @@ class ChannelFailures(Exception):
 # -- Bus ----------------------------------------------------------------------
 
 _BUILTIN_CHANNELS = ('start', 'stop', 'exit', 'graceful', 'log', 'main')
+_STOPPING = ('SIGTERM', 'SIGINT')  # A second one hurries an exit.
 _STILL_WAITING_EVERY = 5.0  # Seconds between block()'s reports on threads.
 
 
@@ -573,6 +574,7 @@ class Bus:
         self._saved_sigint: SignalAction = None
         self._sigint_seen = False
         self._hurry = False  # A second SIGTERM/SIGINT while exiting.
+        self._hurried = False  # run_async() has acted on _hurry.
         self._exit_status = 0  # What a hurried interpreter exit returns.
         self._exit_hook_registered = False
         self._exit_interruptible = False  # Waiting as the interpreter ends.
@@ -1054,7 +1056,7 @@ class Bus:
         self._sigint_seen = self._sigint_seen or channel == 'SIGINT'
         if channel in ('SIGTERM', 'SIGINT') and self._exit_interruptible:
             raise _ExitHurried  # Out of the interpreter's wait for threads.
-        if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
+        if self._hurries(channel):
             self._hurry = True
         elif channel == 'SIGINT' and 'SIGINT' in self._signals:
             # Ctrl+C again while the first waits for a transition to end:
@@ -1074,6 +1076,17 @@ class Bus:
             self._act_on_signal(channel)
         finally:
             self._end_busy(main)
+
+    def _hurries(self, channel: str) -> bool:
+        """Tell whether signal `channel` is a second SIGTERM or Ctrl+C
+        during an exit, which hurries it.
+
+        A restart is no exit: its first SIGTERM or Ctrl+C is kept for the
+        new image (_next_signal), which acts on it.
+        """
+        if channel not in _STOPPING or self._exit_phase is None:
+            return False
+        return not self.execv or any(s in _STOPPING for s in self._signals)
 
     def _act_on_signal(self, channel: str) -> None:
         self.log('Caught signal %s.' % channel)
@@ -1341,8 +1354,9 @@ class Bus:
         Call it from the main thread, in place of start() and block().
         `main` that is not awaitable (``main`` for ``main()``, say) is a
         TypeError, raised before the bus starts.
-        SignalHandler's signals (and Ctrl+C) come through the loop, so their
-        listeners run between two callbacks, never nested.  exit() from
+        SignalHandler's signals (and Ctrl+C) are recorded as under block()
+        and acted on by the loop, between two callbacks, never nested; a
+        restart carries them to the new image.  exit() from
         anywhere (a signal, another thread, a listener) cancels the main
         task; once it has finished (its ``finally`` blocks too), the bus
         runs its ``stop`` and ``exit`` listeners, cancels the tasks left,
@@ -1369,21 +1383,22 @@ class Bus:
         except BaseException:
             self._never_run(main)
             raise
+        self._hurried = False
         loop = asyncio.new_event_loop()
+        main_thread = self._begin_busy()  # Signals are recorded from here.
         try:
-            asyncio.set_event_loop(loop)
-            restore = self._loop_signals(loop)
             try:
-                drive = loop.create_task(self._drive(loop, main, interval))
-                escaped = self._run_driver(loop, drive)
-                failed, result, interrupt = drive.result()
+                asyncio.set_event_loop(loop)
+                restore = self._loop_signals(loop)
+                try:
+                    drive = loop.create_task(self._drive(loop, main, interval))
+                    escaped = self._run_driver(loop, drive)
+                    failed, result, interrupt = drive.result()
+                finally:
+                    restore()
             finally:
-                restore()
-        finally:
-            asyncio.set_event_loop(None)
-            loop.close()
-        main_thread = self._begin_busy()
-        try:
+                asyncio.set_event_loop(None)
+                loop.close()
             self._after_exit(1 if failed else 0)
         finally:
             self._end_busy(main_thread)
@@ -1496,6 +1511,7 @@ class Bus:
     def _tick(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         loop.call_later(interval, self._tick, loop, interval)
         self.publish('main')
+        self._act_on_loop_signals()  # If no wakeup fd told the loop.
 
     async def _cancel_leftover_tasks(self) -> None:
         import asyncio
@@ -1525,36 +1541,57 @@ class Bus:
     def _loop_signals(
         self, loop: asyncio.AbstractEventLoop
     ) -> Callable[[], None]:
-        """Route the handled signals through `loop`; return an undo."""
-        handled = dict(self._handled_signals)
-        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
-            handled[_signal.SIGINT] = 'SIGINT'
-        previous: Dict[int, SignalAction] = {}
-        for signum, channel in handled.items():
-            previous[signum] = _signal.getsignal(signum)
-            try:
-                loop.add_signal_handler(signum, self._loop_signal, channel)
-            except (NotImplementedError, RuntimeError, ValueError):
-                del previous[signum]  # Windows: the handlers stay.
+        """Wake `loop` when a signal comes; return an undo.
+
+        The handlers stay in place: the main thread is busy, so they record
+        the signal as under block(), and a restart carries what is left
+        (asyncio's own handlers would set SIG_DFL on removal, and drop what
+        they had not delivered).  The wakeup fd, written on any thread,
+        wakes the loop, which then drains the queue (_act_on_loop_signals).
+        """
+        import socket  # (asyncio imports it.)
+
+        if threading.current_thread() is not threading.main_thread():
+            return _nothing  # Only the main thread gets signals.
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        try:
+            loop.add_reader(reader.fileno(), self._loop_woken, reader)
+        except NotImplementedError:  # Windows' proactor: _tick drains.
+            reader.close()
+            writer.close()
+            return _nothing
+        # Bytes left unread carry nothing: the queue is _signals.
+        previous = _signal.set_wakeup_fd(
+            writer.fileno(), warn_on_full_buffer=False
+        )
 
         def restore() -> None:
-            for signum, handler in previous.items():
-                loop.remove_signal_handler(signum)
-                if handler is not None:
-                    _signal.signal(signum, handler)
+            _signal.set_wakeup_fd(previous)
+            loop.remove_reader(reader.fileno())
+            reader.close()
+            writer.close()
 
         return restore
 
-    def _loop_signal(self, channel: str) -> None:
-        """Act on a signal the loop delivered, between two callbacks."""
-        if channel in ('SIGTERM', 'SIGINT') and self._exit_phase is not None:
-            self._hurry = True  # The second one: cut the cleanup short.
+    def _loop_woken(self, reader: socket.socket) -> None:
+        try:
+            reader.recv(4096)
+        except OSError:
+            pass  # Read by an earlier call.
+        self._act_on_loop_signals()
+
+    def _act_on_loop_signals(self) -> None:
+        """Act on the signals recorded meanwhile, between two callbacks;
+        a second SIGTERM or Ctrl+C during the exit first hurries it."""
+        if self._hurry and not self._hurried:
+            self._hurried = True
             task = self._main_task
             if task is not None:
-                self.log('Caught signal %s again: hurrying.' % channel)
+                self.log('Caught a second SIGTERM or Ctrl+C: hurrying.')
                 task.cancel()
-            return
-        self._act_on_signal(channel)
+        self._act_on_recorded_signals()
 
     def _cancel_main_task(self) -> bool:
         """Under run_async(), an exit first cancels the main task."""
@@ -1574,7 +1611,8 @@ class Bus:
         ``_drain`` listeners return (ProbeFiles: the service goes on
         serving while the orchestrator stops routing to it).
 
-        A second SIGTERM or Ctrl+C (_loop_signal) cancels it at once.
+        A second SIGTERM or Ctrl+C (_act_on_loop_signals) cancels it at
+        once.
         """
         try:
             drains = self.publish('_drain')
