@@ -1660,8 +1660,9 @@ def test_lifecycle_second_sigterm_stops_waiting_for_a_stuck_thread(
 def test_lifecycle_second_signal_stops_waiting_for_a_busy_executor(
     child, tmp_path, runner, second
 ):
-    # The interpreter's exit waits for executor work, after block() or
-    # run_async() returned: a second SIGTERM or Ctrl+C ends that wait too.
+    # The interpreter's exit waits for executor work after block()
+    # returned, run_async() before it returns (as asyncio.run() does): a
+    # second SIGTERM or Ctrl+C ends that wait too.
     proc, events = lifecycle_child(
         child,
         tmp_path,
@@ -1688,8 +1689,8 @@ def test_lifecycle_second_signal_stops_waiting_for_a_busy_executor(
     wait_for_note(events, 'job running')
     wait_for_note(events, 'started')
     os.kill(proc.pid, signal.SIGTERM)
-    wait_for_note(events, 'returned')
-    time.sleep(0.2)  # In the interpreter's exit by now (either way).
+    wait_for_note(events, 'exit')
+    time.sleep(0.2)  # In that wait by now (either way).
     os.kill(proc.pid, getattr(signal, second))
     status, out, err = finish(proc, timeout=10)
     assert (status, err) == (0, '')
@@ -2995,6 +2996,225 @@ def test_run_async_signal_during_a_restart_reaches_the_new_image(
     status, out, err = finish(proc)
     assert (status, out, err) == (0, 'None\n', '')
     assert lines_of(events).count('exit') == (3 if sig == 'SIGHUP' else 2)
+
+
+def test_run_async_second_sigterm_stops_waiting_for_a_stubborn_main(
+    child, tmp_path
+):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def stubborn():
+            note('main', os.getpid())
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    note('swallowed')
+        handler.subscribe()
+        print(bus.run_async(stubborn()), flush=True)
+        """,
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    wait_for_note(events, 'swallowed')
+    status, out, err, seconds = stop_and_time(proc)
+    assert (status, out, err) == (0, 'None\n', '')
+    notes = lines_of(events)
+    assert notes[notes.index('stop') :][:2] == ['stop', 'exit']
+    assert seconds < 5
+
+
+def test_run_async_leftover_task_ignoring_cancel_is_named_not_destroyed(
+    child, tmp_path
+):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        bus.subscribe('log', lambda msg, level: 'task' in msg and
+                      note(msg.split(' <')[0]))
+        async def stubborn():
+            while True:
+                try:
+                    await asyncio.sleep(3600)
+                except asyncio.CancelledError:
+                    pass
+        async def leaves_one():
+            asyncio.ensure_future(stubborn())
+            await asyncio.sleep(0.01)
+        handler.subscribe()
+        print(bus.run_async(leaves_one()), flush=True)
+        """,
+    )
+    wait_for_note(events, 'Waiting for task')
+    status, out, err = stop_and_time(proc)[:3]
+    assert (status, out, err) == (0, 'None\n', '')
+    assert lines_of(events) == [
+        'stop',
+        'exit',
+        'Waiting for task',
+        'Not waiting for tasks',
+    ]
+
+
+@pytest.mark.parametrize(
+    'channel, raised, status, out',
+    [
+        ('exit', 'KeyboardInterrupt', 0, 'None\n'),
+        ('exit', 'SystemExit(4)', 4, ''),
+        ('stop', 'SystemExit(4)', 4, ''),
+    ],
+)
+def test_run_async_sys_exit_or_ctrl_c_in_a_listener_ends_as_block_does(
+    child, tmp_path, channel, raised, status, out
+):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        def quits():
+            raise %s
+        bus.subscribe(sys.argv[3], quits, priority=90)  # After the notes.
+        async def leftover():
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                note('leftover cancelled')
+        async def serve():
+            asyncio.ensure_future(leftover())
+            await main()
+        handler.subscribe()
+        print(bus.run_async(serve()), flush=True)
+        """
+        % raised,
+        '0',
+        channel,
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    assert stop_and_time(proc)[:3] == (status, out, '')
+    assert lines_of(events)[-3:] == ['stop', 'exit', 'leftover cancelled']
+
+
+def test_run_async_executor_work_running_at_exit_finishes_quietly(
+    child, tmp_path
+):
+    # Python 3.8 and 3.9 called back into the closed loop.
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def busy():
+            loop = asyncio.get_running_loop()
+            loop.run_in_executor(None, time.sleep, 0.5)
+            await main()
+        handler.subscribe()
+        print(bus.run_async(busy()), flush=True)
+        """,
+        '0',
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    assert stop_and_time(proc)[:3] == (0, 'None\n', '')
+
+
+def test_run_async_inside_a_running_loop_is_refused_before_starting(bus):
+    bus.subscribe('start', bus.recorder.listener('start'))
+    coroutine = sleeper()
+
+    async def nested():
+        bus.run_async(coroutine)
+
+    with pytest.raises(RuntimeError) as raised:
+        asyncio.run(nested())
+    assert str(raised.value) == (
+        'run_async() cannot be called from a running event loop'
+    )
+    assert bus.recorder.calls == [] and bus.state is wp.states.STOPPED
+    assert coroutine.cr_frame is None  # Closed: no "never awaited".
+
+
+@pytest.mark.parametrize(
+    'interval', ['x', None, 0, -1, float('nan'), float('inf'), True]
+)
+def test_run_async_and_block_refuse_a_bad_interval(bus, interval):
+    bus.subscribe('start', bus.recorder.listener('start'))
+    message = 'Invalid interval: %r (seconds, a finite number > 0)' % (
+        interval,
+    )
+    coroutine = sleeper()
+    with pytest.raises(ValueError) as raised:
+        bus.run_async(coroutine, interval)
+    assert str(raised.value) == message
+    assert coroutine.cr_frame is None
+    with pytest.raises(ValueError) as raised:
+        bus.block(interval)
+    assert str(raised.value) == message
+    assert bus.recorder.calls == [] and bus.state is wp.states.STOPPED
+
+
+def test_run_async_loop_stopped_by_the_program_still_cleans_up(
+    child, tmp_path
+):
+    pidfile = tmp_path / 'app.pid'
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        wp.PIDFile(bus, sys.argv[3]).subscribe()
+        async def stops():
+            asyncio.get_running_loop().stop()
+            await main()
+        handler.subscribe()
+        bus.run_async(stops())
+        """,
+        '0',
+        str(pidfile),
+    )
+    status, out, err = finish(proc)
+    assert (status, err) == (1, 'Error in the event loop:\n')
+    assert lines_of(events)[-2:] == ['stop', 'exit']
+    assert not pidfile.exists()
+
+
+def test_run_async_main_cancelled_unasked_is_an_error(child, tmp_path):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def cancelled():
+            raise asyncio.CancelledError
+        handler.subscribe()
+        bus.run_async(cancelled())
+        """,
+    )
+    assert finish(proc) == (1, '', 'Error in the main task:\n')
+    assert lines_of(events) == ['stop', 'exit']
+
+
+def test_run_async_failing_main_listener_is_logged_once_by_the_bus(
+    child, tmp_path
+):
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        def fails():
+            note('tick')
+            raise ValueError('bad tick')
+        bus.subscribe('main', fails)
+        handler.subscribe()
+        print(bus.run_async(main(), 0.01), flush=True)
+        """,
+    )
+    wait_for_note(events, 'tick', 3)
+    status, out, err = stop_and_time(proc)[:3]
+    assert (status, out) == (0, 'None\n')
+    lines = err.splitlines()
+    assert lines and all(
+        line.startswith("Error in 'main' listener <function fails")
+        for line in lines
+    ), err
 
 
 # -- SimplePlugin -------------------------------------------------------------

@@ -372,6 +372,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _check_wait_interval(interval: float) -> None:
+    """Refuse an interval a waiting loop cannot poll at (0 spins)."""
+    if not (_is_number(interval) and 0 < interval <= threading.TIMEOUT_MAX):
+        raise ValueError(
+            'Invalid interval: %r (seconds, a finite number > 0)' % (interval,)
+        )
+
+
 def _is_finite_wait(seconds: float) -> bool:
     """Tell whether a number of seconds is one threading can wait.
 
@@ -574,7 +582,8 @@ class Bus:
         self._saved_sigint: SignalAction = None
         self._sigint_seen = False
         self._hurry = False  # A second SIGTERM/SIGINT while exiting.
-        self._hurried = False  # run_async() has acted on _hurry.
+        # Done once run_async() acted on _hurry.
+        self._hurried: Optional[asyncio.Future[None]] = None
         self._exit_status = 0  # What a hurried interpreter exit returns.
         self._exit_hook_registered = False
         self._exit_interruptible = False  # Waiting as the interpreter ends.
@@ -1197,8 +1206,10 @@ class Bus:
         stops them at exit); other non-daemon threads are, with a log line
         every few seconds; a second SIGTERM or Ctrl+C stops that wait (and
         the interpreter's, after this returns, for running executor work).
-        ``main`` is published every `interval` seconds while waiting.
+        ``main`` is published every `interval` seconds while waiting; an
+        `interval` that is not a finite number > 0 is a ValueError.
         """
+        _check_wait_interval(interval)
         main = self._begin_busy()
         try:
             _release_carried_signals(self)
@@ -1258,6 +1269,8 @@ class Bus:
         try:
             self._exit_interruptible = True
             try:
+                if self._hurry:  # Hurried already (run_async()'s wait).
+                    raise _ExitHurried
                 for end in _executor_ends():
                     end()
             finally:
@@ -1352,38 +1365,39 @@ class Bus:
         its result.
 
         Call it from the main thread, in place of start() and block().
-        `main` that is not awaitable (``main`` for ``main()``, say) is a
-        TypeError, raised before the bus starts.
+        Before the bus starts: `main` that is not awaitable (``main`` for
+        ``main()``, say) is a TypeError, a bad `interval` a ValueError, and
+        a running event loop a RuntimeError.
         SignalHandler's signals (and Ctrl+C) are recorded as under block()
         and acted on by the loop, between two callbacks, never nested; a
-        restart carries them to the new image.  exit() from
-        anywhere (a signal, another thread, a listener) cancels the main
-        task; once it has finished (its ``finally`` blocks too), the bus
-        runs its ``stop`` and ``exit`` listeners, cancels the tasks left,
-        shuts the default executor down without waiting for it, closes the
-        loop, and re-executes if restart() was asked for.  A second SIGTERM
-        or Ctrl+C while the main task cleans up cancels that cleanup; the
-        ``exit`` listeners still run.  ``main`` is published every
-        `interval` seconds.  An exception in `main` is logged, and the
-        process then exits with status 1 (SystemExit).  SystemExit or
-        KeyboardInterrupt raised in a task is an exit() too: once the bus
-        has exited, the SystemExit is raised again (its status kept), and
+        restart carries them to the new image.  exit() from anywhere (a
+        signal, another thread, a listener) cancels the main task; once it
+        has finished (its ``finally`` blocks too), the bus runs its ``stop``
+        and ``exit`` listeners, cancels the tasks left and waits for them,
+        shuts the default executor down and waits for its running work (as
+        asyncio.run() does), closes the loop, and re-executes if restart()
+        was asked for.  A second SIGTERM or Ctrl+C during that cleanup
+        cancels the main task's and waits no more; the ``exit`` listeners
+        still run.  ``main`` is published every `interval` seconds.  An
+        exception in `main` (or a CancelledError no exit asked for, or a
+        loop.stop()) is logged, and the process then exits with status 1
+        (SystemExit).  SystemExit or KeyboardInterrupt raised in a task or
+        a ``stop``/``exit`` listener is an exit() too: once the bus has
+        exited, the SystemExit is raised again (its status kept), and
         a KeyboardInterrupt returns None, as Ctrl+C does.
         """
         import asyncio
-        import inspect  # (asyncio imports it.)
 
-        if not inspect.isawaitable(main):  # Before a start listener forks.
-            raise TypeError(
-                'run_async() needs an awaitable, such as main(), not %r'
-                % (main,)
-            )
+        refused = self._refuse_run_async(main, interval)
+        if refused is not None:  # Before a start listener forks.
+            self._never_run(main)
+            raise refused
         try:
             self.start()
         except BaseException:
             self._never_run(main)
             raise
-        self._hurried = False
+        self._hurried = None
         loop = asyncio.new_event_loop()
         main_thread = self._begin_busy()  # Signals are recorded from here.
         try:
@@ -1399,6 +1413,7 @@ class Bus:
             finally:
                 asyncio.set_event_loop(None)
                 loop.close()
+            failed = failed or isinstance(escaped, Exception)
             self._after_exit(1 if failed else 0)
         finally:
             self._end_busy(main_thread)
@@ -1409,29 +1424,58 @@ class Bus:
             raise SystemExit(1)
         return result
 
+    @staticmethod
+    def _refuse_run_async(
+        main: object, interval: float
+    ) -> Optional[Exception]:
+        """The error that run_async(main, interval) must raise, if any."""
+        import asyncio
+        import inspect  # (asyncio imports it.)
+
+        if not inspect.isawaitable(main):
+            return TypeError(
+                'run_async() needs an awaitable, such as main(), not %r'
+                % (main,)
+            )
+        try:
+            _check_wait_interval(interval)
+        except ValueError as exc:
+            return exc
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return None  # None running, as it must be.
+        return RuntimeError(
+            'run_async() cannot be called from a running event loop'
+        )
+
     def _run_driver(
         self, loop: asyncio.AbstractEventLoop, drive: asyncio.Task[Any]
     ) -> Optional[BaseException]:
-        """Run `drive` to its end; return a SystemExit or KeyboardInterrupt
-        that a task raised meanwhile.
+        """Run `drive` to its end; return the first exception that stopped
+        the loop meanwhile.
 
-        asyncio lets those out of run_until_complete() at once, leaving
-        `drive` suspended: take each as an exit() (as block() does) and run
-        the loop on, so the bus still exits and cleans up.
+        asyncio lets SystemExit and KeyboardInterrupt out of
+        run_until_complete() at once, and a loop.stop() from the program
+        makes it raise RuntimeError, leaving `drive` suspended: take each
+        as an exit() (as block() does) and run the loop on, so the bus still
+        exits and cleans up.
         """
         escaped: Optional[BaseException] = None
         while True:
             try:
                 loop.run_until_complete(drive)
                 return escaped
-            except (KeyboardInterrupt, SystemExit) as exc:
+            except BaseException as exc:
                 if drive.done():
                     raise  # The driver's own: nothing is left to run.
                 escaped = escaped or exc
                 if isinstance(exc, SystemExit):
                     self.log('SystemExit raised: shutting down bus')
-                else:
+                elif isinstance(exc, KeyboardInterrupt):
                     self.log('Keyboard Interrupt: shutting down bus')
+                else:
+                    self.log('Error in the event loop:', _ERROR, True)
                 self.exit()
 
     async def _drive(
@@ -1443,21 +1487,40 @@ class Bus:
         import asyncio
 
         tick = loop.call_later(interval, self._tick, loop, interval)
-        outcome = await self._run_main(loop, main)
+        failed, result, interrupt = await self._run_main(loop, main)
         self._ask_exit()
-        self._transition(_nothing, wait=False)
+        try:
+            self._transition(_nothing, wait=False)
+        except (KeyboardInterrupt, SystemExit) as exc:
+            # From a stop or exit listener, after every exit listener ran:
+            # cleaned up, then raised or returned as block() does.
+            interrupt = interrupt or exc
         while self._exit_phase != 'done':  # Run by a thread's transition.
             await asyncio.sleep(0.01)
         tick.cancel()
         await self._cancel_leftover_tasks()
         await loop.shutdown_asyncgens()
+        await self._end_default_executor(loop)
+        return failed, result, interrupt
+
+    async def _end_default_executor(
+        self, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """Shut `loop`'s default executor down; wait for work still running
+        (as asyncio.run() does), so that its result finds the loop open,
+        until hurried.  Idle workers end at once."""
+        import asyncio
+
         executor = getattr(loop, '_default_executor', None)
-        if executor is not None:  # Idle workers must not hold the exit.
-            if sys.version_info >= (3, 9):
-                executor.shutdown(wait=False, cancel_futures=True)
-            else:
-                executor.shutdown(wait=False)
-        return outcome
+        if executor is None:
+            return
+        if sys.version_info >= (3, 9):
+            executor.shutdown(wait=False, cancel_futures=True)
+        else:
+            executor.shutdown(wait=False)
+        threads = getattr(executor, '_threads', ())
+        while not self._hurry and any(t.is_alive() for t in threads):
+            await asyncio.sleep(0.05)
 
     def _make_main_task(
         self, loop: asyncio.AbstractEventLoop, main: Awaitable[_T]
@@ -1486,18 +1549,35 @@ class Bus:
         task = self._make_main_task(loop, main)
         if task is None:
             return False, None, None
+        hurried = self._hurried = loop.create_future()
         try:
-            return False, await task, None
+            await asyncio.wait({task, hurried}, return_when='FIRST_COMPLETED')
+        finally:
+            with self._lock:
+                self._main_task = None
+        if not task.done():  # A second signal: wait no more, as block().
+            task.cancel()  # Awaited with the tasks left, until hurried.
+            return False, None, None
+        return self._main_outcome(task)
+
+    def _main_outcome(
+        self, task: asyncio.Future[Any]
+    ) -> Tuple[bool, Any, Optional[BaseException]]:
+        """Return (failed, result, interrupt) of the finished main task."""
+        import asyncio
+
+        try:
+            return False, task.result(), None
         except asyncio.CancelledError:
-            return False, None, None  # exit() asked for it.
+            if self._exit_phase is not None:
+                return False, None, None  # exit() asked for it.
+            self.log('Error in the main task:', _ERROR, traceback=True)
+            return True, None, None  # As asyncio.run() fails.
         except (KeyboardInterrupt, SystemExit) as exc:
             return False, None, exc  # _run_driver() has asked for the exit.
         except Exception:
             self.log('Error in the main task:', _ERROR, traceback=True)
             return True, None, None
-        finally:
-            with self._lock:
-                self._main_task = None
 
     @staticmethod
     def _never_run(main: Awaitable[Any]) -> None:
@@ -1510,10 +1590,15 @@ class Bus:
 
     def _tick(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
         loop.call_later(interval, self._tick, loop, interval)
-        self.publish('main')
+        try:
+            self.publish('main')
+        except ChannelFailures:
+            pass  # Logged by publish; asyncio need not print it again.
         self._act_on_loop_signals()  # If no wakeup fd told the loop.
 
     async def _cancel_leftover_tasks(self) -> None:
+        """Cancel the tasks left and wait for them, naming them as block()
+        names threads, until hurried."""
         import asyncio
 
         current = asyncio.current_task()
@@ -1521,22 +1606,47 @@ class Bus:
         pending = [t for t in asyncio.all_tasks() if t is not current]
         for task in pending:
             task.cancel()
-        while pending and not self._hurry:
+        report_at: Optional[float] = None  # None: not reported yet.
+        while pending:
             done, pending = await asyncio.wait(pending, timeout=0.1)
-            for task in done:
-                if not task.cancelled() and task.exception() is not None:
-                    exc = task.exception()
-                    self.log(
-                        'Error in task %r: %s: %s'
-                        % (task, type(exc).__name__, exc),
-                        level=_ERROR,
-                    )
-        if pending:
+            self._log_task_errors(done)
+            if pending and self._hurry:
+                self._abandon_tasks(pending)
+                return
+            if pending and (report_at is None or time.monotonic() > report_at):
+                self._log_waiting_for(pending, first=report_at is None)
+                report_at = time.monotonic() + _STILL_WAITING_EVERY
+
+    def _log_task_errors(self, tasks: Iterable[asyncio.Task[Any]]) -> None:
+        for task in tasks:
+            if not task.cancelled() and task.exception() is not None:
+                exc = task.exception()
+                self.log(
+                    'Error in task %r: %s: %s'
+                    % (task, type(exc).__name__, exc),
+                    level=_ERROR,
+                )
+
+    def _log_waiting_for(
+        self, tasks: Collection[asyncio.Task[Any]], first: bool
+    ) -> None:
+        if first:
+            for task in tasks:
+                self.log('Waiting for task %r.' % task)
+        else:
             self.log(
-                'Not waiting for %d task(s) that ignore cancellation.'
-                % len(pending),
+                'Still waiting for tasks: %s.' % ', '.join(map(repr, tasks)),
                 level=_WARNING,
             )
+
+    def _abandon_tasks(self, tasks: Collection[asyncio.Task[Any]]) -> None:
+        self.log(
+            'Not waiting for tasks %s: exiting now.'
+            % ', '.join(map(repr, tasks)),
+            level=_WARNING,
+        )
+        for task in tasks:  # Left on purpose: no "destroyed but pending".
+            task._log_destroy_pending = False  # type: ignore[attr-defined]
 
     def _loop_signals(
         self, loop: asyncio.AbstractEventLoop
@@ -1585,12 +1695,10 @@ class Bus:
     def _act_on_loop_signals(self) -> None:
         """Act on the signals recorded meanwhile, between two callbacks;
         a second SIGTERM or Ctrl+C during the exit first hurries it."""
-        if self._hurry and not self._hurried:
-            self._hurried = True
-            task = self._main_task
-            if task is not None:
-                self.log('Caught a second SIGTERM or Ctrl+C: hurrying.')
-                task.cancel()
+        hurried = self._hurried
+        if self._hurry and hurried is not None and not hurried.done():
+            self.log('Caught a second SIGTERM or Ctrl+C: hurrying.')
+            hurried.set_result(None)  # _run_main() waits no more.
         self._act_on_recorded_signals()
 
     def _cancel_main_task(self) -> bool:
