@@ -1528,6 +1528,35 @@ def test_lifecycle_failing_stop_listener_skips_no_exit_listener(
     assert 'Exiting with status 70: the stop or exit listeners failed' in err
 
 
+@pytest.mark.parametrize(
+    'raised, status', [('SystemExit(4)', 4), ('KeyboardInterrupt', 0)]
+)
+def test_lifecycle_sys_exit_in_an_exit_listener_skips_no_other(
+    child, tmp_path, raised, status
+):
+    pidfile = tmp_path / 'app.pid'
+    proc, events = lifecycle_child(
+        child,
+        tmp_path,
+        """
+        wp.SignalHandler(bus).subscribe()
+        wp.PIDFile(bus, sys.argv[2]).subscribe()
+        def quits():
+            raise %s
+        bus.subscribe('exit', quits, priority=10)  # Before PIDFile's.
+        bus.start()
+        bus.block()
+        """
+        % raised,
+        str(pidfile),
+    )
+    wait_for_note(events, 'started')
+    os.kill(proc.pid, signal.SIGTERM)
+    status_seen, out, err = finish(proc)
+    assert (status_seen, lines_of(events)) == (status, ['started', 'exit'])
+    assert not pidfile.exists(), err
+
+
 def test_lifecycle_second_ctrl_c_during_shutdown_skips_no_cleanup(
     child, tmp_path
 ):
