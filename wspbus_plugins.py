@@ -3464,7 +3464,7 @@ _LISTEN_ENV = 'WSPBUS_LISTEN_FDS'
 class _Inherited:
     """A socket this process inherited that no listen() has asked for."""
 
-    __slots__ = ('name', 'sock', 'file', 'asked', 'superseded', 'stale')
+    __slots__ = ('name', 'sock', 'file', 'asked', 'superseded')
 
     def __init__(
         self,
@@ -3481,8 +3481,6 @@ class _Inherited:
         self.asked = asked
         # Its name now listens elsewhere: closed at 'started' if unclaimed.
         self.superseded = False
-        # Unclaimed when the bus started: closed at restart, unless given.
-        self.stale = False
 
 
 # A library's ListenSockets and the application's share one process: the
@@ -3520,12 +3518,9 @@ class ListenSockets(SimplePlugin):
     are removed (never those it was given), if their path, absolute, still
     names the file bound (not one another process bound there since).
     Channel ``started``: an inherited socket whose name now listens at
-    another address, and that no other name took, is closed; one an
-    earlier image handed on that no listen() has claimed yet is dropped
-    from the configuration: if still unclaimed at the next restart, it is
-    closed then (a log line names it and its address), not handed on.
-    systemd's, which it passes only once, are handed on unclaimed, and so
-    is everything at a restart before the bus started (a slow start).
+    another address, and that no other name took, is closed.  One no
+    listen() has claimed is handed on at a restart (a listen() may come
+    after ``started``: run_async's main task) and closed at a real exit.
     Call listen() before DropPrivileges' start (priority 77) to bind a low
     port as root.
     """
@@ -3709,15 +3704,10 @@ class ListenSockets(SimplePlugin):
         self.bus.unsubscribe('started', self.started)
 
     def started(self) -> None:
-        """Close the inherited sockets whose name now listens elsewhere.
-
-        Mark the others an earlier image handed on as dropped from the
-        configuration: restart() closes them if still unclaimed.
-        """
+        """Close the inherited sockets whose name now listens elsewhere."""
         for entry in list(_unclaimed):
             if entry.superseded:
                 self._retire(entry, '%r listens elsewhere' % entry.name)
-            entry.stale = entry.asked != ''  # systemd passes its once.
 
     def _reopen(self, name: str) -> socket.socket:
         """Make a new socket object from our duplicate of `name`'s."""
@@ -3770,15 +3760,13 @@ class ListenSockets(SimplePlugin):
         """Keep the sockets for the new image on restart; else close them.
 
         restart() re-executes the whole process: every ListenSockets'
-        sockets and the unclaimed ones cross it, whichever's listener runs
-        last, but for those ``started`` found dropped.  A real exit closes
+        sockets and the unclaimed ones cross it (a listen() may come late),
+        whichever's listener runs last.  A real exit closes
         this one's, and the unclaimed ones unless a ListenSockets of
         another bus, not exited, may still claim them.
         """
         if self.bus.execv:
             fds = [fd for each in _listen_sockets for fd in each._own()]
-            for entry in [e for e in _unclaimed if e.stale]:
-                self._retire(entry, 'no listen() asked for it')
             fds += [
                 (e.name, e.sock.fileno(), e.file, e.asked) for e in _unclaimed
             ]
