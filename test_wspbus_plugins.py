@@ -1557,6 +1557,48 @@ def test_lifecycle_sys_exit_in_an_exit_listener_skips_no_other(
     assert not pidfile.exists(), err
 
 
+def test_lifecycle_ctrl_c_in_a_reexecuted_image_never_cuts_its_exit(
+    child, tmp_path
+):
+    # The new image's SIGINT handler is the hold of the carried signals
+    # when start() begins: it was not deferred, then set back to Python's
+    # default in the middle of the start, and a Ctrl+C raised
+    # KeyboardInterrupt inside the stop listeners of the exit run there.
+    proc, events = lifecycle_child(
+        child,
+        tmp_path,
+        """
+        note('run')
+        first = runs() == 1
+        handler = wp.SignalHandler(bus)
+        handler.handlers['SIGHUP'] = bus.restart
+        handler.subscribe()
+        def slow_start():
+            if not first:
+                note('starting')
+                time.sleep(1)
+        def slow_stop():
+            note('stopping')
+            time.sleep(1)
+            note('stopped')
+        bus.subscribe('start', slow_start)
+        bus.subscribe('stop', slow_stop)
+        bus.start()
+        bus.block()
+        """,
+    )
+    wait_for_note(events, 'started')
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_for_note(events, 'starting')
+    os.kill(proc.pid, signal.SIGTERM)
+    wait_for_note(events, 'stopping', count=2)
+    os.kill(proc.pid, signal.SIGINT)
+    status, out, err = finish(proc)
+    assert 'KeyboardInterrupt' not in err
+    assert status == 0, err
+    assert lines_of(events)[-3:] == ['stopping', 'stopped', 'exit']
+
+
 def test_lifecycle_second_ctrl_c_during_shutdown_skips_no_cleanup(
     child, tmp_path
 ):

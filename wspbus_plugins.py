@@ -1183,8 +1183,13 @@ class Bus:
     def _defer_sigint(self) -> None:
         # Python's default SIGINT handler raises KeyboardInterrupt in the
         # middle of whatever runs, a stop or exit listener too; while busy,
-        # Ctrl+C is recorded like any other signal (and means exit()).
-        if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        # Ctrl+C is recorded like any other signal (and means exit()).  In
+        # a re-executed image the carried signals' hold stands in for it
+        # until released (which re-raises a held Ctrl+C, recorded then).
+        if _signal.getsignal(_signal.SIGINT) in (
+            _signal.default_int_handler,
+            _hold,
+        ):
             _signal.signal(_signal.SIGINT, self._record_sigint)
             self._saved_sigint = _signal.default_int_handler
 
