@@ -4972,8 +4972,14 @@ def inherit(monkeypatch):
 
 
 @pytest.fixture
-def listen_sockets(bus, inherit):
-    """ListenSockets(bus) whose sockets are closed after the test."""
+def listen_sockets(bus, inherit, monkeypatch):
+    """ListenSockets(bus) whose sockets are closed after the test.
+
+    The test gets its own module-wide pool: an instance of an earlier test,
+    on another bus and not yet collected (PyPy), keeps the pool open.
+    """
+    monkeypatch.setattr(wp, '_unclaimed', [])
+    monkeypatch.setattr(wp, '_listen_sockets', wp.WeakSet())
     made = []
 
     def make():
