@@ -46,6 +46,20 @@ linux_only = pytest.mark.skipif(
     not sys.platform.startswith('linux'), reason='Linux only (inotify, /proc)'
 )
 
+
+def _dual_stack():
+    """Tell whether a new socket bound to '::' takes IPv4 too (Linux's)."""
+    try:
+        with socket.socket(socket.AF_INET6) as sock:
+            return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except (OSError, AttributeError):  # No IPv6 here.
+        return False
+
+
+needs_dual_stack = pytest.mark.skipif(
+    not _dual_stack(), reason="needs IPv6, '::' taking IPv4 (bindv6only=0)"
+)
+
 # A run started as a background job of a script (`make test &`) inherits
 # Ctrl+C ignored, and so would every child: the tests that send SIGINT
 # need the interpreter's own handler, which a handler here passes on.
@@ -5445,6 +5459,46 @@ def test_listensockets_an_address_another_inherited_socket_holds(
     proc.send_signal(signal.SIGTERM)
     status, out, err = finish(proc)
     assert (status, err) == (0, '')
+
+
+@pytest.mark.parametrize(
+    'old, new',
+    [
+        ('127.0.0.1', '0.0.0.0'),
+        ('0.0.0.0', '127.0.0.1'),
+        pytest.param('::', '0.0.0.0', marks=needs_dual_stack),
+        pytest.param('0.0.0.0', '::', marks=needs_dual_stack),
+    ],
+)
+def test_listensockets_a_dropped_socket_on_an_overlapping_host_is_closed(
+    child, tmp_path, old, new
+):
+    # The first image has a on OLD:P; the next one drops a and asks b on
+    # NEW:P, a host that overlaps OLD.  The new socket's bind() found P
+    # held by the unclaimed a: EADDRINUSE, and the restart died.
+    port = free_port()
+    events = tmp_path / 'events'
+    addresses = '%r if "STARTS" in os.environ else %r' % (
+        {'b': (new, port)},
+        {'a': (old, port)},
+    )
+    proc = child(LISTEN_CHILD, str(events), addresses)
+    wait_until(lambda: starts_of(events), 'the first start')
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_until(
+        lambda: len(starts_of(events)) > 1 or proc.poll() is not None,
+        'the second start',
+    )
+    assert proc.poll() is None, finish(proc)
+    assert ask(('127.0.0.1', port)) == '%d 2\n' % proc.pid
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    bound = (old, port) + ((0, 0) if ':' in old else ())
+    assert (status, err) == (
+        0,
+        "Closing the inherited socket 'a' bound to %r: 'b' asked for %r, "
+        'which overlaps it.\n' % (bound, (new, port)),
+    )
 
 
 def hand_over(monkeypatch, **asked):

@@ -3525,7 +3525,8 @@ class ListenSockets(SimplePlugin):
     Channel ``started``: an inherited socket whose name now listens at
     another address, and that no other name took, is closed.  One no
     listen() has claimed is handed on at a restart (a listen() may come
-    after ``started``: run_async's main task) and closed at a real exit.
+    after ``started``: run_async's main task) and closed at a real exit,
+    or when a new socket's host overlaps its on that port (a warning).
     Call listen() before DropPrivileges' start (priority 77) to bind a low
     port as root.
     """
@@ -3582,13 +3583,17 @@ class ListenSockets(SimplePlugin):
         one bound, unless another inherited socket is bound to the new
         address (a name dropped, or two swapped): that one is taken, and
         the old one is closed at ``started`` if no other name took it by
-        then.  A family or type that differs from what was asked is a
-        ValueError.  The log line names the address the socket is bound
-        to.  A new AF_UNIX socket first removes a stale socket file at the
-        path (one nobody listens on; an abstract name, starting with a NUL,
-        has no file).  A `name` or path containing a tab, newline or NUL,
-        or that the environment cannot encode (a lone surrogate), which the
-        handover to a restart cannot carry, is a ValueError.
+        then.  One an earlier image bound to the same port on a host that
+        overlaps (127.0.0.1 and 0.0.0.0, or '::' and IPv4), that no name
+        took, is closed with a warning when bind() finds the port in use:
+        a fresh start would bind it.  A family or type that differs from
+        what was asked is a ValueError.  The log line names the address
+        the socket is bound to.  A new AF_UNIX socket first removes a stale
+        socket file at the path (one nobody listens on; an abstract name,
+        starting with a NUL, has no file).  A `name` or path containing a
+        tab, newline or NUL, or that the environment cannot encode (a lone
+        surrogate), which the handover to a restart cannot carry, is a
+        ValueError.
         """
         import socket
 
@@ -3601,12 +3606,7 @@ class ListenSockets(SimplePlugin):
         inherited = None if sock else self._inherited_for(name, address)
         sock = sock or inherited
         if sock is None:
-            sock, file = self._bind(address, family, type, backlog)
-            if file is not None:
-                self._files[name] = file
-            self.bus.log(
-                'Listening on %r (%s).' % (_bound_address(sock), name)
-            )
+            sock = self._bind_anew(name, address, family, type, backlog)
         elif (sock.family, sock.type) != (family, type):
             raise ValueError(
                 'Socket %r is %s, not the %s asked for %r.'
@@ -3687,16 +3687,67 @@ class ListenSockets(SimplePlugin):
             )
         return None
 
-    def _retire(self, entry: _Inherited, why: str) -> None:
+    def _retire(self, entry: _Inherited, why: str, level: int = _INFO) -> None:
         """Close inherited `entry`, which no listen() will claim."""
         self.bus.log(
             'Closing the inherited socket %r bound to %r: %s.'
-            % (entry.name, _bound_address(entry.sock), why)
+            % (entry.name, _bound_address(entry.sock), why),
+            level=level,
         )
         _unclaimed.remove(entry)
         entry.sock.close()
         if entry.file:
             self._remove_socket_file(entry.file)
+
+    def _bind_anew(
+        self,
+        name: str,
+        address: _Address,
+        family: int,
+        type: int,
+        backlog: int,
+    ) -> socket.socket:
+        """Bind a new socket called `name`; note its file, log its address.
+
+        A fresh start would bind it, so an unclaimed socket an earlier
+        image handed on (its name dropped) must not make it EADDRINUSE by
+        holding the port on an overlapping host: closed, bind() is retried.
+        """
+        try:
+            sock, file = self._bind(address, family, type, backlog)
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or not self._retire_overlapping(
+                name, address, family, type
+            ):
+                raise
+            sock, file = self._bind(address, family, type, backlog)
+        if file is not None:
+            self._files[name] = file
+        self.bus.log('Listening on %r (%s).' % (_bound_address(sock), name))
+        return sock
+
+    def _retire_overlapping(
+        self, name: str, address: _Address, family: int, type: int
+    ) -> bool:
+        """Close the unclaimed sockets of earlier images `address` overlaps.
+
+        Tell whether there were any.  systemd's are left: the unit decides.
+        A warning names each: a listen() still to come cannot claim it.
+        """
+        if isinstance(address, (str, bytes)):
+            return False  # A path is taken as it is, or bound anew.
+        host = _bind_host(address, family, type)
+        overlapping = [
+            entry
+            for entry in _unclaimed
+            if entry.asked != ''
+            and entry.sock.type == type
+            and _overlaps(_bound_address(entry.sock), host, address[1])
+        ]
+        for entry in overlapping:
+            why = '%r asked for %r, which overlaps it' % (name, address)
+            self._retire(entry, why, _WARNING)
+        return bool(overlapping)
 
     def subscribe(self) -> None:
         """Register exit, and started (no built-in channel of the bus)."""
@@ -4079,7 +4130,8 @@ def _same_address(
         return False
     bound_host: str = bound[0]
     host = address[0] or ('::' if ':' in bound_host else '0.0.0.0')
-    return host == bound_host or _bind_host(sock, address) == bound_host
+    found = _bind_host(address, sock.family, sock.type)
+    return host == bound_host or found == bound_host
 
 
 def _same_path(
@@ -4100,18 +4152,39 @@ def _same_path(
     return here == os.path.abspath(os.fsencode(bound))
 
 
-def _bind_host(sock: socket.socket, address: Tuple[Any, ...]) -> Optional[str]:
+def _bind_host(
+    address: Tuple[Any, ...], family: int, type: int
+) -> Optional[str]:
     """Return the host bind() would take for `address`, or None."""
     import socket
 
     flags = socket.AI_PASSIVE | socket.AI_NUMERICSERV
     try:
         found = socket.getaddrinfo(
-            address[0] or None, address[1], sock.family, sock.type, 0, flags
+            address[0] or None, address[1], family, type, 0, flags
         )
     except (OSError, UnicodeError):  # Unknown: bind() will say so.
         return None
     return str(found[0][4][0]) if found else None
+
+
+def _overlaps(
+    bound: Union[str, bytes, Tuple[Any, ...], None],
+    host: Optional[str],
+    port: int,
+) -> bool:
+    """Tell whether a socket bound to `bound` holds (`host`, `port`).
+
+    On one port, a host overlaps itself and a wildcard: '0.0.0.0' every
+    IPv4 host, '::' every host (IPv4 too unless IPV6_V6ONLY, Linux's
+    default).  Of these, bind() finds a listening one in use.
+    """
+    if not isinstance(bound, tuple) or host is None or bound[1] != port:
+        return False
+    hosts = {bound[0], host}
+    if len(hosts) == 1 or '::' in hosts:
+        return True
+    return '0.0.0.0' in hosts and not any(':' in each for each in hosts)
 
 
 def _bound_address(
