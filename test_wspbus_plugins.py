@@ -5390,6 +5390,47 @@ def test_listensockets_one_address_spelled_two_ways_is_one_address(
     assert again.fileno() == handed  # Not closed and bound anew.
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+@pytest.mark.parametrize(
+    'first, then, taken',
+    [
+        (('::', None), ('', socket.AF_INET6), True),
+        (('::', None), ('', None), False),  # AF_INET's any host: 0.0.0.0
+        (('', None), ('', socket.AF_INET6), False),
+    ],
+)
+def test_listensockets_any_host_is_that_of_the_family_asked_for(
+    bus, listen_sockets, monkeypatch, first, then, taken
+):
+    # ('', P) after ('::', P) across a restart took the AF_INET6 socket as
+    # the same address, then refused it: a ValueError about its family,
+    # and the new image died.  Likewise ('', P) asked as AF_INET6 after
+    # AF_INET's ('', P), the same repr() in the handover.
+    port = free_port()
+    monkeypatch.setattr(wp, '_owed_cleanups', [])
+    sockets = listen_sockets()
+    old = sockets.listen('web', (first[0], port), first[1]).getsockname()
+    bus.execv = True
+    sockets.exit()
+    sockets.sockets.pop('web').close()  # As the exec closes it.
+    sockets._kept.clear()  # Handed to the next image.
+    del bus.recorder.logs[:]
+    asked = (then[0], port)
+    new = listen_sockets().listen('web', asked, then[1])
+    assert new.family == (then[1] or socket.AF_INET)
+    bound = new.getsockname()
+    assert bound[:2] == (('::' if then[1] else '0.0.0.0'), port)
+    assert bus.recorder.messages() == (
+        ['Listening on %r (web), inherited.' % (bound,)]
+        if taken
+        else [
+            "Closing the inherited socket 'web' bound to %r: now asked for "
+            '%r.' % (old, asked),
+            'Listening on %r (web).' % (bound,),
+        ]
+    )
+
+
 def test_listensockets_a_systemd_socket_is_logged_at_its_real_address(
     bus, inherit, listener, listen_sockets
 ):

@@ -3571,27 +3571,29 @@ class ListenSockets(SimplePlugin):
         `type` (default SOCK_STREAM) override the guess.  Asked again in
         this image, the name must come with the same address (or one the
         socket is bound to): else a ValueError names both.  Addresses are
-        compared by what they bind to: a host spelled otherwise (a name
-        for a number) is resolved as bind() does, and a path made absolute
-        in the directory the socket was bound in.  An inherited socket of
-        that name, or bound to that address, is returned instead of a new
-        one (of several with that name, the one bound there; none is a
-        ValueError).  Of a socket systemd gave, the unit decides the
-        address, and one an older version handed over (its address not
-        written) is taken by name, once; one an earlier image bound for
-        another address (the configuration changed) is closed and a new
-        one bound, unless another inherited socket is bound to the new
-        address (a name dropped, or two swapped): that one is taken, and
-        the old one is closed at ``started`` if no other name took it by
-        then.  One an earlier image bound to the same port on a host that
-        overlaps (127.0.0.1 and 0.0.0.0, or '::' and IPv4), that no name
-        took, is closed with a warning when bind() finds the port in use:
-        a fresh start would bind it.  A family or type that differs from
-        what was asked is a ValueError.  The log line names the address
-        the socket is bound to.  A new AF_UNIX socket first removes a stale
-        socket file at the path (one nobody listens on; an abstract name,
-        starting with a NUL, has no file).  A `name` or path containing a
-        tab, newline or NUL, or that the environment cannot encode (a lone
+        compared by what they bind to: a host spelled otherwise (a name for
+        a number) is resolved as bind() does, and a path made absolute in
+        the directory the socket was bound in; the family is part of it:
+        ('', P) is 0.0.0.0, any IPv4 host, unless `family` is AF_INET6
+        ('::').  An inherited socket of that name, or bound to that
+        address, is returned instead of a new one (of several with that
+        name, the one bound there; none is a ValueError).  Of a socket
+        systemd gave, the unit decides the address, and one an older
+        version handed over (its address not written) is taken by name,
+        once; one an earlier image bound for another address (the
+        configuration changed) is closed and a new one bound, unless
+        another inherited socket is bound to the new address (a name
+        dropped, or two swapped): that one is taken, and the old one is
+        closed at ``started`` if no other name took it by then.  One an
+        earlier image bound to the same port on a host that overlaps
+        (127.0.0.1 and 0.0.0.0, or '::' and IPv4), that no name took, is
+        closed with a warning when bind() finds the port in use: a fresh
+        start would bind it.  A family or type that differs from what was
+        asked is a ValueError.  The log line names the address the socket
+        is bound to.  A new AF_UNIX socket first removes a stale socket
+        file at the path (one nobody listens on; an abstract name, starting
+        with a NUL, has no file).  A `name` or path containing a tab,
+        newline or NUL, or that the environment cannot encode (a lone
         surrogate), which the handover to a restart cannot carry, is a
         ValueError.
         """
@@ -3603,7 +3605,9 @@ class ListenSockets(SimplePlugin):
         family = _address_family(address) if family is None else family
         type = socket.SOCK_STREAM if type is None else type
         sock = self._handed_out(name, address)
-        inherited = None if sock else self._inherited_for(name, address)
+        inherited = (
+            None if sock else self._inherited_for(name, address, family)
+        )
         sock = sock or inherited
         if sock is None:
             sock = self._bind_anew(name, address, family, type, backlog)
@@ -3648,9 +3652,11 @@ class ListenSockets(SimplePlugin):
         return sock
 
     def _inherited_for(
-        self, name: str, address: _Address
+        self, name: str, address: _Address, family: int
     ) -> Optional[socket.socket]:
         def matches(entry: _Inherited) -> bool:
+            if entry.sock.family != family:  # ('', P): 0.0.0.0 or '::'.
+                return False
             return entry.asked == repr(address) or _same_address(
                 entry.sock, address, entry.file
             )
@@ -4117,7 +4123,8 @@ def _same_address(
 
     Compared by what they bind to: spelled otherwise than getsockname()
     has it, a host is resolved as bind() does, and a path made absolute
-    (`file` names the one bound, absolute when it was bound).
+    (`file` names the one bound, absolute when it was bound).  '' is any
+    host of `sock`'s family: the caller compares the family asked for.
     """
     bound = _bound_address(sock)
     if bound is None:
