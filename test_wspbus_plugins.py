@@ -2738,6 +2738,39 @@ def test_run_async_exit_while_the_main_task_is_made_cancels_it(
     assert lines_of(events) == ['cancelled', 'stop', 'exit']
 
 
+@pytest.mark.parametrize('sig', ['SIGTERM', 'SIGINT'])
+def test_run_async_signal_just_after_start_is_recorded_not_nested(
+    child, tmp_path, sig
+):
+    # The child signals itself while run_async() makes its event loop,
+    # after start() has returned: the signal must be recorded and acted on
+    # by the loop, not run the exit inside the interrupted code (SIGTERM)
+    # nor raise KeyboardInterrupt out of run_async() (Ctrl+C).
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        import signal, traceback
+        class Policy(asyncio.DefaultEventLoopPolicy):
+            def new_event_loop(self):
+                os.kill(os.getpid(), getattr(signal, sys.argv[3]))
+                return super().new_event_loop()
+        def nested():
+            names = [frame.name for frame in traceback.extract_stack()]
+            if 'new_event_loop' in names:
+                note('exit inside new_event_loop')
+        bus.subscribe('exit', nested)
+        asyncio.set_event_loop_policy(Policy())
+        handler.subscribe()
+        print(bus.run_async(main()), flush=True)
+        """,
+        '0',
+        sig,
+    )
+    assert finish(proc, timeout=15) == (0, 'None\n', '')
+    assert lines_of(events) == ['stop', 'exit']
+
+
 def test_run_async_second_sigterm_cuts_the_cleanup_short(child, tmp_path):
     proc, events = async_child(child, tmp_path, '', '60')
     wait_for_note(events, 'main %d' % proc.pid)

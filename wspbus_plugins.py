@@ -1406,15 +1406,19 @@ class Bus:
         if refused is not None:  # Before a start listener forks.
             self._never_run(main)
             raise refused
+        # Signals are recorded from here: one just after start() returns
+        # must not run the exit inside the code it interrupts.
+        main_thread = self._begin_busy()
         try:
-            self.start()
-        except BaseException:
-            self._never_run(main)
-            raise
-        self._hurried = None
-        loop = asyncio.new_event_loop()
-        main_thread = self._begin_busy()  # Signals are recorded from here.
-        try:
+            try:
+                self.start()
+            except BaseException:
+                self._never_run(main)
+                raise
+            self._hurried = None
+            loop = asyncio.new_event_loop()
+            # First thing, act on those recorded since the bus was busy.
+            loop.call_soon(self._act_on_loop_signals)
             try:
                 asyncio.set_event_loop(loop)
                 restore = self._loop_signals(loop)
