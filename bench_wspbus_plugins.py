@@ -941,6 +941,7 @@ signal handlers run listeners inline
 tests never_nest_inside_a_listener or inside_the_main_work
 -             self._signals.append(channel)  # _lock: in mid-bookkeeping.
 -             self._wake()
+-             self._wake_loop()
 -             return
 +             pass  # Acted on at once, inside whatever was running.
 

@@ -2771,6 +2771,40 @@ def test_run_async_signal_just_after_start_is_recorded_not_nested(
     assert lines_of(events) == ['stop', 'exit']
 
 
+@pytest.mark.parametrize('taker', ['add_signal_handler', 'set_wakeup_fd'])
+def test_run_async_signal_wakes_the_loop_when_the_program_takes_the_fd(
+    child, tmp_path, taker
+):
+    # The program's own signal handling replaces the bus's wakeup fd; a
+    # SIGTERM must still wake the loop at once, not at the next `main`
+    # tick (20 s here).
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        import signal
+        async def taking():
+            if sys.argv[3] == 'add_signal_handler':
+                loop = asyncio.get_running_loop()
+                loop.add_signal_handler(signal.SIGUSR2, note, 'SIGUSR2')
+            else:
+                unread = os.pipe()[1]
+                os.set_blocking(unread, False)
+                signal.set_wakeup_fd(unread)
+            await main()
+        handler.subscribe()
+        print(bus.run_async(taking(), interval=20), flush=True)
+        """,
+        '0',
+        taker,
+    )
+    wait_for_note(events, 'main %d' % proc.pid)
+    status, out, err, seconds = stop_and_time(proc)
+    assert (status, out, err) == (0, 'None\n', '')
+    assert lines_of(events)[1:] == ['cleaning', 'cleaned', 'stop', 'exit']
+    assert seconds < 5
+
+
 def test_run_async_second_sigterm_cuts_the_cleanup_short(child, tmp_path):
     proc, events = async_child(child, tmp_path, '', '60')
     wait_for_note(events, 'main %d' % proc.pid)

@@ -576,6 +576,8 @@ class Bus:
         # run_async()'s main task and its loop.
         self._main_task: Optional[asyncio.Future[Any]] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # Written when a signal is recorded, so that the loop wakes.
+        self._loop_waker: Optional[socket.socket] = None
         self._wakeup = threading.Lock()
         self._wakeup.acquire()  # Locked: no wake-up pending.
         self._busy = 0  # >0 while the main thread transitions or waits.
@@ -1088,6 +1090,7 @@ class Bus:
         ):
             self._signals.append(channel)  # _lock: in mid-bookkeeping.
             self._wake()
+            self._wake_loop()
             return
         main = self._begin_busy()
         try:
@@ -1156,6 +1159,19 @@ class Bus:
             self._wakeup.release()
         except RuntimeError:
             pass  # Released already: a wake-up is pending.
+
+    def _wake_loop(self) -> None:
+        """Wake run_async()'s loop (safe in a signal handler).
+
+        The wakeup fd alone is not enough: the program may take it
+        (loop.add_signal_handler(), signal.set_wakeup_fd()).
+        """
+        waker = self._loop_waker
+        if waker is not None:
+            try:
+                waker.send(b'\0')
+            except OSError:
+                pass  # Full (a wake-up is pending), or closed just now.
 
     def _begin_busy(self, defer_sigint: bool = True) -> bool:
         """Mark the main thread busy; return whether this is it."""
@@ -1612,7 +1628,7 @@ class Bus:
             self.publish('main')
         except ChannelFailures:
             pass  # Logged by publish; asyncio need not print it again.
-        self._act_on_loop_signals()  # If no wakeup fd told the loop.
+        self._act_on_loop_signals()  # If nothing woke it (Windows, say).
 
     async def _cancel_leftover_tasks(self) -> None:
         """Cancel the tasks left and wait for them, naming them as block()
@@ -1675,7 +1691,8 @@ class Bus:
         the signal as under block(), and a restart carries what is left
         (asyncio's own handlers would set SIG_DFL on removal, and drop what
         they had not delivered).  The wakeup fd, written on any thread,
-        wakes the loop, which then drains the queue (_act_on_loop_signals).
+        and the handler itself (_wake_loop: the program may take the fd)
+        wake the loop, which then drains the queue (_act_on_loop_signals).
         """
         import socket  # (asyncio imports it.)
 
@@ -1694,8 +1711,10 @@ class Bus:
         previous = _signal.set_wakeup_fd(
             writer.fileno(), warn_on_full_buffer=False
         )
+        self._loop_waker = writer
 
         def restore() -> None:
+            self._loop_waker = None  # Before it closes.
             _signal.set_wakeup_fd(previous)
             loop.remove_reader(reader.fileno())
             reader.close()
