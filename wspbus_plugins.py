@@ -1078,9 +1078,15 @@ class Bus:
             raise _ExitHurried  # Out of the interpreter's wait for threads.
         if self._hurries(channel):
             self._hurry = True
-        elif channel == 'SIGINT' and 'SIGINT' in self._signals:
+        elif (
+            channel == 'SIGINT'
+            and 'SIGINT' in self._signals
+            and self._runner is not None
+        ):
             # Ctrl+C again while the first waits for a transition to end:
             # interrupt it, as Python would have (never an exit's cleanup).
+            # With none running (run_async() making its loop), nothing is
+            # stuck: the second is recorded too.
             raise KeyboardInterrupt
         if (
             self._busy
