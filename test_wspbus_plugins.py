@@ -2780,6 +2780,31 @@ def test_run_async_signal_just_after_start_is_recorded_not_nested(
     assert lines_of(events) == ['stop', 'exit'] * lives
 
 
+def test_run_async_second_ctrl_c_interrupts_a_wedged_main_task(
+    child, tmp_path
+):
+    # The first Ctrl+C is recorded for the loop, which a main task stuck in
+    # synchronous code never gives back; the second interrupts it, as
+    # asyncio.run() lets a Ctrl+C do.
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        async def wedged():
+            note('wedged')
+            time.sleep(60)
+        handler.subscribe()
+        print(bus.run_async(wedged()), flush=True)
+        """,
+    )
+    wait_for_note(events, 'wedged')
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    assert finish(proc, timeout=15) == (0, 'None\n', '')
+    assert lines_of(events) == ['wedged', 'stop', 'exit']
+
+
 @pytest.mark.parametrize('taker', ['add_signal_handler', 'set_wakeup_fd'])
 def test_run_async_signal_wakes_the_loop_when_the_program_takes_the_fd(
     child, tmp_path, taker

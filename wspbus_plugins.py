@@ -1081,12 +1081,12 @@ class Bus:
         elif (
             channel == 'SIGINT'
             and 'SIGINT' in self._signals
-            and self._runner is not None
+            and (self._runner is not None or self._main_task is not None)
         ):
-            # Ctrl+C again while the first waits for a transition to end:
-            # interrupt it, as Python would have (never an exit's cleanup).
-            # With none running (run_async() making its loop), nothing is
-            # stuck: the second is recorded too.
+            # Ctrl+C again while the first waits for a transition or
+            # run_async()'s main task to give the thread back: interrupt
+            # it, as Python would have (never an exit's cleanup).  While
+            # run_async() makes its loop, the second is recorded too.
             raise KeyboardInterrupt
         if (
             self._busy
