@@ -5610,6 +5610,9 @@ def test_listensockets_an_address_another_inherited_socket_holds(
         ('0.0.0.0', '127.0.0.1'),
         pytest.param('::', '0.0.0.0', marks=needs_dual_stack),
         pytest.param('0.0.0.0', '::', marks=needs_dual_stack),
+        # An IPv4-mapped IPv6 host is its IPv4 one.
+        pytest.param('0.0.0.0', '::ffff:127.0.0.1', marks=needs_dual_stack),
+        pytest.param('::ffff:127.0.0.1', '127.0.0.1', marks=needs_dual_stack),
     ],
 )
 def test_listensockets_a_dropped_socket_on_an_overlapping_host_is_closed(

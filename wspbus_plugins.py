@@ -4213,11 +4213,17 @@ def _overlaps(
 
     On one port, a host overlaps itself and a wildcard: '0.0.0.0' every
     IPv4 host, '::' every host (IPv4 too unless IPV6_V6ONLY, Linux's
-    default).  Of these, bind() finds a listening one in use.
+    default).  An IPv4-mapped host ('::ffff:127.0.0.1') is its IPv4 one.
+    Of these, bind() finds a listening one in use.
     """
     if not isinstance(bound, tuple) or host is None or bound[1] != port:
         return False
-    hosts = {bound[0], host}
+    # Both spelled by inet_ntop() (getsockname(), getaddrinfo()): lower
+    # case, the IPv4 part dotted.
+    hosts = {
+        each[7:] if each.startswith('::ffff:') and '.' in each else each
+        for each in (bound[0], host)
+    }
     if len(hosts) == 1 or '::' in hosts:
         return True
     return '0.0.0.0' in hosts and not any(':' in each for each in hosts)
