@@ -60,6 +60,19 @@ needs_dual_stack = pytest.mark.skipif(
     not _dual_stack(), reason="needs IPv6, '::' taking IPv4 (bindv6only=0)"
 )
 
+
+def _can_unshare_net():
+    """Tell whether a child may run in a network namespace of its own."""
+    if not (IS_ROOT and shutil.which('unshare') and shutil.which('ip')):
+        return False
+    probe = subprocess.run(['unshare', '-n', 'true'], stderr=subprocess.PIPE)
+    return probe.returncode == 0
+
+
+needs_netns = pytest.mark.skipif(
+    not _can_unshare_net(), reason='needs root, unshare and ip (a netns)'
+)
+
 # A run started as a background job of a script (`make test &`) inherits
 # Ctrl+C ignored, and so would every child: the tests that send SIGINT
 # need the interpreter's own handler, which a handler here passes on.
@@ -5638,11 +5651,131 @@ def test_listensockets_a_dropped_socket_on_an_overlapping_host_is_closed(
     assert ask(('127.0.0.1', port)) == '%d 2\n' % proc.pid
     proc.send_signal(signal.SIGTERM)
     status, out, err = finish(proc)
+    assert (status, err) == (0, overlap_warning('a', old, 'b', new, port))
+
+
+def overlap_warning(dropped, old, name, new, port):
+    """The warning for `dropped` on `old`, closed as `name` asks `new`."""
     bound = (old, port) + ((0, 0) if ':' in old else ())
+    return (
+        'Closing the inherited socket %r bound to %r: %r asked for %r, '
+        'which overlaps it.\n' % (dropped, bound, name, (new, port))
+    )
+
+
+EARLIER_IMAGE_CHILD = """
+    import os, socket, sys, wspbus_plugins as wp
+    # Plays an earlier image: binds sockets (name, host, port, V6ONLY),
+    # hands them over as restart() does, and execs the service.
+    lines = ['%d' % os.getpid()]
+    for name, host, port, v6only in eval(sys.argv[1]):
+        sock = socket.socket(socket.AF_INET6 if ':' in host else
+                             socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if v6only is not None:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, v6only)
+        sock.bind((host, port))
+        sock.listen()
+        os.set_inheritable(sock.fileno(), True)
+        fd = sock.detach()
+        lines.append('%s\\t%d\\t\\t\\t%r' % (name, fd, (host, port)))
+    os.environ[wp._LISTEN_ENV] = '\\n'.join(lines)
+    open(sys.argv[2], 'w').close()  # Ready: a client may connect.
+    sys.stdin.readline()
+    os.execv(sys.executable, [sys.executable] + sys.argv[3:])
+"""
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+def test_listensockets_an_ipv6_only_wildcard_does_not_overlap_ipv4(
+    child, tmp_path
+):
+    # An earlier image had a on '::' with IPV6_V6ONLY and b on 0.0.0.0;
+    # the next one drops b and asks c on 127.0.0.1 before a.  c's bind()
+    # found the port held by b, and a, taken to hold IPv4 too, was closed
+    # as well: the connections queued on it were reset.
+    port = free_port()
+    events, ready = tmp_path / 'events', tmp_path / 'ready'
+    service = tmp_path / 'service.py'
+    service.write_text(textwrap.dedent(LISTEN_CHILD))
+    earlier = [('a', '::', port, 1), ('b', '0.0.0.0', port, None)]
+    asked = {'c': ('127.0.0.1', port), 'a': ('::', port)}
+    proc = child(
+        EARLIER_IMAGE_CHILD,
+        repr(earlier),
+        str(ready),
+        str(service),
+        str(events),
+        repr(asked),
+        stdin=subprocess.PIPE,
+    )
+    wait_until(ready.exists, 'the earlier image')
+    with socket.create_connection(('::1', port), TIMEOUT) as early:
+        proc.stdin.write('exec\n')
+        proc.stdin.flush()
+        wait_until(
+            lambda: starts_of(events) or proc.poll() is not None, 'the start'
+        )
+        assert proc.poll() is None, finish(proc)
+        early.settimeout(TIMEOUT)
+        assert line_from(early) == b'%d 1\n' % proc.pid  # Queued on a.
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
     assert (status, err) == (
         0,
-        "Closing the inherited socket 'a' bound to %r: 'b' asked for %r, "
-        'which overlaps it.\n' % (bound, (new, port)),
+        overlap_warning('b', '0.0.0.0', 'c', '127.0.0.1', port),
+    )
+
+
+@needs_netns
+@pytest.mark.parametrize(
+    'earlier, later, dropped',
+    [
+        # a on '::' is IPv6 only: b alone held 127.0.0.1.
+        (
+            {'a': '::', 'b': '0.0.0.0'},
+            {'c': '127.0.0.1', 'a': '::'},
+            '0.0.0.0',
+        ),
+        # A new '::' socket is IPv6 only: b alone held '::'.
+        ({'a': '0.0.0.0', 'b': '::1'}, {'c': '::', 'a': '0.0.0.0'}, '::1'),
+    ],
+)
+def test_listensockets_ipv6_only_by_default_overlaps_no_ipv4_host(
+    child, tmp_path, earlier, later, dropped
+):
+    # In a network namespace with net.ipv6.bindv6only=1, a restart that
+    # drops b and asks c before a closed a too: its IPv4 (or '::') host
+    # was taken to overlap c's.
+    port = free_port()
+    events = tmp_path / 'events'
+    addresses = '%r if "STARTS" in os.environ else %r' % tuple(
+        {name: (host, port) for name, host in hosts.items()}
+        for hosts in (later, earlier)
+    )
+    setup = 'ip link set lo up && echo 1 >/proc/sys/net/ipv6/bindv6only'
+    proc = child(
+        LISTEN_CHILD,
+        str(events),
+        addresses,
+        executable='unshare',
+        python_args=('-n', 'sh', '-c', setup + ' && exec "$@"', 'sh')
+        + (sys.executable,),
+    )
+    wait_until(
+        lambda: starts_of(events) or proc.poll() is not None, 'the first start'
+    )
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_until(
+        lambda: len(starts_of(events)) > 1 or proc.poll() is not None,
+        'the second start',
+    )
+    assert proc.poll() is None, finish(proc)
+    proc.send_signal(signal.SIGTERM)
+    status, out, err = finish(proc)
+    assert (status, err) == (
+        0,
+        overlap_warning('b', dropped, 'c', later['c'], port),
     )
 
 

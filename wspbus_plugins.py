@@ -3615,7 +3615,8 @@ class ListenSockets(SimplePlugin):
         dropped, or two swapped): that one is taken, and the old one is
         closed at ``started`` if no other name took it by then.  One an
         earlier image bound to the same port on a host that overlaps
-        (127.0.0.1 and 0.0.0.0, or '::' and IPv4), that no name took, is
+        (127.0.0.1 and 0.0.0.0, or '::' and IPv4 unless either socket is
+        IPV6_V6ONLY; '::ffff:127.0.0.1' is 127.0.0.1), that no name took, is
         closed with a warning when bind() finds the port in use: a fresh
         start would bind it.  A family or type that differs from what was
         asked is a ValueError.  The log line names the address the socket
@@ -3769,15 +3770,24 @@ class ListenSockets(SimplePlugin):
         Tell whether there were any.  systemd's are left: the unit decides.
         A warning names each: a listen() still to come cannot claim it.
         """
+        import socket
+
         if isinstance(address, (str, bytes)):
             return False  # A path is taken as it is, or bound anew.
         host = _bind_host(address, family, type)
+        with socket.socket(family, type) as new:  # As _bind() makes it.
+            ipv4 = _takes_ipv4(new)
         overlapping = [
             entry
             for entry in _unclaimed
             if entry.asked != ''
             and entry.sock.type == type
-            and _overlaps(_bound_address(entry.sock), host, address[1])
+            and _overlaps(
+                _bound_address(entry.sock),
+                host,
+                address[1],
+                ipv4 and _takes_ipv4(entry.sock),
+            )
         ]
         for entry in overlapping:
             why = '%r asked for %r, which overlaps it' % (name, address)
@@ -4208,13 +4218,15 @@ def _overlaps(
     bound: Union[str, bytes, Tuple[Any, ...], None],
     host: Optional[str],
     port: int,
+    ipv4: bool,
 ) -> bool:
     """Tell whether a socket bound to `bound` holds (`host`, `port`).
 
     On one port, a host overlaps itself and a wildcard: '0.0.0.0' every
-    IPv4 host, '::' every host (IPv4 too unless IPV6_V6ONLY, Linux's
-    default).  An IPv4-mapped host ('::ffff:127.0.0.1') is its IPv4 one.
-    Of these, bind() finds a listening one in use.
+    IPv4 host, '::' every IPv6 host, and the IPv4 ones too if `ipv4` (both
+    sockets take IPv4: see _takes_ipv4).  An IPv4-mapped host
+    ('::ffff:127.0.0.1') is its IPv4 one.  Of these, bind() finds a
+    listening one in use.
     """
     if not isinstance(bound, tuple) or host is None or bound[1] != port:
         return False
@@ -4224,9 +4236,24 @@ def _overlaps(
         each[7:] if each.startswith('::ffff:') and '.' in each else each
         for each in (bound[0], host)
     }
-    if len(hosts) == 1 or '::' in hosts:
+    if len(hosts) == 1:
         return True
+    if '::' in hosts:
+        return ipv4 or all(':' in each for each in hosts)
     return '0.0.0.0' in hosts and not any(':' in each for each in hosts)
+
+
+def _takes_ipv4(sock: socket.socket) -> bool:
+    """Tell whether `sock` is AF_INET, or AF_INET6 not IPV6_V6ONLY.
+
+    Its '::' then takes IPv4 too: Linux's default, unless the sysctl
+    net.ipv6.bindv6only is 1 (Windows' default is IPv6 only).
+    """
+    import socket
+
+    if sock.family != socket.AF_INET6:
+        return sock.family == socket.AF_INET
+    return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
 
 
 def _bound_address(
