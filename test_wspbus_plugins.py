@@ -5545,6 +5545,52 @@ def test_listensockets_any_host_is_that_of_the_family_asked_for(
     )
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+@pytest.mark.parametrize(
+    'names, family, taken',
+    [
+        (None, None, '::'),  # systemd's default names: found by port.
+        ('web', None, '::'),
+        (None, socket.AF_INET, None),  # A ValueError: asked for AF_INET.
+        ('web', socket.AF_INET, None),
+        ('app.socket:app.socket', None, '0.0.0.0'),  # Given both.
+    ],
+)
+def test_listensockets_the_unit_decides_the_family_of_any_host(
+    inherit, listen_sockets, names, family, taken
+):
+    # ListenStream=P gives a '::' socket (IPv4 too, by default); the
+    # program asks ('', P).  Found by port (systemd's default names), it
+    # was not taken, ('', P) being 0.0.0.0: bind() found the port in use.
+    # Taken by name, it was a ValueError.  An explicit family still is.
+    given = [socket.socket(socket.AF_INET6)]
+    if names == 'app.socket:app.socket':  # BindIPv6Only=ipv6-only
+        given[0].setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        given.append(socket.socket())
+    port = free_port()
+    for sock in given:
+        sock.bind(('::' if sock.family == socket.AF_INET6 else '', port))
+        sock.listen()
+    inherit(*given, names=names)
+    for sock in given:
+        sock.close()  # inherit() placed a duplicate.
+    address = ('', port)
+    sockets = listen_sockets()
+    if taken:
+        sock = sockets.listen('web', address)
+        assert sock.getsockname()[:2] == (taken, port)
+        assert sockets.listen('web', address) is sock  # And asked again.
+    else:
+        with pytest.raises(
+            ValueError,
+            match=re.escape(
+                "Socket 'web' is AF_INET6/SOCK_STREAM, not the "
+                'AF_INET/SOCK_STREAM asked for %r.' % (address,)
+            ),
+        ):
+            sockets.listen('web', address, family)
+
+
 def test_listensockets_a_systemd_socket_is_logged_at_its_real_address(
     bus, inherit, listener, listen_sockets
 ):

@@ -3607,7 +3607,8 @@ class ListenSockets(SimplePlugin):
         ('::').  An inherited socket of that name, or bound to that
         address, is returned instead of a new one (of several with that
         name, the one bound there; none is a ValueError).  Of a socket
-        systemd gave, the unit decides the address, and one an older
+        systemd gave, the unit decides the address, its family too if
+        `family` is not given (ListenStream=P gives '::'), and one an older
         version handed over (its address not written) is taken by name,
         once; one an earlier image bound for another address (the
         configuration changed) is closed and a new one bound, unless
@@ -3632,13 +3633,21 @@ class ListenSockets(SimplePlugin):
         _check_handed_over('socket name', name)
         if isinstance(address, str) and not _is_abstract(address):
             _check_handed_over('AF_UNIX path', address)
+        guessed = family is None
         family = _address_family(address) if family is None else family
         type = socket.SOCK_STREAM if type is None else type
         sock = self._handed_out(name, address)
         inherited = (
             None if sock else self._inherited_for(name, address, family)
         )
-        sock = sock or inherited
+        if inherited is not None:
+            sock = inherited.sock
+        if (
+            sock
+            and guessed
+            and self._unit_decides(name, sock, family, inherited)
+        ):
+            family = sock.family  # ListenStream=P gives '::': the unit's.
         if sock is None:
             sock = self._bind_anew(name, address, family, type, backlog)
         elif (sock.family, sock.type) != (family, type):
@@ -3681,11 +3690,30 @@ class ListenSockets(SimplePlugin):
             )
         return sock
 
+    def _unit_decides(
+        self,
+        name: str,
+        sock: socket.socket,
+        family: int,
+        inherited: Optional[_Inherited],
+    ) -> bool:
+        """Tell whether systemd gave `name`'s `sock` (`inherited`, or
+        handed out) and it and `family` are IP: the unit decides which."""
+        import socket
+
+        if {sock.family, family} - {socket.AF_INET, socket.AF_INET6}:
+            return False  # An AF_UNIX path is no (host, port).
+        if inherited is None:
+            return name in self._given
+        return inherited.asked == ''
+
     def _inherited_for(
         self, name: str, address: _Address, family: int
-    ) -> Optional[socket.socket]:
+    ) -> Optional[_Inherited]:
         def matches(entry: _Inherited) -> bool:
-            if entry.sock.family != family:  # ('', P): 0.0.0.0 or '::'.
+            # ('', P) is 0.0.0.0 or '::' by the family; of a socket
+            # systemd gave, the unit decides (listen() checks the family).
+            if entry.sock.family != family and entry.asked != '':
                 return False
             return entry.asked == repr(address) or _same_address(
                 entry.sock, address, entry.file
@@ -3693,23 +3721,25 @@ class ListenSockets(SimplePlugin):
 
         named = [entry for entry in _unclaimed if entry.name == name]
         if len(named) == 1 and named[0].asked in ('', None):
-            return named[0].sock  # systemd's unit decides, or unknown.
+            return named[0]  # systemd's unit decides, or unknown.
         if len(named) == 1 and matches(named[0]):
-            return named[0].sock
+            return named[0]
         if len(named) == 1:  # The configuration changed the address:
             # another unclaimed socket may hold it (a name dropped, or two
             # swapped), and bind() would find it in use.
             for entry in _unclaimed:
                 if entry is not named[0] and matches(entry):
                     named[0].superseded = True  # A swap may still take it.
-                    return entry.sock
+                    return entry
             self._retire(named[0], 'now asked for %r' % (address,))
             return None
         # Several of that name, or none (systemd's default names, the
-        # unit's): the one bound to the address.
-        for entry in named or _unclaimed:
+        # unit's): the one bound to the address, of the family asked first.
+        for entry in sorted(
+            named or _unclaimed, key=lambda e: e.sock.family != family
+        ):
             if matches(entry):
-                return entry.sock
+                return entry
         if named:
             raise ValueError(
                 '%d inherited sockets are called %r and none is bound to '
@@ -3818,16 +3848,13 @@ class ListenSockets(SimplePlugin):
         sock.setblocking(True)  # The closed one's server may have changed it.
         return sock
 
-    def _claim(self, name: str, sock: socket.socket) -> None:
-        """Move inherited `sock` to those handed out, as `name`."""
-        for entry in _unclaimed:
-            if entry.sock is sock:
-                _unclaimed.remove(entry)
-                if entry.file:
-                    self._files[name] = entry.file
-                if entry.asked == '':
-                    self._given.add(name)
-                return
+    def _claim(self, name: str, entry: _Inherited) -> None:
+        """Move inherited `entry` to those handed out, as `name`."""
+        _unclaimed.remove(entry)
+        if entry.file:
+            self._files[name] = entry.file
+        if entry.asked == '':
+            self._given.add(name)
 
     def _bind(
         self, address: _Address, family: int, type: int, backlog: int
