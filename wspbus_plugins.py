@@ -3595,38 +3595,40 @@ class ListenSockets(SimplePlugin):
     ) -> socket.socket:
         """Return the listening socket called `name`, binding it if needed.
 
-        `address` is a ``(host, port)`` tuple (AF_INET, or AF_INET6 when
-        the host has a colon) or a ``str`` path (AF_UNIX); `family` and
-        `type` (default SOCK_STREAM) override the guess.  Asked again in
-        this image, the name must come with the same address (or one the
-        socket is bound to): else a ValueError names both.  Addresses are
-        compared by what they bind to: a host spelled otherwise (a name for
-        a number) is resolved as bind() does, and a path made absolute in
-        the directory the socket was bound in; the family is part of it:
-        ('', P) is 0.0.0.0, any IPv4 host, unless `family` is AF_INET6
-        ('::').  An inherited socket of that name, or bound to that
-        address, is returned instead of a new one (of several with that
-        name, the one bound there; none is a ValueError).  Of a socket
-        systemd gave, the unit decides the address, its family too if
-        `family` is not given (ListenStream=P gives '::'), and one an older
-        version handed over (its address not written) is taken by name,
-        once; one an earlier image bound for another address (the
-        configuration changed) is closed and a new one bound, unless
-        another inherited socket is bound to the new address (a name
-        dropped, or two swapped): that one is taken, and the old one is
-        closed at ``started`` if no other name took it by then.  One an
-        earlier image bound to the same port on a host that overlaps
-        (127.0.0.1 and 0.0.0.0, or '::' and IPv4 unless either socket is
-        IPV6_V6ONLY; '::ffff:127.0.0.1' is 127.0.0.1), that no name took, is
-        closed with a warning when bind() finds the port in use: a fresh
-        start would bind it.  A family or type that differs from what was
-        asked is a ValueError.  The log line names the address the socket
-        is bound to.  A new AF_UNIX socket first removes a stale socket
-        file at the path (one nobody listens on; an abstract name, starting
-        with a NUL, has no file).  A `name` or path containing a tab,
-        newline or NUL, or that the environment cannot encode (a lone
-        surrogate), which the handover to a restart cannot carry, is a
-        ValueError.
+        `address` is a ``(host, port)`` tuple (AF_INET, or AF_INET6 when the
+        host has a colon) or a ``str`` path (AF_UNIX); `family` and `type`
+        (default SOCK_STREAM) override the guess.  Asked again in this image,
+        the name must come with the same address (or one the socket is bound
+        to): else a ValueError names both.  An address spelled as before is the
+        same, here and across a restart (a host name is resolved when its
+        socket is first bound: a restart during a DNS outage keeps it); one
+        spelled otherwise is compared by what it binds to: a host (a name for a
+        number) is resolved as bind() does, and a path made absolute in the
+        directory the socket was bound in; the family is part of it: ('', P) is
+        0.0.0.0, any IPv4 host, unless `family` is AF_INET6 ('::').  An
+        inherited socket of that name, or bound to that address, is returned
+        instead of a new one (of several with that name, the one bound there;
+        none is a ValueError).  Of a socket systemd gave, the unit decides the
+        address, its family too if `family` is not given (ListenStream=P gives
+        '::'), and one an older version handed over (its address not written)
+        is taken by name, once; one an earlier image bound for another address
+        (the configuration changed) is closed and a new one bound, unless
+        another inherited socket is bound to the new address (a name dropped,
+        or two swapped): that one is taken, and the old one is closed at
+        ``started`` if no other name took it by then.  One an earlier image
+        bound to the same port on a host that overlaps (127.0.0.1 and 0.0.0.0,
+        or '::' and IPv4 unless either socket is IPV6_V6ONLY;
+        '::ffff:127.0.0.1' is 127.0.0.1), that no name took, is closed with a
+        warning when bind() finds the port in use: a fresh start would bind it.
+        It is closed also when another process holds the port and the retry
+        fails (only closing it tells them apart): ask first for the names that
+        keep their sockets.  A family or type that differs from what was asked
+        is a ValueError.  The log line names the address the socket is bound
+        to.  A new AF_UNIX socket first removes a stale socket file at the path
+        (one nobody listens on; an abstract name, starting with a NUL, has no
+        file).  A `name` or path containing a tab, newline or NUL, or that the
+        environment cannot encode (a lone surrogate), which the handover to a
+        restart cannot carry, is a ValueError.
         """
         import socket
 
