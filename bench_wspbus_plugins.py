@@ -1047,6 +1047,16 @@ ThreadManager never publishes start_thread
 tests threadmanager_indexes_and_channels
 -         self.bus.publish('start_thread', index)
 +         pass
+
+a signal wakes run_async's loop only through the wakeup fd
+tests signal_wakes_the_loop_when_the_program_takes_the_fd
+-             self._wake_loop()
++             pass
+
+a dropped socket on an overlapping host keeps the port
+tests dropped_socket_on_an_overlapping_host_is_closed
+-             and entry.sock.type == type
++             and False
 """
 
 
