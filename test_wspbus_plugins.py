@@ -5591,6 +5591,42 @@ def test_listensockets_the_unit_decides_the_family_of_any_host(
             sockets.listen('web', address, family)
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+@pytest.mark.parametrize('host', ['', '::'])
+def test_listensockets_the_socket_of_the_type_asked_for_is_taken(
+    inherit, listen_sockets, host
+):
+    # ListenDatagram=P before ListenStream=P (a DNS or syslog service):
+    # found by address (systemd's default names), the first of the two
+    # was taken for both, a ValueError for one of them.
+    port = free_port()
+    given = [
+        socket.socket(socket.AF_INET6, kind)
+        for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM)
+    ]
+    for sock in given:
+        sock.bind(('::', port))
+    given[1].listen()
+    inherit(*given)
+    for sock in given:
+        sock.close()  # inherit() placed a duplicate.
+    sockets = listen_sockets()
+    stream = sockets.listen('tcp', (host, port))
+    datagram = sockets.listen('udp', (host, port), type=socket.SOCK_DGRAM)
+    assert (stream.type, datagram.type) == (
+        socket.SOCK_STREAM,
+        socket.SOCK_DGRAM,
+    )
+    assert (
+        stream.getsockname()[:2]
+        == datagram.getsockname()[:2]
+        == (
+            '::',
+            port,
+        )
+    )
+
+
 def test_listensockets_a_systemd_socket_is_logged_at_its_real_address(
     bus, inherit, listener, listen_sockets
 ):

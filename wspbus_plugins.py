@@ -3640,7 +3640,7 @@ class ListenSockets(SimplePlugin):
         type = socket.SOCK_STREAM if type is None else type
         sock = self._handed_out(name, address)
         inherited = (
-            None if sock else self._inherited_for(name, address, family)
+            None if sock else self._inherited_for(name, address, family, type)
         )
         if inherited is not None:
             sock = inherited.sock
@@ -3710,12 +3710,15 @@ class ListenSockets(SimplePlugin):
         return inherited.asked == ''
 
     def _inherited_for(
-        self, name: str, address: _Address, family: int
+        self, name: str, address: _Address, family: int, type: int
     ) -> Optional[_Inherited]:
         def matches(entry: _Inherited) -> bool:
             # ('', P) is 0.0.0.0 or '::' by the family; of a socket
             # systemd gave, the unit decides (listen() checks the family).
+            # One port may have a stream and a datagram socket.
             if entry.sock.family != family and entry.asked != '':
+                return False
+            if entry.sock.type != type:
                 return False
             return entry.asked == repr(address) or _same_address(
                 entry.sock, address, entry.file
