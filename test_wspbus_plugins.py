@@ -5505,6 +5505,31 @@ def test_listensockets_one_address_spelled_two_ways_is_one_address(
 
 
 @pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+def test_listensockets_an_inherited_socket_closed_meanwhile_is_no_overlap(
+    bus, listen_sockets, monkeypatch
+):
+    # The program closed an unclaimed inherited IPv6 socket behind the
+    # module's back; asking for a port an overlapping one holds raised
+    # EBADF from its getsockopt(), and the overlapping one stayed.
+    port = free_port()
+    monkeypatch.setattr(wp, '_owed_cleanups', [])
+    sockets = listen_sockets()
+    sockets.listen('a', ('::1', port))
+    sockets.listen('c', ('127.0.0.1', port))
+    bus.execv = True
+    sockets.exit()
+    for name in ('a', 'c'):
+        sockets.sockets.pop(name).close()  # As the exec closes them.
+    sockets._kept.clear()  # Handed to the next image.
+    new = listen_sockets()
+    (closed,) = [e.sock for e in wp._unclaimed if e.name == 'a']
+    os.close(closed.detach())
+    sock = new.listen('b', ('0.0.0.0', port))
+    assert sock.getsockname() == ('0.0.0.0', port)
+    assert [e.name for e in wp._unclaimed] == ['a']
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
 @pytest.mark.parametrize(
     'first, then, taken',
     [

@@ -4285,7 +4285,10 @@ def _takes_ipv4(sock: socket.socket) -> bool:
 
     if sock.family != socket.AF_INET6:
         return sock.family == socket.AF_INET
-    return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    try:
+        return not sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY)
+    except OSError:  # Closed behind our back: it holds nothing.
+        return False
 
 
 def _bound_address(
