@@ -5652,6 +5652,30 @@ def test_listensockets_the_socket_of_the_type_asked_for_is_taken(
     )
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason='needs IPv6')
+@pytest.mark.parametrize('names', [None, 'app.socket'])
+def test_listensockets_a_port_systemd_gave_elsewhere_names_it(
+    inherit, listen_sockets, names
+):
+    # ListenStream=P gives '::'; the program asks 0.0.0.0:P.  The error
+    # said only "Address already in use", the holder being this process.
+    port = free_port()
+    given = socket.socket(socket.AF_INET6)
+    given.bind(('::', port))
+    given.listen()
+    (fd,) = inherit(given, names=names)
+    bound = given.getsockname()
+    given.close()  # inherit() placed a duplicate.
+    with pytest.raises(OSError) as raised:
+        listen_sockets().listen('web', ('0.0.0.0', port))
+    assert raised.value.errno == errno.EADDRINUSE
+    assert str(raised.value).endswith(
+        "Cannot listen on ('0.0.0.0', %d): Address already in use; systemd"
+        ' gave this process %r (%s) on that port: ask for that address, or'
+        ' change the unit.' % (port, bound, names or 'fd%d' % fd)
+    )
+
+
 def test_listensockets_a_systemd_socket_is_logged_at_its_real_address(
     bus, inherit, listener, listen_sockets
 ):

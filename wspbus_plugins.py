@@ -3782,41 +3782,55 @@ class ListenSockets(SimplePlugin):
 
         A fresh start would bind it, so an unclaimed socket an earlier
         image handed on (its name dropped) must not make it EADDRINUSE by
-        holding the port on an overlapping host: closed, bind() is retried.
+        holding the port on an overlapping host: closed, with a warning (a
+        listen() still to come cannot claim it), bind() is retried.  One
+        systemd gave is left (the unit decides), and named in the error.
         """
         try:
             sock, file = self._bind(address, family, type, backlog)
         except OSError as exc:
-            if exc.errno != errno.EADDRINUSE or not self._retire_overlapping(
-                name, address, family, type
-            ):
+            if exc.errno != errno.EADDRINUSE:
                 raise
+            overlapping = self._overlapping(address, family, type)
+            for entry in overlapping:
+                if entry.asked == '':
+                    raise OSError(
+                        exc.errno,
+                        '%s; systemd gave this process %r (%s) on that '
+                        'port: ask for that address, or change the unit.'
+                        % (
+                            exc.strerror,
+                            _bound_address(entry.sock),
+                            entry.name,
+                        ),
+                    ) from None
+            if not overlapping:
+                raise
+            for entry in overlapping:
+                why = '%r asked for %r, which overlaps it' % (name, address)
+                self._retire(entry, why, _WARNING)
             sock, file = self._bind(address, family, type, backlog)
         if file is not None:
             self._files[name] = file
         self.bus.log('Listening on %r (%s).' % (_bound_address(sock), name))
         return sock
 
-    def _retire_overlapping(
-        self, name: str, address: _Address, family: int, type: int
-    ) -> bool:
-        """Close the unclaimed sockets of earlier images `address` overlaps.
-
-        Tell whether there were any.  systemd's are left: the unit decides.
-        A warning names each: a listen() still to come cannot claim it.
-        """
+    def _overlapping(
+        self, address: _Address, family: int, type: int
+    ) -> List[_Inherited]:
+        """The unclaimed inherited sockets that hold `address`'s port on a
+        host it overlaps."""
         import socket
 
         if isinstance(address, (str, bytes)):
-            return False  # A path is taken as it is, or bound anew.
+            return []  # A path is taken as it is, or bound anew.
         host = _bind_host(address, family, type)
         with socket.socket(family, type) as new:  # As _bind() makes it.
             ipv4 = _takes_ipv4(new)
-        overlapping = [
+        return [
             entry
             for entry in _unclaimed
-            if entry.asked != ''
-            and entry.sock.type == type
+            if entry.sock.type == type
             and _overlaps(
                 _bound_address(entry.sock),
                 host,
@@ -3824,10 +3838,6 @@ class ListenSockets(SimplePlugin):
                 ipv4 and _takes_ipv4(entry.sock),
             )
         ]
-        for entry in overlapping:
-            why = '%r asked for %r, which overlaps it' % (name, address)
-            self._retire(entry, why, _WARNING)
-        return bool(overlapping)
 
     def subscribe(self) -> None:
         """Register exit, and started (no built-in channel of the bus)."""
