@@ -3597,38 +3597,18 @@ class ListenSockets(SimplePlugin):
 
         `address` is a ``(host, port)`` tuple (AF_INET, or AF_INET6 when the
         host has a colon) or a ``str`` path (AF_UNIX); `family` and `type`
-        (default SOCK_STREAM) override the guess.  Asked again in this image,
-        the name must come with the same address (or one the socket is bound
-        to): else a ValueError names both.  An address spelled as before is the
-        same, here and across a restart (a host name is resolved when its
-        socket is first bound: a restart during a DNS outage keeps it); one
-        spelled otherwise is compared by what it binds to: a host (a name for a
-        number) is resolved as bind() does, and a path made absolute in the
-        directory the socket was bound in; the family is part of it: ('', P) is
-        0.0.0.0, any IPv4 host, unless `family` is AF_INET6 ('::').  An
-        inherited socket of that name, or bound to that address, is returned
-        instead of a new one (of several with that name, the one bound there;
-        none is a ValueError).  Of a socket systemd gave, the unit decides the
-        address, its family too if `family` is not given (ListenStream=P gives
-        '::'), and one an older version handed over (its address not written)
-        is taken by name, once; one an earlier image bound for another address
-        (the configuration changed) is closed and a new one bound, unless
-        another inherited socket is bound to the new address (a name dropped,
-        or two swapped): that one is taken, and the old one is closed at
-        ``started`` if no other name took it by then.  One an earlier image
-        bound to the same port on a host that overlaps (127.0.0.1 and 0.0.0.0,
-        or '::' and IPv4 unless either socket is IPV6_V6ONLY;
-        '::ffff:127.0.0.1' is 127.0.0.1), that no name took, is closed with a
-        warning when bind() finds the port in use: a fresh start would bind it.
-        It is closed also when another process holds the port and the retry
-        fails (only closing it tells them apart): ask first for the names that
-        keep their sockets.  A family or type that differs from what was asked
-        is a ValueError.  The log line names the address the socket is bound
-        to.  A new AF_UNIX socket first removes a stale socket file at the path
-        (one nobody listens on; an abstract name, starting with a NUL, has no
-        file).  A `name` or path containing a tab, newline or NUL, or that the
-        environment cannot encode (a lone surrogate), which the handover to a
-        restart cannot carry, is a ValueError.
+        (default SOCK_STREAM) override the guess.  An inherited socket of
+        that name (systemd's: the unit decides the address, and the family
+        when `family` is not given), or bound to that address, of that type,
+        is returned instead of a new one; across a restart a name asked for
+        another address is bound anew, and an unclaimed socket that holds
+        the port on an overlapping host is closed (a fresh start would bind
+        it).  An address spelled as before is the same; one spelled
+        otherwise is compared by what it binds to.  Bad input is an error
+        naming it: the same name with another address, a family or type
+        that differs, a name or path the handover cannot carry (a tab,
+        newline, NUL or lone surrogate).  README's ListenSockets section
+        gives every rule, and why.
         """
         import socket
 
