@@ -2793,6 +2793,38 @@ def test_run_async_signal_just_after_start_is_recorded_not_nested(
     assert lines_of(events) == ['stop', 'exit'] * lives
 
 
+def test_run_async_second_ctrl_c_in_the_bus_own_task_is_an_exit(
+    child, tmp_path
+):
+    # Two Ctrl+C while run_async()'s own driver task runs (here just after
+    # it made the main task): the second raised KeyboardInterrupt in that
+    # task, which ended it: no stop or exit listener ran, and run_async()
+    # raised it.  The program's code is not what was interrupted.
+    proc, events = async_child(
+        child,
+        tmp_path,
+        """
+        import signal
+        armed = [True]
+        class Loop(asyncio.SelectorEventLoop):
+            def create_future(self):
+                if armed[0] and bus._main_task is not None:
+                    armed[0] = False
+                    os.kill(os.getpid(), signal.SIGINT)
+                    os.kill(os.getpid(), signal.SIGINT)
+                return super().create_future()
+        class Policy(asyncio.DefaultEventLoopPolicy):
+            def new_event_loop(self):
+                return Loop()
+        asyncio.set_event_loop_policy(Policy())
+        handler.subscribe()
+        print(bus.run_async(main()), flush=True)
+        """,
+    )
+    assert finish(proc, timeout=15) == (0, 'None\n', '')
+    assert lines_of(events)[1:] == ['cleaning', 'cleaned', 'stop', 'exit']
+
+
 def test_run_async_second_ctrl_c_interrupts_a_wedged_main_task(
     child, tmp_path
 ):

@@ -576,6 +576,7 @@ class Bus:
         # run_async()'s main task and its loop.
         self._main_task: Optional[asyncio.Future[Any]] = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._driver: Optional[asyncio.Task[Any]] = None  # The bus's task.
         # Written when a signal is recorded, so that the loop wakes.
         self._loop_waker: Optional[socket.socket] = None
         self._wakeup = threading.Lock()
@@ -1081,12 +1082,11 @@ class Bus:
         elif (
             channel == 'SIGINT'
             and 'SIGINT' in self._signals
-            and (self._runner is not None or self._main_task is not None)
+            and self._interruptible()
         ):
-            # Ctrl+C again while the first waits for a transition or
-            # run_async()'s main task to give the thread back: interrupt
-            # it, as Python would have (never an exit's cleanup).  While
-            # run_async() makes its loop, the second is recorded too.
+            # Ctrl+C again while the first waits for a transition or the
+            # program's code on run_async()'s loop to give the thread back:
+            # interrupt it, as Python would have (never an exit's cleanup).
             raise KeyboardInterrupt
         if (
             self._busy
@@ -1103,6 +1103,21 @@ class Bus:
             self._act_on_signal(channel)
         finally:
             self._end_busy(main)
+
+    def _interruptible(self) -> bool:
+        """Tell whether a second Ctrl+C may interrupt what runs now.
+
+        A transition, or the program's code on run_async()'s loop: not
+        run_async() making its loop, nor its own driver task, whose end
+        would skip the exit (the second Ctrl+C is recorded too).
+        """
+        if self._runner is not None:
+            return True
+        if self._main_task is None:
+            return False
+        import asyncio
+
+        return asyncio.current_task(self._loop) is not self._driver
 
     def _hurries(self, channel: str) -> bool:
         """Tell whether signal `channel` is a second SIGTERM or Ctrl+C
@@ -1576,6 +1591,7 @@ class Bus:
             if self._exit_phase is None:  # Else start() was cut short.
                 task = asyncio.ensure_future(main)
                 self._main_task, self._loop = task, loop
+                self._driver = asyncio.current_task(loop)
                 return task
         self._never_run(main)
         return None
