@@ -3532,6 +3532,11 @@ class _Inherited:
         # Its name now listens elsewhere: closed at 'started' if unclaimed.
         self.superseded = False
 
+    @property
+    def given(self) -> bool:
+        """Whether systemd gave it: its unit decides the address."""
+        return self.asked == ''
+
 
 # A library's ListenSockets and the application's share one process: the
 # first one made adopts all it inherited (it removes the variables) into
@@ -3703,7 +3708,7 @@ class ListenSockets(SimplePlugin):
             return False  # An AF_UNIX path is no (host, port).
         if inherited is None:
             return name in self._given
-        return inherited.asked == ''
+        return inherited.given
 
     def _inherited_for(
         self, name: str, address: _Address, family: int, type: int
@@ -3712,7 +3717,7 @@ class ListenSockets(SimplePlugin):
             # ('', P) is 0.0.0.0 or '::' by the family; of a socket
             # systemd gave, the unit decides (listen() checks the family).
             # One port may have a stream and a datagram socket.
-            if entry.sock.family != family and entry.asked != '':
+            if entry.sock.family != family and not entry.given:
                 return False
             if entry.sock.type != type:
                 return False
@@ -3789,7 +3794,7 @@ class ListenSockets(SimplePlugin):
                 raise
             overlapping = self._overlapping(address, family, type)
             for entry in overlapping:
-                if entry.asked == '':
+                if entry.given:
                     raise OSError(
                         exc.errno,
                         '%s; systemd gave this process %r (%s) on that '
@@ -3864,7 +3869,7 @@ class ListenSockets(SimplePlugin):
         _unclaimed.remove(entry)
         if entry.file:
             self._files[name] = entry.file
-        if entry.asked == '':
+        if entry.given:
             self._given.add(name)
 
     def _bind(
