@@ -5152,6 +5152,20 @@ def listen_sockets(bus, inherit, monkeypatch):
         sockets.exit()
 
 
+def restart_in_process(bus, sockets):
+    """Do to `sockets` what restart() and its exec do: the next
+    ListenSockets made is the new image's.  Return name -> descriptor
+    handed over."""
+    bus.execv = True
+    sockets.exit()
+    for sock in sockets.sockets.values():
+        sock.close()  # As the exec closes them.
+    sockets.sockets.clear()
+    handed = dict(sockets._kept)
+    sockets._kept.clear()  # Now the new image's.
+    return handed
+
+
 @pytest.fixture
 def listener():
     sock = socket.socket()
@@ -5528,10 +5542,8 @@ def test_listensockets_one_address_spelled_two_ways_is_one_address(
     for other in spellings[1:]:
         assert sockets.listen('web', other) is first
     monkeypatch.setattr(wp, '_owed_cleanups', [])
-    bus.execv = True
-    sockets.exit()  # Then the next image asks with another spelling.
-    sockets.sockets.pop('web').close()  # As the exec closes it.
-    handed = sockets._kept.pop('web')
+    # Then the next image asks with another spelling.
+    handed = restart_in_process(bus, sockets)['web']
     again = listen_sockets().listen('web', spellings[-1])
     assert again.fileno() == handed  # Not closed and bound anew.
 
@@ -5548,11 +5560,7 @@ def test_listensockets_an_inherited_socket_closed_meanwhile_is_no_overlap(
     sockets = listen_sockets()
     sockets.listen('a', ('::1', port))
     sockets.listen('c', ('127.0.0.1', port))
-    bus.execv = True
-    sockets.exit()
-    for name in ('a', 'c'):
-        sockets.sockets.pop(name).close()  # As the exec closes them.
-    sockets._kept.clear()  # Handed to the next image.
+    restart_in_process(bus, sockets)
     new = listen_sockets()
     (closed,) = [e.sock for e in wp._unclaimed if e.name == 'a']
     os.close(closed.detach())
@@ -5581,10 +5589,7 @@ def test_listensockets_any_host_is_that_of_the_family_asked_for(
     monkeypatch.setattr(wp, '_owed_cleanups', [])
     sockets = listen_sockets()
     old = sockets.listen('web', (first[0], port), first[1]).getsockname()
-    bus.execv = True
-    sockets.exit()
-    sockets.sockets.pop('web').close()  # As the exec closes it.
-    sockets._kept.clear()  # Handed to the next image.
+    restart_in_process(bus, sockets)
     del bus.recorder.logs[:]
     asked = (then[0], port)
     new = listen_sockets().listen('web', asked, then[1])
@@ -5998,14 +6003,12 @@ def test_listensockets_an_older_handover_is_taken_by_name_once(
     sockets = listen_sockets()
     asked = ('127.0.0.1', made['web'][1][1])
     assert sockets.listen('web', asked).fileno() == made['web'][0]
-    bus.execv = True  # A restart before the bus started: all handed on.
-    sockets.exit()
+    # A restart before the bus started: all handed on.
+    handed = restart_in_process(bus, sockets)
     assert os.environ[wp._LISTEN_ENV].split('\n')[1:] == [
-        'web\t%d\t\t\t%r' % (sockets._kept['web'], asked),  # Now known.
+        'web\t%d\t\t\t%r' % (handed['web'], asked),  # Now known.
         lines[1],  # Still unknown: the older form again.
     ]
-    sockets._kept.clear()  # Handed to the next image.
-    sockets.sockets.pop('web').close()  # As the exec closes it.
     moved = ('127.0.0.1', free_port())
     assert listen_sockets().listen('web', moved).getsockname() == moved
     assert ask(made['web'][1]) == 'refused'
