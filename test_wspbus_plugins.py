@@ -8471,6 +8471,10 @@ def test_readme_example_runs(child, tmp_path, code):
     if 'DropPrivileges' in code and not IS_ROOT:
         pytest.skip('needs root')
     (tmp_path / 'settings.ini').write_text('[app]\n')
+    # A free port for the README's fixed ones: another run of the suite
+    # (make test-matrix runs two) may be at this example too.
+    ports = {port: str(free_port()) for port in re.findall(r'\b808\d\b', code)}
+    code = re.sub(r'\b808\d\b', lambda m: ports[m[0]], code)
     proc = child(code, env={'NOTIFY_SOCKET': ''})
     try:
         status, out, err = proc.wait(1.5), None, None
