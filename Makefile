@@ -91,18 +91,15 @@ runs.append(('PyPy ' + describe('$(PYPY_VENV)/bin/python')[1] + ' ('
              + run('$(PYPY_VENV)/bin/python', '-c', 'import sys; '
                    'print("%d.%d.%d" % sys.pypy_version_info[:3])') + ')',
              None, '$(PYPY_VENV)'))
-results = []
-todo = []
 for name, python, venv in runs:
-    if name == 'CPython %s' % skip:
-        results.append((name, '.venv', 0, 'run by make test just before'))
-    else:
-        if python:
-            venv_for(python, venv)
-        todo.append((name, venv))
+    if python and name != 'CPython %s' % skip:
+        venv_for(python, venv)
 
-def suite(name, venv):
-    # Its output goes to a file and is printed whole when it ends.
+def outcome(run):
+    name, python, venv = run
+    if name == 'CPython %s' % skip:
+        return name, '.venv', 0, 'run by make test just before'
+    # The run's output goes to a file, printed whole when the run ends.
     with tempfile.TemporaryFile('w+') as log:
         proc = subprocess.Popen([venv + '/bin/python', '-m', 'pytest', '-q',
                                  '-p', 'no:cacheprovider'],
@@ -126,7 +123,7 @@ def suite(name, venv):
 # starts (a third of one core), and this halves the matrix's time.
 printing = threading.Lock()
 with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    results += pool.map(lambda run: suite(*run), todo)
+    results = list(pool.map(outcome, runs))
 print('== test-matrix summary')
 for name, venv, status, summary in results:
     print('%-28s %-12s %s  %s' % (name, venv, 'PASS' if status == 0
