@@ -5093,6 +5093,9 @@ def test_listensockets_low_port_daemon_keeps_it_after_dropping_root(child):
 
 def port_is_free(port):
     with socket.socket() as probe:
+        # Free for a listener that sets SO_REUSEADDR (ListenSockets and the
+        # README's): TIME_WAIT left by an earlier run does not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(('127.0.0.1', port))
             return True
