@@ -4780,6 +4780,12 @@ LISTEN_CHILD = """
 """
 
 
+def free_privileged_port():
+    """A free port below 1024, at random: another run of the suite (make
+    test-matrix runs two at once) may be picking one too."""
+    return random.choice([p for p in range(990, 1024) if port_is_free(p)])
+
+
 def free_port(family=socket.AF_INET, host='127.0.0.1'):
     with socket.socket(family) as probe:
         probe.bind((host, 0))
@@ -5057,9 +5063,7 @@ def test_listensockets_low_port_daemon_keeps_it_after_dropping_root(child):
         events = directory / 'events'
         events.touch()
         os.chmod(str(events), 0o666)
-        # At random: a concurrent run of the suite (make test-matrix) may
-        # be at this test too.
-        port = random.choice([p for p in range(990, 1024) if port_is_free(p)])
+        port = free_privileged_port()
         group = next(g for g in ('nogroup', 'nobody') if _group_exists(g))
         setup = (
             "wp.Daemonizer(bus, stdout=sys.argv[1] + '.log', "
@@ -8474,10 +8478,14 @@ def test_readme_example_runs(child, tmp_path, code):
     if 'DropPrivileges' in code and not IS_ROOT:
         pytest.skip('needs root')
     (tmp_path / 'settings.ini').write_text('[app]\n')
-    # A free port for the README's fixed ones: another run of the suite
-    # (make test-matrix runs two) may be at this example too.
-    ports = {port: str(free_port()) for port in re.findall(r'\b808\d\b', code)}
-    code = re.sub(r'\b808\d\b', lambda m: ports[m[0]], code)
+    # Free ports for the README's fixed ones (one below 1024 stays below):
+    # another run of the suite (make test-matrix runs two) may be here too.
+    address = r"(?<=\('127\.0\.0\.1', )[1-9]\d*(?=\))"
+    ports = {
+        port: str(free_port() if int(port) >= 1024 else free_privileged_port())
+        for port in re.findall(address, code)
+    }
+    code = re.sub(address, lambda m: ports[m[0]], code)
     proc = child(code, env={'NOTIFY_SOCKET': ''})
     try:
         status, out, err = proc.wait(1.5), None, None
