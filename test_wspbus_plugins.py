@@ -4780,6 +4780,18 @@ LISTEN_CHILD = """
 """
 
 
+def port_is_free(port):
+    with socket.socket() as probe:
+        # Free for a listener that sets SO_REUSEADDR (ListenSockets and the
+        # README's): TIME_WAIT left by an earlier run does not count.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(('127.0.0.1', port))
+            return True
+        except OSError:
+            return False
+
+
 def free_privileged_port():
     """A free port below 1024, at random: another run of the suite (make
     test-matrix runs two at once) may be picking one too."""
@@ -5093,18 +5105,6 @@ def test_listensockets_low_port_daemon_keeps_it_after_dropping_root(child):
         wait_until(lambda: not pid_alive(pid), 'the daemon to exit')
     finally:
         shutil.rmtree(str(directory))
-
-
-def port_is_free(port):
-    with socket.socket() as probe:
-        # Free for a listener that sets SO_REUSEADDR (ListenSockets and the
-        # README's): TIME_WAIT left by an earlier run does not count.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(('127.0.0.1', port))
-            return True
-        except OSError:
-            return False
 
 
 def restart_and_wait_pid(pid, events, count):
