@@ -84,7 +84,7 @@ for python in candidates:
                 int(n) for n in re.findall(r'\d+', known[1])]:
             pythons[minor] = (python, version)
 # CI has just run `make test` with this one: WSPBUS_MATRIX_SKIP=3.11.7.
-skip = os.environ.get('WSPBUS_MATRIX_SKIP')
+done_by_make_test = 'CPython %s' % os.environ.get('WSPBUS_MATRIX_SKIP')
 runs = [('CPython ' + version, python, '.venv-%d.%d' % minor)
         for minor, (python, version) in sorted(pythons.items())]
 runs.append(('PyPy ' + describe('$(PYPY_VENV)/bin/python')[1] + ' ('
@@ -92,12 +92,12 @@ runs.append(('PyPy ' + describe('$(PYPY_VENV)/bin/python')[1] + ' ('
                    'print("%d.%d.%d" % sys.pypy_version_info[:3])') + ')',
              None, '$(PYPY_VENV)'))
 for name, python, venv in runs:
-    if python and name != 'CPython %s' % skip:
+    if python and name != done_by_make_test:
         venv_for(python, venv)
 
 def outcome(run):
     name, python, venv = run
-    if name == 'CPython %s' % skip:
+    if name == done_by_make_test:
         return name, '.venv', 0, 'run by make test just before'
     # The run's output goes to a file, printed whole when the run ends.
     with tempfile.TemporaryFile('w+') as log:
